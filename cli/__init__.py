@@ -1,0 +1,1 @@
+"""Command-line front ends: ``pttd`` and ``pttctl``."""

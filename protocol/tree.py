@@ -1,0 +1,584 @@
+"""The path tree: a Merkle index over a repository's paths whose shape depends only on
+the set of entries.
+
+Every path (key) has a *level*: the number of leading zero 3-bit groups of
+``blake3(0x10 || key)``, so a key has level >= 1 with probability 1/8, >= 2 with 1/64,
+and so on. Level 0 of the tree is the sorted list of entries cut into nodes right after
+every key whose level is >= 1; level L+1 is the list of level-L nodes (each named by its
+last key) cut right after every node whose last key has level >= L+2. The root is the
+first level that has a single node. Because the cuts come from the keys alone, two
+replicas with the same entries build the same nodes and the same root hash whatever
+order the entries were written in, and two versions share every node their change did
+not touch. The average node holds 8 items (fanout 8).
+
+Node payload (after the KIND_NODE byte), canonical msgpack:
+``[level, [prefix_len...], [suffix...], [value...]]`` where key i is
+``key[i-1][:prefix_len[i]] + suffix[i]``; in a leaf (level 0) each value is a value
+reference, in an inner node the 32-byte address of the child node.
+
+Value references (leaf values):
+* ``bin`` of at most INLINE_MAX bytes: the value itself, inline;
+* ext type 1, 32 bytes: the address of a KIND_VALUE block holding the value;
+* ext type 2, 40 bytes: the root address of a chunk tree (protocol.chunks) then the
+  value's total size as 8 bytes big-endian.
+
+Everything here is pure: the algorithms read nodes through a ``load(address)`` callable
+and hand new blocks to an ``emit(address, block)`` callable.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from blake3 import blake3
+from msgpack import ExtType
+
+from .encoding import pack_fast, unpack_canonical
+from .errors import FormatError
+from .hashing import HASH_SIZE, KIND_CHUNK_NODE, KIND_NODE, KIND_VALUE, make_block
+from .paths import MAX_PATH_BYTES
+
+INLINE_MAX = 64
+EXT_BLOCK = 1
+EXT_CHUNKED = 2
+FANOUT_BITS = 3  # fanout 8
+MAX_LEVEL = 64 // FANOUT_BITS
+
+ValueRef = bytes | ExtType
+Load = Callable[[bytes], "Node"]
+Emit = Callable[[bytes, bytes], None]
+
+_LEVEL_PREFIX = b"\x10"
+
+
+def key_level(key: bytes) -> int:
+    x = int.from_bytes(blake3(_LEVEL_PREFIX + key).digest()[:8], "big")
+    return (64 - x.bit_length()) // FANOUT_BITS
+
+
+def common_prefix_len(a: bytes, b: bytes) -> int:
+    n = min(len(a), len(b))
+    x = int.from_bytes(a[:n], "big") ^ int.from_bytes(b[:n], "big")
+    return n - (x.bit_length() + 7) // 8
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    level: int
+    keys: list[bytes]
+    vals: list  # ValueRef at level 0, child addresses above
+
+    @property
+    def is_leaf(self) -> bool:
+        return self.level == 0
+
+
+def encode_node(level: int, keys: list[bytes], vals: list) -> bytes:
+    plens = []
+    sufs = []
+    prev = b""
+    for k in keys:
+        p = common_prefix_len(prev, k) if prev else 0
+        plens.append(p)
+        sufs.append(k[p:])
+        prev = k
+    return pack_fast([level, plens, sufs, vals])
+
+
+def node_block(level: int, keys: list[bytes], vals: list) -> tuple[bytes, bytes]:
+    return make_block(KIND_NODE, encode_node(level, keys, vals))
+
+
+def _check_value_ref(v: object) -> None:
+    if isinstance(v, bytes):
+        if len(v) > INLINE_MAX:
+            raise FormatError(f"inline value of {len(v)} bytes, more than {INLINE_MAX}")
+    elif isinstance(v, ExtType):
+        if v.code == EXT_BLOCK and len(v.data) == HASH_SIZE:
+            return
+        if v.code == EXT_CHUNKED and len(v.data) == HASH_SIZE + 8:
+            return
+        raise FormatError(f"bad value reference (ext type {v.code}, {len(v.data)} bytes)")
+    else:
+        raise FormatError("value reference is neither bytes nor a reference")
+
+
+def decode_node(payload: bytes) -> Node:
+    """Decode a node payload (the block without its kind byte), checking every rule."""
+    obj = unpack_canonical(payload, "tree node", maps=False)
+    if not (isinstance(obj, list) and len(obj) == 4):
+        raise FormatError("tree node: expected [level, prefix_lens, suffixes, values]")
+    level, plens, sufs, vals = obj
+    if not (isinstance(level, int) and 0 <= level <= MAX_LEVEL):
+        raise FormatError(f"tree node: bad level {level!r}")
+    if not (isinstance(plens, list) and isinstance(sufs, list) and isinstance(vals, list)):
+        raise FormatError("tree node: columns must be arrays")
+    if not (len(plens) == len(sufs) == len(vals)):
+        raise FormatError("tree node: columns of different lengths")
+    if level > 0 and not vals:
+        raise FormatError("tree node: an inner node with no children")
+    keys: list[bytes] = []
+    prev = b""
+    for p, s in zip(plens, sufs):
+        if not (isinstance(p, int) and isinstance(s, bytes)) or p < 0 or p > len(prev):
+            raise FormatError("tree node: bad key compression")
+        k = prev[:p] + s
+        if keys and k <= prev:
+            raise FormatError("tree node: keys out of order")
+        if len(k) > MAX_PATH_BYTES:
+            raise FormatError("tree node: key too long")
+        keys.append(k)
+        prev = k
+    if level == 0:
+        for v in vals:
+            _check_value_ref(v)
+    else:
+        for v in vals:
+            if not (isinstance(v, bytes) and len(v) == HASH_SIZE):
+                raise FormatError("tree node: child address is not 32 bytes")
+    return Node(level, keys, vals)
+
+
+def empty_tree(emit: Emit) -> bytes:
+    h, b = node_block(0, [], [])
+    emit(h, b)
+    return h
+
+
+# --- value references -------------------------------------------------------------
+
+
+def inline_ref(value: bytes) -> bytes:
+    return value
+
+
+def block_ref(value: bytes) -> tuple[ExtType, bytes, bytes]:
+    """Reference to ``value`` stored as one block: ``(ref, address, block)``."""
+    h, b = make_block(KIND_VALUE, value)
+    return ExtType(EXT_BLOCK, h), h, b
+
+
+def chunked_ref(root: bytes, size: int) -> ExtType:
+    return ExtType(EXT_CHUNKED, root + size.to_bytes(8, "big"))
+
+
+def ref_size(ref: ValueRef) -> int | None:
+    """Size of the value if the reference says it (inline, chunked), else None."""
+    if isinstance(ref, bytes):
+        return len(ref)
+    if ref.code == EXT_CHUNKED:
+        return int.from_bytes(ref.data[HASH_SIZE:], "big")
+    return None
+
+
+# --- building -----------------------------------------------------------------------
+
+
+class LevelStacker:
+    """Streams sorted items into a canonical tree, one pending node per level.
+
+    ``close(level, items, is_root) -> item`` writes a node and returns the item that
+    names it one level up; items are tuples whose last element is the boundary level.
+    A level's first node is passed up only once a second one exists, so no node is
+    ever written above the root. Memory is O(depth x node size).
+    """
+
+    def __init__(self, close: Callable[[int, list, bool], tuple]):
+        self._close = close
+        self._pending: list[list] = [[]]
+        self._held: list[tuple | None] = [None]
+        self._closed: list[int] = [0]
+
+    def add(self, level: int, item: tuple) -> None:
+        if level == len(self._pending):
+            self._pending.append([])
+            self._held.append(None)
+            self._closed.append(0)
+        self._pending[level].append(item)
+        if item[-1] > level:
+            self._flush(level)
+
+    def _flush(self, level: int) -> None:
+        items = self._pending[level]
+        self._pending[level] = []
+        up = self._close(level, items, False)
+        self._closed[level] += 1
+        if self._closed[level] == 1:
+            self._held[level] = up
+            return
+        if self._closed[level] == 2:
+            held, self._held[level] = self._held[level], None
+            self.add(level + 1, held)
+        self.add(level + 1, up)
+
+    def finish(self) -> tuple:
+        """Close every level; return the root's item."""
+        level = 0
+        while True:
+            if self._closed[level] == 0:
+                # The whole level is one node (at level 0 possibly empty): the root.
+                return self._close(level, self._pending[level], True)
+            if self._pending[level]:
+                self._flush(level)
+            if self._closed[level] == 1:
+                return self._held[level]
+            level += 1
+
+
+def build_tree(items: Iterator[tuple[bytes, ValueRef]], emit: Emit) -> bytes:
+    """Root address of the tree holding ``items`` (sorted by key, unique)."""
+
+    def close(level: int, items_: list, root: bool) -> tuple:
+        keys = [it[0] for it in items_]
+        vals = [it[1] for it in items_]
+        h, b = node_block(level, keys, vals)
+        emit(h, b)
+        if root:
+            return (None, h, 0)
+        return (keys[-1], h, items_[-1][2])
+
+    st = LevelStacker(close)
+    for k, v in items:
+        st.add(0, (k, v, key_level(k)))
+    return st.finish()[1]
+
+
+# --- reading -----------------------------------------------------------------------
+
+
+def lookup(root: bytes, key: bytes, load: Load) -> ValueRef | None:
+    node = load(root)
+    while True:
+        i = bisect_left(node.keys, key)
+        if i == len(node.keys):
+            return None
+        if node.level == 0:
+            return node.vals[i] if node.keys[i] == key else None
+        node = _child(node, i, load)
+
+
+def path_nodes(root: bytes, key: bytes, load: Load) -> list[bytes]:
+    """Addresses of the nodes from the root down to where ``key`` is or would be."""
+    out = [root]
+    node = load(root)
+    while node.level > 0:
+        i = min(bisect_left(node.keys, key), len(node.keys) - 1)
+        out.append(node.vals[i])
+        node = _child(node, i, load)
+    return out
+
+
+def _child(node: Node, i: int, load: Load) -> Node:
+    child = load(node.vals[i])
+    if child.level != node.level - 1 or not child.keys or child.keys[-1] != node.keys[i]:
+        raise FormatError(f"tree node {node.vals[i].hex()} does not fit under its parent")
+    return child
+
+
+def iterate(root: bytes, prefix: bytes, load: Load) -> Iterator[tuple[bytes, ValueRef]]:
+    """Entries whose key starts with ``prefix``, in key order."""
+
+    def walk(node: Node) -> Iterator[tuple[bytes, ValueRef]]:
+        i = bisect_left(node.keys, prefix)
+        if node.level == 0:
+            for j in range(i, len(node.keys)):
+                k = node.keys[j]
+                if not k.startswith(prefix):
+                    return
+                yield k, node.vals[j]
+            return
+        for j in range(i, len(node.keys)):
+            if j > i and not node.keys[j - 1].startswith(prefix):
+                return
+            yield from walk(_child(node, j, load))
+
+    yield from walk(load(root))
+
+
+# --- changing ------------------------------------------------------------------------
+
+
+class _Level:
+    """Finds the nodes of one level of the old tree, through the root."""
+
+    def __init__(self, root: Node, level: int, load: Load):
+        self.root, self.level, self.load = root, level, load
+
+    def node_for(self, key: bytes) -> tuple[Node, bool]:
+        """The node of this level where ``key`` is or would go; and whether it is last."""
+        node, last = self.root, True
+        while node.level > self.level:
+            i = bisect_left(node.keys, key)
+            if i >= len(node.keys) - 1:
+                i = len(node.keys) - 1
+            else:
+                last = False
+            node = _child(node, i, self.load)
+        return node, last
+
+    def node_after(self, last_key: bytes) -> tuple[Node, bool] | None:
+        """The node of this level that follows the one ending at ``last_key``."""
+        node, last = self.root, True
+        if node.level == self.level:
+            return None
+        while node.level > self.level:
+            i = bisect_right(node.keys, last_key)
+            if i == len(node.keys):
+                return None
+            if i < len(node.keys) - 1:
+                last = False
+            node = _child(node, i, self.load)
+        return node, last
+
+
+def mutate(root: bytes, changes: dict[bytes, ValueRef | None], load: Load, emit: Emit) -> bytes:
+    """Apply ``changes`` (key -> new value, or None to delete) and return the new root.
+
+    Work is proportional to the number of changes times the tree depth: only the nodes
+    on the changed paths (and a neighbour where a cut disappears) are rebuilt.
+    """
+    if not changes:
+        return root
+    old_root = load(root)
+    if old_root.level == 0 and not old_root.keys:
+        return build_tree(((k, v) for k, v in sorted(changes.items()) if v is not None), emit)
+
+    new_nodes: dict[bytes, Node] = {}
+
+    def emit_node(level: int, keys: list[bytes], vals: list) -> bytes:
+        h, b = node_block(level, keys, vals)
+        new_nodes[h] = Node(level, keys, vals)
+        emit(h, b)
+        return h
+
+    levels_cache: dict[bytes, int] = {}
+
+    def lvl(k: bytes) -> int:
+        v = levels_cache.get(k)
+        if v is None:
+            v = levels_cache[k] = key_level(k)
+        return v
+
+    muts = sorted(changes.items())
+    height = old_root.level
+    level = 0
+    while True:
+        finder = _Level(old_root, level, load)
+        removed: list[bytes] = []
+        made: list[tuple[bytes, bytes]] = []  # (last key, address) of new nodes
+        carry_k: list[bytes] = []
+        carry_v: list = []
+        mkeys = [k for k, _ in muts]
+        mi = 0
+        cur: tuple[Node, bool] | None = None
+        while True:
+            if cur is None:
+                if mi >= len(muts):
+                    break
+                cur = finder.node_for(muts[mi][0])
+            node, is_last = cur
+            removed.append(node.keys[-1] if node.keys else b"")
+            # Changes that fall into this node: keys up to its last key (all, if last).
+            hi = len(muts) if is_last else bisect_right(mkeys, node.keys[-1], mi)
+            _merge(node.keys, node.vals, muts[mi:hi], carry_k, carry_v)
+            mi = hi
+            # Cut the carried items after every boundary key of this level.
+            start = 0
+            for j, k in enumerate(carry_k):
+                if lvl(k) > level:
+                    made.append((k, emit_node(level, carry_k[start : j + 1], carry_v[start : j + 1])))
+                    start = j + 1
+            del carry_k[:start], carry_v[:start]
+            if carry_k and not is_last:
+                # No cut at the end: the items flow into the next node of the level.
+                cur = finder.node_after(node.keys[-1])
+                if cur is None:  # cannot happen in a well-formed tree
+                    raise FormatError("tree: a node that is not last has no successor")
+            else:
+                if carry_k:
+                    made.append((carry_k[-1], emit_node(level, carry_k, carry_v)))
+                    carry_k, carry_v = [], []
+                cur = None
+        if level >= height:
+            break
+        up: dict[bytes, bytes | None] = {k: None for k in removed}
+        for k, h in made:
+            up[k] = h
+        muts = sorted(up.items())
+        level += 1
+
+    # `made` holds the new nodes of the old root's level.
+    if not made:
+        return empty_tree(emit)
+    if len(made) > 1:
+        # The root split: build levels above it.
+        def close(lv: int, items_: list, is_root: bool) -> tuple:
+            keys = [it[0] for it in items_]
+            h = emit_node(lv + level + 1, keys, [it[1] for it in items_])
+            return (None, h, 0) if is_root else (keys[-1], h, items_[-1][2])
+
+        st = LevelStacker(close)
+        for k, h in made:
+            st.add(0, (k, h, lvl(k) - level - 1))
+        return st.finish()[1]
+    new_root = made[0][1]
+    node = new_nodes[new_root]
+    while node.level > 0 and len(node.keys) == 1:  # the tree got shallower
+        new_root = node.vals[0]
+        node = new_nodes.get(new_root) or load(new_root)
+    return new_root
+
+
+def _merge(keys: list[bytes], vals: list, muts: list, out_k: list, out_v: list) -> None:
+    """Append to out the sorted union of a node's items and changes (None deletes)."""
+    i = 0
+    n = len(keys)
+    for k, v in muts:
+        while i < n and keys[i] < k:
+            out_k.append(keys[i])
+            out_v.append(vals[i])
+            i += 1
+        if i < n and keys[i] == k:
+            i += 1
+        if v is not None:
+            out_k.append(k)
+            out_v.append(v)
+    out_k.extend(keys[i:])
+    out_v.extend(vals[i:])
+
+
+# --- comparing -------------------------------------------------------------------------
+
+
+def diff(root_a: bytes, root_b: bytes, load: Load) -> Iterator[tuple[bytes, ValueRef | None, ValueRef | None]]:
+    """Yield ``(key, old, new)`` for every key whose value differs between two trees.
+
+    Subtrees with the same address on both sides are skipped unread, so the work is
+    proportional to the size of the change times the depth, not to the tree.
+    """
+    # Stacks of pending items, reversed (next item last): ("T", level, addr) or ("E", key, val)
+    a: list[tuple] = [("T", None, root_a)]
+    b: list[tuple] = [("T", None, root_b)]
+
+    def expand(stack: list[tuple]) -> None:
+        _, level, addr = stack.pop()
+        node = load(addr)
+        if level is not None and node.level != level:
+            raise FormatError(f"tree node {addr.hex()} is at level {node.level}, expected {level}")
+        if node.level == 0:
+            stack.extend(("E", k, v) for k, v in zip(reversed(node.keys), reversed(node.vals)))
+        else:
+            stack.extend(("T", node.level - 1, h) for h in reversed(node.vals))
+
+    while a or b:
+        x = a[-1] if a else None
+        y = b[-1] if b else None
+        if x is not None and x[0] == "T":
+            if y is not None and y[0] == "T":
+                if x[2] == y[2]:
+                    a.pop()
+                    b.pop()
+                    continue
+                lx = _level_of(x, load)
+                ly = _level_of(y, load)
+                if lx >= ly:
+                    expand(a)
+                if ly >= lx:
+                    expand(b)
+            else:
+                expand(a)
+            continue
+        if y is not None and y[0] == "T":
+            expand(b)
+            continue
+        if x is None:
+            b.pop()
+            yield y[1], None, y[2]
+        elif y is None:
+            a.pop()
+            yield x[1], x[2], None
+        elif x[1] < y[1]:
+            a.pop()
+            yield x[1], x[2], None
+        elif x[1] > y[1]:
+            b.pop()
+            yield y[1], None, y[2]
+        else:
+            a.pop()
+            b.pop()
+            if x[2] != y[2]:
+                yield x[1], x[2], y[2]
+
+
+def _level_of(item: tuple, load: Load) -> int:
+    if item[1] is None:  # a root: its level is in the node
+        return load(item[2]).level
+    return item[1]
+
+
+# --- walking (verify, gc) ------------------------------------------------------------------
+
+
+def walk_refs(root: bytes, load: Load, seen: set[bytes]) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(kind, address)`` of every block reachable from ``root`` not in ``seen``.
+
+    Tree nodes are loaded (and so checked); value blocks and chunk-tree roots are
+    yielded without reading them. Subtrees already in ``seen`` are skipped whole.
+    """
+    if root in seen:
+        return
+    seen.add(root)
+    yield KIND_NODE, root
+    stack = [root]
+    while stack:
+        node = load(stack.pop())
+        if node.level == 0:
+            for v in node.vals:
+                if isinstance(v, ExtType):
+                    h = v.data[:HASH_SIZE]
+                    if h not in seen:
+                        seen.add(h)
+                        yield (KIND_VALUE if v.code == EXT_BLOCK else KIND_CHUNK_NODE), h
+        else:
+            for h in node.vals:
+                if h not in seen:
+                    seen.add(h)
+                    yield KIND_NODE, h
+                    stack.append(h)
+
+
+def check_shape(root: bytes, load: Load) -> None:
+    """Raise FormatError unless the tree is in its canonical shape (cuts by key level)."""
+
+    def visit(addr: bytes, is_last: bool) -> None:
+        node = load(addr)
+        for j, k in enumerate(node.keys):
+            boundary = key_level(k) > node.level
+            final = j == len(node.keys) - 1
+            if boundary and not final:
+                raise FormatError(f"tree node {addr.hex()} is not cut after a boundary key")
+            if final and not boundary and not is_last:
+                raise FormatError(f"tree node {addr.hex()} ends without a boundary key")
+        if node.level > 0:
+            for j in range(len(node.vals)):
+                _child(node, j, load)
+                visit(node.vals[j], is_last and j == len(node.vals) - 1)
+
+    root_node = load(root)
+    if root_node.level > 0 and len(root_node.keys) == 1:
+        raise FormatError("tree root has a single child")
+    visit(root, True)
+
+
+__all__ = [
+    "INLINE_MAX",
+    "KIND_CHUNK_NODE",
+    "Node",
+    "build_tree",
+    "diff",
+    "iterate",
+    "lookup",
+    "mutate",
+]

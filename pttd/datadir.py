@@ -1,0 +1,81 @@
+"""A data directory: the store, the secret keys and the daemon's run files.
+
+Layout: ``pttd.sqlite3`` (+ ``-wal``, ``-shm``), ``keys/<public hex>.key`` (mode 0600,
+directory 0700), and while a daemon runs ``run.json`` and ``lock``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import platformdirs
+
+from .errors import DataDirError, NotFound
+from .keys import KeyStore
+from .repo import Repository
+from .store import Store
+
+DB_NAME = "pttd.sqlite3"
+KEYS_DIR = "keys"
+ENV_HOME = "PTT_HOME"
+
+
+def default_data_dir() -> str:
+    """``$PTT_HOME``, else the platform's per-user data directory for pttd."""
+    env = os.environ.get(ENV_HOME)
+    if env:
+        return env
+    return platformdirs.user_data_dir("pttd", appauthor=False)
+
+
+class DataDir:
+    def __init__(self, path: str, store: Store):
+        self.path = path
+        self.store = store
+        self.keys = KeyStore(os.path.join(path, KEYS_DIR))
+
+    @classmethod
+    def init(cls, path: str, synchronous: str = "FULL") -> DataDir:
+        """Create a data directory with a new repository; refuse an initialized one."""
+        path = os.path.abspath(path)
+        db = os.path.join(path, DB_NAME)
+        if os.path.exists(db):
+            raise DataDirError(f"{path} is already a pttd data directory")
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise DataDirError(f"{path} exists and is not a directory")
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise DataDirError(f"cannot create data directory {path}: {exc.strerror}") from None
+        dd = cls(path, Store(db, synchronous=synchronous, create=True))
+        repo = Repository.create(dd.store, dd.keys)
+        dd.store.set_meta("default_repo", repo.id)
+        return dd
+
+    @classmethod
+    def open(cls, path: str, synchronous: str = "FULL") -> DataDir:
+        path = os.path.abspath(path)
+        if not os.path.isdir(path):
+            raise DataDirError(f"no data directory at {path} (create one with: pttctl --data-dir {path} init)")
+        db = os.path.join(path, DB_NAME)
+        if not os.path.exists(db):
+            raise DataDirError(f"{path} is not a pttd data directory (create one with: pttctl --data-dir {path} init)")
+        return cls(path, Store(db, synchronous=synchronous))
+
+    @classmethod
+    def open_or_init(cls, path: str, synchronous: str = "FULL") -> tuple[DataDir, bool]:
+        if os.path.exists(os.path.join(os.path.abspath(path), DB_NAME)):
+            return cls.open(path, synchronous), False
+        return cls.init(path, synchronous), True
+
+    def close(self) -> None:
+        self.store.close()
+
+    def default_repo_id(self) -> str:
+        repo_id = self.store.get_meta("default_repo")
+        if repo_id is None:
+            raise NotFound(f"data directory {self.path} has no repository of its own")
+        return repo_id
+
+    def repository(self, public_hex: str | None = None) -> Repository:
+        return Repository.open(self.store, self.keys, public_hex or self.default_repo_id())

@@ -1,0 +1,419 @@
+"""Repositories: a signed, versioned map from paths to values over the store.
+
+Every write is a commit: a new tree root signed with the repository key, seq one more
+than the head. Any retained version can be read, listed and diffed; old versions can be
+pruned and the blocks nothing references any more collected.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from nacl.signing import SigningKey
+
+from protocol import tree
+from protocol.chunks import CHUNKING_THRESHOLD, chunk_file, chunk_value, iter_chunk_addrs, walk_chunk_tree
+from protocol.commit import Commit, SignedCommit, sign_commit
+from protocol.errors import FormatError
+from protocol.hashing import HASH_SIZE, KIND_CHUNK, KIND_CHUNK_NODE, KIND_VALUE, check_block
+from protocol.paths import key_to_path, validate_path, validate_prefix
+
+from .errors import CorruptBlock, MissingBlock, NotFound, PttError
+from .keys import KeyStore
+from .store import RepoRow, Store, Writer
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    path: str
+    size: int
+    storage: str  # "inline", "block" or "chunked"
+    address: str | None  # hex address of the value block or chunk-tree root
+
+
+@dataclass(frozen=True)
+class Change:
+    path: str
+    change: str  # "added", "changed" or "removed"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Batch:
+    """Several writes that become one commit. Made by ``Repository.batch()``."""
+
+    def __init__(self, repo: Repository, writer: Writer, head: SignedCommit):
+        self._repo = repo
+        self._writer = writer
+        self._head = head
+        self._changes: dict[bytes, tree.ValueRef | None] = {}
+        self.commit: SignedCommit | None = None
+
+    def _exists_before(self, key: bytes) -> bool:
+        return tree.lookup(self._head.commit.root, key, self._repo.store.load_node) is not None
+
+    def put(self, path: str, value: bytes) -> None:
+        key = validate_path(path)
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise TypeError("value must be bytes")
+        self._changes[key] = make_ref(bytes(value), self._writer.emit)
+
+    def put_file(self, path: str, filename: str) -> None:
+        """Store a file's contents without reading it whole into memory."""
+        key = validate_path(path)
+        size = os.path.getsize(filename)
+        if size > CHUNKING_THRESHOLD:
+            root, total = chunk_file(filename, self._writer.emit)
+            self._changes[key] = tree.chunked_ref(root, total)
+        else:
+            with open(filename, "rb") as f:
+                self._changes[key] = make_ref(f.read(), self._writer.emit)
+
+    def delete(self, path: str) -> None:
+        key = validate_path(path)
+        pending = key in self._changes and self._changes[key] is not None
+        if self._exists_before(key):
+            self._changes[key] = None
+        elif pending:
+            del self._changes[key]  # put earlier in this batch: the two cancel out
+        else:
+            raise NotFound(f"no such path: {path}")
+
+    def __len__(self) -> int:
+        return len(self._changes)
+
+
+def make_ref(value: bytes, emit) -> tree.ValueRef:
+    if len(value) <= tree.INLINE_MAX:
+        return value
+    if len(value) <= CHUNKING_THRESHOLD:
+        ref, h, b = tree.block_ref(value)
+        emit(h, b)
+        return ref
+    root, size = chunk_value(value, emit)
+    return tree.chunked_ref(root, size)
+
+
+class Repository:
+    def __init__(self, store: Store, row: RepoRow, signing_key: SigningKey | None):
+        self.store = store
+        self.row = row
+        self._key = signing_key
+
+    @property
+    def key(self) -> bytes:
+        return self.row.key
+
+    @property
+    def id(self) -> str:
+        return self.row.key.hex()
+
+    @property
+    def writable(self) -> bool:
+        return self._key is not None
+
+    # --- creation ---------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, store: Store, keys: KeyStore) -> Repository:
+        """A new repository with a fresh key pair and an empty first version (seq 0)."""
+        sk = keys.create()
+        with store.write() as w:
+            row = store.add_repo(bytes(sk.verify_key), owned=True)
+            root = tree.empty_tree(w.emit)
+            sc = sign_commit(Commit(row.key, 0, root, None, _now_ms()), sk)
+            store.insert_commit(row, sc)
+        return cls(store, row, sk)
+
+    @classmethod
+    def open(cls, store: Store, keys: KeyStore, public_hex: str) -> Repository:
+        try:
+            key = bytes.fromhex(public_hex)
+        except ValueError:
+            raise NotFound(f"{public_hex!r} is not a repository key (64 hex digits)") from None
+        row = store.find_repo(key) if len(key) == 32 else None
+        if row is None:
+            raise NotFound(f"no repository {public_hex} in this data directory")
+        sk = keys.load(public_hex) if row.owned else None
+        return cls(store, row, sk)
+
+    # --- versions ---------------------------------------------------------------------
+
+    def head(self) -> SignedCommit:
+        seq = self.store.head_seq(self.row)
+        if seq is None:
+            raise NotFound(f"repository {self.id} has no version yet")
+        return self.store.load_commit(self.row, seq)
+
+    def commit_at(self, version: int | None) -> SignedCommit:
+        if version is None:
+            return self.head()
+        if version < 0:
+            raise NotFound(f"version {version} does not exist (versions start at 0)")
+        try:
+            return self.store.load_commit(self.row, version)
+        except NotFound:
+            seqs = self.store.commit_seqs(self.row)
+            if seqs and version < seqs[0]:
+                raise NotFound(f"version {version} was pruned (oldest retained: {seqs[0]})") from None
+            newest = seqs[-1] if seqs else None
+            raise NotFound(f"version {version} does not exist (newest: {newest})") from None
+
+    def history(self, limit: int | None = None) -> list[SignedCommit]:
+        seqs = self.store.commit_seqs(self.row)[::-1]
+        if limit is not None:
+            seqs = seqs[:limit]
+        return [self.store.load_commit(self.row, s) for s in seqs]
+
+    # --- writing ----------------------------------------------------------------------
+
+    @contextmanager
+    def batch(self) -> Iterator[Batch]:
+        """Collect writes; on leaving the block they become one durable commit.
+
+        If the block raises, nothing is stored. If the writes change nothing (same
+        values), no commit is made and ``batch.commit`` stays None.
+        """
+        if self._key is None:
+            raise PttError(f"repository {self.id} is read-only here (this data directory holds no key for it)")
+        with self.store.write() as w:
+            head = self.head()
+            b = Batch(self, w, head)
+            yield b
+            if not b._changes:
+                return
+            new_root = tree.mutate(head.commit.root, b._changes, self.store.load_node, w.emit)
+            if new_root == head.commit.root:
+                return
+            commit = Commit(self.key, head.seq + 1, new_root, head.address, max(_now_ms(), head.commit.time))
+            sc = sign_commit(commit, self._key)
+            self.store.insert_commit(self.row, sc)
+            b.commit = sc
+
+    def put(self, path: str, value: bytes) -> SignedCommit | None:
+        with self.batch() as b:
+            b.put(path, value)
+        return b.commit
+
+    def put_file(self, path: str, filename: str) -> SignedCommit | None:
+        with self.batch() as b:
+            b.put_file(path, filename)
+        return b.commit
+
+    def delete(self, path: str) -> SignedCommit | None:
+        with self.batch() as b:
+            b.delete(path)
+        return b.commit
+
+    # --- reading ----------------------------------------------------------------------
+
+    def _ref(self, path: str, version: int | None) -> tuple[bytes, tree.ValueRef]:
+        key = validate_path(path)
+        sc = self.commit_at(version)
+        ref = tree.lookup(sc.commit.root, key, self.store.load_node)
+        if ref is None:
+            at = "" if version is None else f" at version {version}"
+            raise NotFound(f"no such path{at}: {path}")
+        return key, ref
+
+    def get(self, path: str, version: int | None = None) -> bytes:
+        return b"".join(self.read(path, version))
+
+    def read(self, path: str, version: int | None = None) -> Iterator[bytes]:
+        """The value at ``path`` as a stream of pieces (chunk by chunk for large values)."""
+        _, ref = self._ref(path, version)
+        return self._read_ref(ref)
+
+    def _read_ref(self, ref: tree.ValueRef) -> Iterator[bytes]:
+        if isinstance(ref, bytes):
+            yield ref
+            return
+        addr = ref.data[:HASH_SIZE]
+        if ref.code == tree.EXT_BLOCK:
+            yield self._typed_block(addr, KIND_VALUE)
+            return
+        declared = tree.ref_size(ref)
+        total = 0
+        for chunk_addr, _, size in iter_chunk_addrs(addr, self.store.load_chunk_node):
+            data = self._typed_block(chunk_addr, KIND_CHUNK)
+            if len(data) != size:
+                raise CorruptBlock(chunk_addr, f"chunk is {len(data)} bytes, its tree says {size}")
+            total += size
+            yield data
+        if total != declared:
+            raise CorruptBlock(addr, f"chunk tree holds {total} bytes, the entry says {declared}")
+
+    def _typed_block(self, addr: bytes, kind: int) -> bytes:
+        block = self.store.get_block(addr)
+        if block[0] != kind:
+            raise CorruptBlock(addr, f"expected a block of kind {kind}, found kind {block[0]}")
+        return block[1:]
+
+    def info(self, path: str, version: int | None = None) -> EntryInfo:
+        key, ref = self._ref(path, version)
+        return self._info(key, ref)
+
+    def _info(self, key: bytes, ref: tree.ValueRef) -> EntryInfo:
+        path = key_to_path(key)
+        if isinstance(ref, bytes):
+            return EntryInfo(path, len(ref), "inline", None)
+        addr = ref.data[:HASH_SIZE]
+        if ref.code == tree.EXT_BLOCK:
+            return EntryInfo(path, len(self._typed_block(addr, KIND_VALUE)), "block", addr.hex())
+        return EntryInfo(path, tree.ref_size(ref), "chunked", addr.hex())
+
+    def list(self, prefix: str = "/", version: int | None = None, sizes: bool = True) -> Iterator[EntryInfo]:
+        """Entries under ``prefix`` in path order (a prefix matches whole and partial segments)."""
+        p = validate_prefix(prefix)
+        sc = self.commit_at(version)
+        for key, ref in tree.iterate(sc.commit.root, p, self.store.load_node):
+            if sizes:
+                yield self._info(key, ref)
+            else:
+                yield EntryInfo(key_to_path(key), -1, "", None)
+
+    def diff(self, v1: int, v2: int) -> Iterator[Change]:
+        """Paths added, changed or removed from version v1 to version v2."""
+        a = self.commit_at(v1).commit.root
+        b = self.commit_at(v2).commit.root
+        for key, old, new in tree.diff(a, b, self.store.load_node):
+            kind = "added" if old is None else "removed" if new is None else "changed"
+            yield Change(key_to_path(key), kind)
+
+    # --- pruning ----------------------------------------------------------------------
+
+    def prune(self, keep: int) -> int:
+        """Forget all but the newest ``keep`` versions; return how many were dropped.
+
+        The data of dropped versions stays in the store until ``collect_garbage``.
+        """
+        if keep < 1:
+            raise ValueError("keep at least one version")
+        with self.store.write():
+            head = self.store.head_seq(self.row)
+            if head is None or head - keep < 0:
+                return 0
+            return self.store.delete_commits_upto(self.row, head - keep)
+
+
+# --- whole-store operations ------------------------------------------------------------
+
+
+@dataclass
+class GcReport:
+    versions_pruned: int = 0
+    blocks_removed: int = 0
+    bytes_removed: int = 0
+    blocks_kept: int = 0
+    file_bytes_before: int = 0
+    file_bytes_after: int = 0
+
+
+def collect_garbage(store: Store, keep: int | None = None, vacuum: bool = True) -> GcReport:
+    """Prune every repository to its newest ``keep`` versions (if given), delete every
+    block no retained version references, then (``vacuum``) rebuild the file so that
+    deleted data is gone from the disk. Marking and sweeping happen in one write
+    transaction; any missing or corrupt block aborts it before anything is deleted."""
+    report = GcReport(file_bytes_before=store.file_size())
+    if keep is not None:
+        for row in store.list_repos():
+            report.versions_pruned += Repository(store, row, None).prune(keep)
+    with store.write():
+        live: set[bytes] = set()
+        for _repo, _seq, root in store.all_roots():
+            _mark(store, root, live)
+        report.blocks_removed, report.bytes_removed = store.sweep(live)
+        report.blocks_kept = len(live)
+    if vacuum:
+        store.vacuum()
+    report.file_bytes_after = store.file_size()
+    return report
+
+
+def _mark(store: Store, root: bytes, live: set[bytes]) -> None:
+    for kind, addr in tree.walk_refs(root, store.load_node, live):
+        if kind == KIND_CHUNK_NODE:
+            for _ in walk_chunk_tree(addr, store.load_chunk_node, live):
+                pass
+
+
+@dataclass
+class VerifyReport:
+    repositories: int = 0
+    versions: int = 0
+    nodes: int = 0
+    values: int = 0
+    chunks: int = 0
+    blocks_scanned: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def verify_store(store: Store) -> VerifyReport:
+    """Check every stored block against its address, every retained commit's signature
+    and chain, and every tree reachable from them (shape, encoding, missing blocks)."""
+    rep = VerifyReport()
+    store.drop_cache()
+    for addr, data in store.iter_all_blocks():
+        rep.blocks_scanned += 1
+        try:
+            check_block(addr, data)
+        except FormatError:
+            rep.errors.append(f"corrupt block {addr.hex()}: does not match its hash")
+    seen: set[bytes] = set()
+    for row in store.list_repos():
+        rep.repositories += 1
+        prev: SignedCommit | None = None
+        for seq in store.commit_seqs(row):
+            try:
+                sc = store.load_commit(row, seq)
+            except PttError as exc:
+                rep.errors.append(str(exc))
+                prev = None
+                continue
+            rep.versions += 1
+            if prev is not None and prev.seq == seq - 1 and sc.commit.prev != prev.address:
+                rep.errors.append(f"repository {row.key.hex()}: version {seq} does not follow version {seq - 1}")
+            prev = sc
+            _verify_tree(store, sc.commit.root, seen, rep)
+        if prev is not None:
+            try:
+                tree.check_shape(prev.commit.root, store.load_node)
+            except (PttError, FormatError) as exc:
+                rep.errors.append(f"repository {row.key.hex()} head: {exc}")
+        for seq, h in store.forks(row):
+            rep.errors.append(f"repository {row.key.hex()}: fork evidence at seq {seq} (commit {h.hex()})")
+    return rep
+
+
+def _verify_tree(store: Store, root: bytes, seen: set[bytes], rep: VerifyReport) -> None:
+    try:
+        for kind, addr in tree.walk_refs(root, store.load_node, seen):
+            if kind == KIND_CHUNK_NODE:
+                store.load_chunk_node(addr)
+                for k2, a2 in walk_chunk_tree(addr, store.load_chunk_node, seen):
+                    if k2 == KIND_CHUNK:
+                        _check_kind(store, a2, KIND_CHUNK)
+                        rep.chunks += 1
+            elif kind == KIND_VALUE:
+                _check_kind(store, addr, KIND_VALUE)
+                rep.values += 1
+            else:
+                rep.nodes += 1
+    except (CorruptBlock, MissingBlock) as exc:
+        rep.errors.append(str(exc))
+
+
+def _check_kind(store: Store, addr: bytes, kind: int) -> None:
+    block = store.get_block(addr)
+    if block[0] != kind:
+        raise CorruptBlock(addr, f"expected a block of kind {kind}, found kind {block[0]}")

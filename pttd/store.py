@@ -1,0 +1,403 @@
+"""The embedded store: one SQLite database per data directory, in WAL mode.
+
+Blocks live in one table shared by every repository (an ordinary rowid table with a
+UNIQUE index on the address: far faster to write than a table keyed by the address);
+each repository's signed commits in another. Every block read back is checked against
+its address. A write transaction is durable when it returns (synchronous=FULL by
+default: it survives kill -9 and power loss).
+
+The store is synchronous; the daemon calls it through ``trio.to_thread``. One Store
+object may be used from several threads: calls are serialized by a lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from blake3 import blake3
+
+from protocol.chunks import ChunkNode, decode_chunk_node
+from protocol.commit import SignedCommit, verify_commit
+from protocol.errors import FormatError, SignatureError
+from protocol.hashing import KIND_CHUNK_NODE, KIND_NODE
+from protocol.tree import Node, decode_node
+
+from .errors import CorruptBlock, DataDirError, ForkDetected, MissingBlock, NotFound, RollbackRefused
+
+log = logging.getLogger("pttd.store")
+
+SCHEMA_VERSION = 1
+PAGE_SIZE = 16384
+SYNC_MODES = ("FULL", "NORMAL", "EXTRA")
+FLUSH_BLOCKS = 20_000
+FLUSH_BYTES = 16 << 20
+NODE_CACHE = 8192
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS blocks(
+    id INTEGER PRIMARY KEY,
+    hash BLOB NOT NULL UNIQUE,
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS repos(
+    id INTEGER PRIMARY KEY,
+    key BLOB NOT NULL UNIQUE,
+    owned INTEGER NOT NULL,
+    created INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS commits(
+    repo INTEGER NOT NULL REFERENCES repos(id),
+    seq INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    block BLOB NOT NULL,
+    sig BLOB NOT NULL,
+    PRIMARY KEY(repo, seq)
+);
+CREATE TABLE IF NOT EXISTS forks(
+    repo INTEGER NOT NULL REFERENCES repos(id),
+    seq INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    block BLOB NOT NULL,
+    sig BLOB NOT NULL,
+    seen INTEGER NOT NULL,
+    PRIMARY KEY(repo, seq, hash)
+);
+"""
+
+
+@dataclass(frozen=True)
+class RepoRow:
+    id: int
+    key: bytes
+    owned: bool
+
+
+class Writer:
+    """Blocks written inside one store transaction, flushed in sorted batches."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self._db = db
+        self._pending: dict[bytes, bytes] = {}
+        self._pending_bytes = 0
+        self.blocks_offered = 0
+        self.blocks_written = 0
+
+    def emit(self, address: bytes, block: bytes) -> None:
+        if address not in self._pending:
+            self._pending[address] = block
+            self._pending_bytes += len(block)
+            self.blocks_offered += 1
+            if len(self._pending) >= FLUSH_BLOCKS or self._pending_bytes >= FLUSH_BYTES:
+                self.flush()
+
+    def get(self, address: bytes) -> bytes | None:
+        return self._pending.get(address)
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        # Sorted by address, the UNIQUE index is updated in order: markedly faster.
+        rows = sorted(self._pending.items())
+        before = self._db.total_changes
+        self._db.executemany("INSERT OR IGNORE INTO blocks(hash, data) VALUES (?, ?)", rows)
+        self.blocks_written += self._db.total_changes - before
+        self._pending.clear()
+        self._pending_bytes = 0
+
+
+class Store:
+    def __init__(self, path: str, *, synchronous: str = "FULL", create: bool = False):
+        self.path = path
+        if synchronous.upper() not in SYNC_MODES:
+            raise DataDirError(f"store synchronous mode must be one of {', '.join(SYNC_MODES)}, not {synchronous!r}")
+        if not create and not os.path.exists(path):
+            raise DataDirError(f"no store at {path}")
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+            self._db.execute(f"PRAGMA page_size={PAGE_SIZE}")
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise DataDirError(f"store {path}: could not switch to WAL mode (got {mode})")
+            self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            self._db.execute("PRAGMA cache_size=-65536")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise DataDirError(f"store {path} cannot be opened: {exc}") from None
+        if row is None:
+            self._db.execute("INSERT INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) > SCHEMA_VERSION:
+            raise DataDirError(
+                f"store {path} has schema {row[0]}, newer than this pttd understands ({SCHEMA_VERSION}); upgrade pttd"
+            )
+        self._lock = threading.RLock()
+        self._nodes: dict[bytes, object] = {}
+        self._writer: Writer | None = None
+        self.blocks_read = 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- meta -------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    # --- transactions -----------------------------------------------------------------
+
+    @contextmanager
+    def write(self) -> Iterator[Writer]:
+        """One durable write transaction; blocks go through the yielded Writer."""
+        with self._lock:
+            if self._writer is not None:
+                raise RuntimeError("nested write transaction")
+            self._db.execute("BEGIN IMMEDIATE")
+            writer = self._writer = Writer(self._db)
+            try:
+                yield writer
+                writer.flush()
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            finally:
+                self._writer = None
+
+    # --- blocks -----------------------------------------------------------------------
+
+    def get_block(self, address: bytes) -> bytes:
+        """The block's bytes, checked against its address."""
+        with self._lock:
+            if self._writer is not None:
+                pending = self._writer.get(address)
+                if pending is not None:
+                    return pending
+            row = self._db.execute("SELECT data FROM blocks WHERE hash=?", (address,)).fetchone()
+            self.blocks_read += 1
+        if row is None:
+            raise MissingBlock(address)
+        data = row[0]
+        if blake3(data).digest() != address:
+            raise CorruptBlock(address)
+        return data
+
+    def has_block(self, address: bytes) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM blocks WHERE hash=?", (address,)).fetchone() is not None
+
+    def put_blocks(self, blocks: dict[bytes, bytes]) -> int:
+        """Store blocks received from elsewhere, each checked against its address first."""
+        for address, data in blocks.items():
+            if blake3(data).digest() != address:
+                raise CorruptBlock(address, "received bytes do not match the address")
+        with self.write() as w:
+            for address, data in blocks.items():
+                w.emit(address, data)
+        return w.blocks_written
+
+    def _decoded(self, address: bytes, kind: int, decode):
+        node = self._nodes.get(address)
+        if node is not None:
+            return node
+        data = self.get_block(address)
+        if data[0] != kind:
+            raise CorruptBlock(address, f"expected a block of kind {kind}, found kind {data[0]}")
+        try:
+            node = decode(data[1:])
+        except FormatError as exc:
+            raise CorruptBlock(address, str(exc)) from None
+        if len(self._nodes) >= NODE_CACHE:
+            # Drop the oldest quarter: nodes are immutable, so a miss only costs a read.
+            for k in list(self._nodes)[: NODE_CACHE // 4]:
+                del self._nodes[k]
+        self._nodes[address] = node
+        return node
+
+    def load_node(self, address: bytes) -> Node:
+        return self._decoded(address, KIND_NODE, decode_node)
+
+    def load_chunk_node(self, address: bytes) -> ChunkNode:
+        return self._decoded(address, KIND_CHUNK_NODE, decode_chunk_node)
+
+    def drop_cache(self) -> None:
+        self._nodes.clear()
+
+    def block_stats(self) -> tuple[int, int]:
+        """(number of blocks, total bytes)."""
+        with self._lock:
+            n, size = self._db.execute("SELECT count(*), coalesce(sum(length(data)), 0) FROM blocks").fetchone()
+        return n, size
+
+    def iter_all_blocks(self, batch: int = 2000) -> Iterator[tuple[bytes, bytes]]:
+        last = 0
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT id, hash, data FROM blocks WHERE id > ? ORDER BY id LIMIT ?", (last, batch)
+                ).fetchall()
+            if not rows:
+                return
+            for _, h, d in rows:
+                yield h, d
+            last = rows[-1][0]
+
+    # --- repositories -----------------------------------------------------------------
+
+    def add_repo(self, key: bytes, owned: bool) -> RepoRow:
+        with self._lock:
+            try:
+                cur = self._db.execute(
+                    "INSERT INTO repos(key, owned, created) VALUES (?, ?, ?)", (key, int(owned), int(time.time()))
+                )
+            except sqlite3.IntegrityError:
+                raise ForkDetected(f"repository {key.hex()} is already in this store") from None
+            return RepoRow(cur.lastrowid, key, owned)
+
+    def find_repo(self, key: bytes) -> RepoRow | None:
+        with self._lock:
+            row = self._db.execute("SELECT id, key, owned FROM repos WHERE key=?", (key,)).fetchone()
+        return RepoRow(row[0], row[1], bool(row[2])) if row else None
+
+    def list_repos(self) -> list[RepoRow]:
+        with self._lock:
+            rows = self._db.execute("SELECT id, key, owned FROM repos ORDER BY id").fetchall()
+        return [RepoRow(r[0], r[1], bool(r[2])) for r in rows]
+
+    # --- commits ----------------------------------------------------------------------
+
+    def head_seq(self, repo: RepoRow) -> int | None:
+        with self._lock:
+            row = self._db.execute("SELECT max(seq) FROM commits WHERE repo=?", (repo.id,)).fetchone()
+        return row[0]
+
+    def load_commit(self, repo: RepoRow, seq: int) -> SignedCommit:
+        """The commit at ``seq``, its address and signature checked."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT hash, block, sig FROM commits WHERE repo=? AND seq=?", (repo.id, seq)
+            ).fetchone()
+        if row is None:
+            raise NotFound(f"version {seq} of {repo.key.hex()} is not stored")
+        address, block, sig = row
+        if blake3(block).digest() != address:
+            raise CorruptBlock(address, f"commit seq {seq} does not match its hash")
+        try:
+            sc = verify_commit(block, sig, repo.key)
+        except (FormatError, SignatureError) as exc:
+            raise CorruptBlock(address, f"commit seq {seq}: {exc}") from None
+        if sc.seq != seq:
+            raise CorruptBlock(address, f"commit stored as seq {seq} says seq {sc.seq}")
+        return sc
+
+    def commit_seqs(self, repo: RepoRow) -> list[int]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT seq FROM commits WHERE repo=? ORDER BY seq", (repo.id,))]
+
+    def insert_commit(self, repo: RepoRow, sc: SignedCommit) -> None:
+        """Record a commit; the caller holds a write transaction and checked it."""
+        self._db.execute(
+            "INSERT INTO commits(repo, seq, hash, block, sig) VALUES (?, ?, ?, ?, ?)",
+            (repo.id, sc.seq, sc.address, sc.block, sc.signature),
+        )
+
+    def accept_commit(self, repo: RepoRow, block: bytes, signature: bytes) -> SignedCommit:
+        """Check a commit received from elsewhere and make it the head if it is newer.
+
+        Refuses a bad signature, a commit for another repository, one older than the
+        head (no rollback), and records fork evidence (a different commit at a seq
+        already held, or a next commit whose prev is not the head) before refusing it.
+        """
+        sc = verify_commit(block, signature, repo.key)
+        with self.write():
+            head = self.head_seq(repo)
+            if head is not None:
+                held = self._commit_row(repo, sc.seq)
+                if held is not None:
+                    if held == sc.address:
+                        return sc
+                    self._record_fork(repo, sc)
+                    raise ForkDetected(f"repository {repo.key.hex()} signed two different commits at seq {sc.seq}")
+                if sc.seq < head:
+                    raise RollbackRefused(f"commit seq {sc.seq} of {repo.key.hex()} is older than the head seq {head}")
+                if sc.seq == head + 1 and sc.commit.prev != self._commit_row(repo, head):
+                    self._record_fork(repo, sc)
+                    raise ForkDetected(f"commit seq {sc.seq} of {repo.key.hex()} does not follow the head seq {head}")
+            self.insert_commit(repo, sc)
+        return sc
+
+    def _commit_row(self, repo: RepoRow, seq: int) -> bytes | None:
+        row = self._db.execute("SELECT hash FROM commits WHERE repo=? AND seq=?", (repo.id, seq)).fetchone()
+        return row[0] if row else None
+
+    def _record_fork(self, repo: RepoRow, sc: SignedCommit) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO forks(repo, seq, hash, block, sig, seen) VALUES (?, ?, ?, ?, ?, ?)",
+            (repo.id, sc.seq, sc.address, sc.block, sc.signature, int(time.time())),
+        )
+        log.warning("fork evidence for %s at seq %d recorded", repo.key.hex(), sc.seq)
+
+    def forks(self, repo: RepoRow) -> list[tuple[int, bytes]]:
+        with self._lock:
+            return [(r[0], r[1]) for r in self._db.execute("SELECT seq, hash FROM forks WHERE repo=?", (repo.id,))]
+
+    def delete_commits_upto(self, repo: RepoRow, seq: int) -> int:
+        with self._lock:
+            cur = self._db.execute("DELETE FROM commits WHERE repo=? AND seq<=?", (repo.id, seq))
+            return cur.rowcount
+
+    # --- garbage collection -----------------------------------------------------------
+
+    def all_roots(self) -> list[tuple[RepoRow, int, bytes]]:
+        out = []
+        for repo in self.list_repos():
+            for seq in self.commit_seqs(repo):
+                out.append((repo, seq, self.load_commit(repo, seq).commit.root))
+        return out
+
+    def sweep(self, live: set[bytes]) -> tuple[int, int]:
+        """Delete every block whose address is not in ``live``: (blocks, bytes) removed.
+
+        The caller marks ``live`` inside the same write transaction (see repo.collect_garbage).
+        """
+        dead: list[int] = []
+        freed = 0
+        for row in self._db.execute("SELECT id, hash, length(data) FROM blocks"):
+            if row[1] not in live:
+                dead.append(row[0])
+                freed += row[2]
+        for i in range(0, len(dead), 5000):
+            part = dead[i : i + 5000]
+            self._db.execute(f"DELETE FROM blocks WHERE id IN ({','.join('?' * len(part))})", part)
+        self._nodes.clear()
+        return len(dead), freed
+
+    def vacuum(self) -> None:
+        """Rebuild the database file so that freed pages (deleted data) leave the disk."""
+        with self._lock:
+            self._db.execute("VACUUM")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def file_size(self) -> int:
+        total = 0
+        for suffix in ("", "-wal"):
+            try:
+                total += os.path.getsize(self.path + suffix)
+            except FileNotFoundError:
+                pass
+        return total
