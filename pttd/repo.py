@@ -77,7 +77,9 @@ class Batch:
 
     def delete(self, path: str) -> None:
         key = validate_path(path)
-        pending = key in self._changes and self._changes[key] is not None
+        if key in self._changes and self._changes[key] is None:
+            raise NotFound(f"no such path: {path} (already deleted in this commit)")
+        pending = key in self._changes
         if self._exists_before(key):
             self._changes[key] = None
         elif pending:
@@ -320,11 +322,15 @@ def collect_garbage(store: Store, keep: int | None = None, vacuum: bool = True) 
     block no retained version references, then (``vacuum``) rebuild the file so that
     deleted data is gone from the disk. Marking and sweeping happen in one write
     transaction; any missing or corrupt block aborts it before anything is deleted."""
+    if keep is not None and keep < 1:
+        raise ValueError("keep at least one version")
     report = GcReport(file_bytes_before=store.file_size())
-    if keep is not None:
-        for row in store.list_repos():
-            report.versions_pruned += Repository(store, row, None).prune(keep)
     with store.write():
+        if keep is not None:
+            for row in store.list_repos():
+                head = store.head_seq(row)
+                if head is not None and head - keep >= 0:
+                    report.versions_pruned += store.delete_commits_upto(row, head - keep)
         live: set[bytes] = set()
         for _repo, _seq, root in store.all_roots():
             _mark(store, root, live)

@@ -324,21 +324,26 @@ class Store:
         already held, or a next commit whose prev is not the head) before refusing it.
         """
         sc = verify_commit(block, signature, repo.key)
+        fork: str | None = None
         with self.write():
             head = self.head_seq(repo)
             if head is not None:
                 held = self._commit_row(repo, sc.seq)
+                if held == sc.address:
+                    return sc
                 if held is not None:
-                    if held == sc.address:
-                        return sc
-                    self._record_fork(repo, sc)
-                    raise ForkDetected(f"repository {repo.key.hex()} signed two different commits at seq {sc.seq}")
-                if sc.seq < head:
+                    fork = f"repository {repo.key.hex()} signed two different commits at seq {sc.seq}"
+                elif sc.seq < head:
                     raise RollbackRefused(f"commit seq {sc.seq} of {repo.key.hex()} is older than the head seq {head}")
-                if sc.seq == head + 1 and sc.commit.prev != self._commit_row(repo, head):
-                    self._record_fork(repo, sc)
-                    raise ForkDetected(f"commit seq {sc.seq} of {repo.key.hex()} does not follow the head seq {head}")
-            self.insert_commit(repo, sc)
+                elif sc.seq == head + 1 and sc.commit.prev != self._commit_row(repo, head):
+                    fork = f"commit seq {sc.seq} of {repo.key.hex()} does not follow the head seq {head}"
+            if fork is not None:
+                # The evidence is kept (committed) even though the commit is refused.
+                self._record_fork(repo, sc)
+            else:
+                self.insert_commit(repo, sc)
+        if fork is not None:
+            raise ForkDetected(fork)
         return sc
 
     def _commit_row(self, repo: RepoRow, seq: int) -> bytes | None:

@@ -1,0 +1,108 @@
+"""Formats: canonical encoding, node and commit decoding, paths, hashing."""
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from nacl.signing import SigningKey
+
+from protocol import tree
+from protocol.chunks import decode_chunk_node
+from protocol.commit import Commit, decode_commit, sign_commit, verify_commit
+from protocol.encoding import pack, unpack_canonical
+from protocol.errors import FormatError, PathError, SignatureError
+from protocol.hashing import KIND_NODE, check_block, make_block
+from protocol.paths import validate_path, validate_prefix
+
+
+def test_kind_byte_separates_domains():
+    h1, b1 = make_block(1, b"same")
+    h2, b2 = make_block(2, b"same")
+    assert h1 != h2 and b1[1:] == b2[1:]
+    check_block(h1, b1)
+    with pytest.raises(FormatError):
+        check_block(h1, b2)
+
+
+def test_canonical_maps_are_sorted_and_others_rejected():
+    assert pack({"b": 1, "a": 2}) == pack({"a": 2, "b": 1})
+    unsorted = msgpack.packb({"b": 1, "a": 2})
+    with pytest.raises(FormatError, match="canonical"):
+        unpack_canonical(unsorted)
+    long_int = b"\xcd\x00\x05"  # uint16 holding 5: not the shortest form
+    with pytest.raises(FormatError, match="canonical"):
+        unpack_canonical(long_int)
+
+
+def test_node_decoder_rejects_bad_nodes():
+    good = tree.encode_node(0, [b"/a", b"/b"], [b"x", b"y"])
+    assert tree.decode_node(good).keys == [b"/a", b"/b"]
+    bad = [
+        msgpack.packb([0, [0, 0], [b"/b", b"/a"], [b"x", b"y"]]),  # out of order
+        msgpack.packb([0, [0], [b"/a"], [b"x" * 65]]),  # inline value too long
+        msgpack.packb([1, [0], [b"/a"], [b"short"]]),  # child address not 32 bytes
+        msgpack.packb([0, [0, 5], [b"/a", b"b"], [b"x", b"y"]]),  # prefix longer than previous key
+        msgpack.packb([0, [0], [b"/a"]]),  # wrong arity
+        msgpack.packb([0, [0, 1], [b"/a", b"a"], [b"x", b"y"]]),  # prefix not maximal: non-canonical
+        b"\xc1",  # never-used msgpack byte
+    ]
+    for payload in bad:
+        with pytest.raises(FormatError):
+            tree.decode_node(payload)
+
+
+@given(st.binary(max_size=200))
+def test_node_and_chunk_decoders_never_crash_on_garbage(data):
+    for decode in (tree.decode_node, decode_chunk_node, lambda d: decode_commit(b"\x05" + d)):
+        try:
+            decode(data)
+        except FormatError:
+            pass
+
+
+def test_commit_sign_verify_and_tamper():
+    sk = SigningKey(bytes(32))
+    repo = bytes(sk.verify_key)
+    sc = sign_commit(Commit(repo, 1, b"r" * 32, b"p" * 32, 1700000000000), sk)
+    assert verify_commit(sc.block, sc.signature, repo).commit == sc.commit
+    assert decode_commit(sc.block).seq == 1
+    flipped = bytearray(sc.block)
+    flipped[-2] ^= 1
+    with pytest.raises((SignatureError, FormatError)):
+        verify_commit(bytes(flipped), sc.signature, repo)
+    other = SigningKey(bytes([1]) * 32)
+    with pytest.raises(FormatError, match="not"):
+        verify_commit(sc.block, sc.signature, bytes(other.verify_key))
+    with pytest.raises(ValueError):
+        sign_commit(Commit(repo, 1, b"r" * 32, b"p" * 32, 1), other)
+
+
+def test_node_block_kind():
+    h, b = tree.node_block(0, [], [])
+    assert b[0] == KIND_NODE
+
+
+@pytest.mark.parametrize(
+    "path,problem",
+    [
+        ("relative", "not absolute"),
+        ("/a//b", "empty segment"),
+        ("/a/../b", "'..'"),
+        ("/a/./b", "'.'"),
+        ("/a/", "empty segment"),
+        ("/", "whole repository"),
+        ("/a\x00b", "control"),
+        ("/" + "x" * 1024, "more than"),
+        ("/\udcff", "UTF-8"),
+    ],
+)
+def test_bad_paths_are_refused_with_the_reason(path, problem):
+    with pytest.raises(PathError, match=problem):
+        validate_path(path)
+
+
+def test_good_paths_and_prefixes():
+    assert validate_path("/topics/général/1700000000") == "/topics/général/1700000000".encode()
+    assert validate_prefix("") == b"/"
+    assert validate_prefix("/topics/") == b"/topics/"
+    assert validate_prefix("/topics") == b"/topics"

@@ -1,0 +1,276 @@
+"""The repository API over the SQLite store: writes, versions, diff, gc, tamper checks."""
+
+import os
+import sqlite3
+import tempfile
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.commit import Commit, sign_commit
+from protocol.errors import PathError, SignatureError
+from pttd.datadir import DataDir
+from pttd.errors import CorruptBlock, ForkDetected, NotFound, PttError, RollbackRefused
+from pttd.repo import collect_garbage, verify_store
+from pttd.store import Store
+
+paths_st = st.sampled_from([f"/p/{i}" for i in range(12)] + ["/profile.json", "/topics/a/1", "/topics/a/2"])
+values_st = st.one_of(st.binary(max_size=80), st.binary(min_size=100, max_size=400))
+op_st = st.tuples(st.sampled_from(["put", "del"]), paths_st, values_st)
+
+
+@settings(max_examples=40, deadline=None)
+@given(commits=st.lists(st.lists(op_st, min_size=1, max_size=6), min_size=1, max_size=8))
+def test_get_after_put_and_delete_at_every_version(commits):
+    with tempfile.TemporaryDirectory() as tmp:
+        dd = DataDir.init(os.path.join(tmp, "d"), synchronous="NORMAL")
+        repo = dd.repository()
+        model: dict[str, bytes] = {}
+        states = {0: {}}
+        for ops in commits:
+            with repo.batch() as b:
+                for op, path, value in ops:
+                    if op == "put":
+                        b.put(path, value)
+                        model[path] = value
+                    elif path in model:
+                        b.delete(path)
+                        del model[path]
+                    else:
+                        with pytest.raises(NotFound):
+                            b.delete(path)
+            states[repo.head().seq] = dict(model)
+        for version, state in states.items():
+            listed = {e.path: e.size for e in repo.list("/", version)}
+            assert listed == {p: len(v) for p, v in state.items()}
+            for path in {p for _, p, _ in (op for ops in commits for op in ops)}:
+                if path in state:
+                    assert repo.get(path, version) == state[path]
+                else:
+                    with pytest.raises(NotFound):
+                        repo.get(path, version)
+        versions = sorted(states)
+        for a, b in zip(versions, versions[1:]):
+            changes = {c.path: c.change for c in repo.diff(a, b)}
+            sa, sb = states[a], states[b]
+            expect = {}
+            for p in set(sa) | set(sb):
+                if p not in sa:
+                    expect[p] = "added"
+                elif p not in sb:
+                    expect[p] = "removed"
+                elif sa[p] != sb[p]:
+                    expect[p] = "changed"
+            assert changes == expect
+        assert verify_store(dd.store).ok
+        dd.close()
+
+
+def test_versions_history_and_errors(repo):
+    assert repo.head().seq == 0
+    sc1 = repo.put("/profile.json", b'{"name":"ada"}')
+    sc2 = repo.put("/profile.json", b'{"name":"ada l."}')
+    assert (sc1.seq, sc2.seq) == (1, 2)
+    assert sc2.commit.prev == sc1.address
+    assert repo.put("/profile.json", b'{"name":"ada l."}') is None  # same value: no new version
+    assert [c.seq for c in repo.history()] == [2, 1, 0]
+    assert repo.get("/profile.json", 1) == b'{"name":"ada"}'
+    with pytest.raises(NotFound, match="does not exist"):
+        repo.get("/profile.json", 9)
+    with pytest.raises(NotFound, match="no such path"):
+        repo.delete("/nope")
+    with pytest.raises(PathError):
+        repo.put("relative/path", b"x")
+    assert repo.head().seq == 2  # failed writes left nothing behind
+
+
+def test_failed_batch_stores_nothing(repo):
+    repo.put("/a", b"1")
+    with pytest.raises(RuntimeError):
+        with repo.batch() as b:
+            b.put("/b", b"2" * 1000)
+            raise RuntimeError("client went away")
+    assert repo.head().seq == 1
+    with pytest.raises(NotFound):
+        repo.get("/b")
+
+
+def test_put_then_delete_in_one_batch_cancels(repo):
+    with repo.batch() as b:
+        b.put("/tmp", b"x")
+        b.delete("/tmp")
+    assert b.commit is None
+    assert repo.head().seq == 0
+
+
+def test_large_value_chunked_and_one_byte_edit_is_small(repo, datadir):
+    data = bytearray(os.urandom(8 << 20))
+    repo.put("/files/big", bytes(data))
+    assert repo.info("/files/big").storage == "chunked"
+    assert repo.get("/files/big") == data
+    n0, bytes0 = datadir.store.block_stats()
+    data[len(data) // 2] ^= 0xFF
+    repo.put("/files/big", bytes(data))
+    n1, bytes1 = datadir.store.block_stats()
+    assert repo.get("/files/big") == data
+    assert bytes1 - bytes0 <= 64 * 1024
+    assert repo.get("/files/big", 1) != data
+
+
+def test_put_file_streams_from_disk(repo, tmp_path):
+    f = tmp_path / "f.bin"
+    f.write_bytes(os.urandom(300_000))
+    repo.put_file("/f", str(f))
+    assert repo.get("/f") == f.read_bytes()
+    small = tmp_path / "s.bin"
+    small.write_bytes(b"tiny")
+    repo.put_file("/s", str(small))
+    assert repo.info("/s").storage == "inline"
+
+
+def _flip_byte_in(db_path, table, column, where="1=1", offset=None):
+    db = sqlite3.connect(db_path)
+    rowid, blob = db.execute(
+        f"SELECT rowid, {column} FROM {table} WHERE {where} ORDER BY rowid DESC LIMIT 1"
+    ).fetchone()
+    blob = bytearray(blob)
+    i = len(blob) // 2 if offset is None else offset
+    blob[i] ^= 0x01
+    db.execute(f"UPDATE {table} SET {column}=? WHERE rowid=?", (bytes(blob), rowid))
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize("kind", [1, 2, 3, 4])
+def test_flipped_byte_in_any_block_is_detected(tmp_path, kind):
+    dd = DataDir.init(str(tmp_path / "d"))
+    repo = dd.repository()
+    repo.put("/small", b"s" * 500)  # a value block (kind 1)
+    repo.put("/big", os.urandom(200_000))  # chunks (3) and a chunk-tree node (4)
+    dd.close()
+    _flip_byte_in(str(tmp_path / "d" / "pttd.sqlite3"), "blocks", "data", f"substr(data, 1, 1) = x'0{kind}'")
+    dd = DataDir.open(str(tmp_path / "d"))
+    rep = verify_store(dd.store)
+    assert not rep.ok and any("corrupt block" in e for e in rep.errors)
+    repo = dd.repository()
+    with pytest.raises(CorruptBlock, match="corrupt block [0-9a-f]{64}"):
+        repo.get("/small")
+        repo.get("/big")
+    dd.close()
+
+
+def test_flipped_byte_in_a_commit_is_detected(tmp_path):
+    dd = DataDir.init(str(tmp_path / "d"))
+    dd.repository().put("/x", b"1")
+    dd.close()
+    _flip_byte_in(str(tmp_path / "d" / "pttd.sqlite3"), "commits", "sig")
+    dd = DataDir.open(str(tmp_path / "d"))
+    assert not verify_store(dd.store).ok
+    with pytest.raises(CorruptBlock, match="bad signature"):
+        dd.repository().get("/x")
+    dd.close()
+
+
+def test_remote_commits_bad_signature_rollback_and_fork(tmp_path):
+    """A follower accepts newer commits of another repository and refuses the rest."""
+    owner = DataDir.init(str(tmp_path / "owner"))
+    repo = owner.repository()
+    for i in range(3):
+        repo.put("/n", b"%d" % i)
+    commits = repo.history()[::-1]
+    follower = Store(str(tmp_path / "f.sqlite3"), create=True)
+    row = follower.add_repo(repo.key, owned=False)
+    follower.accept_commit(row, commits[2].block, commits[2].signature)
+    assert follower.head_seq(row) == 2
+    with pytest.raises(RollbackRefused, match="older than the head"):
+        follower.accept_commit(row, commits[1].block, commits[1].signature)
+    bad_sig = bytes(64)
+    with pytest.raises(SignatureError):
+        follower.accept_commit(row, commits[3].block, bad_sig)
+    assert follower.head_seq(row) == 2
+    # The owner signs a second, different commit at seq 2: proof of a fork.
+    sk = owner.keys.load(repo.id)
+    forked = sign_commit(Commit(repo.key, 2, b"\x00" * 32, commits[1].address, 1), sk)
+    with pytest.raises(ForkDetected):
+        follower.accept_commit(row, forked.block, forked.signature)
+    assert follower.forks(row) == [(2, forked.address)]
+    follower.accept_commit(row, commits[3].block, commits[3].signature)
+    assert follower.head_seq(row) == 3
+    owner.close()
+    follower.close()
+
+
+def test_gc_really_removes_deleted_data(tmp_path):
+    dd = DataDir.init(str(tmp_path / "d"))
+    repo = dd.repository()
+    secret = b"SECRET-MARKER-" + os.urandom(16).hex().encode() + b"-" * 200
+    repo.put("/keep", b"k" * 300)
+    repo.put("/secret", secret)
+    repo.put("/big-secret", secret * 400)
+    repo.delete("/secret")
+    repo.delete("/big-secret")
+    rep = collect_garbage(dd.store, keep=1)
+    assert rep.versions_pruned == 5 and rep.blocks_removed > 0
+    assert [c.seq for c in repo.history()] == [5]
+    with pytest.raises(NotFound, match="pruned"):
+        repo.get("/keep", 1)
+    assert repo.get("/keep") == b"k" * 300
+    assert verify_store(dd.store).ok
+    dd.close()
+    for name in os.listdir(tmp_path / "d"):
+        p = tmp_path / "d" / name
+        if p.is_file():
+            assert secret[:40] not in p.read_bytes(), name
+
+
+def test_gc_without_keep_keeps_every_version(repo, datadir):
+    repo.put("/a", b"x" * 500)
+    repo.put("/a", b"y" * 500)
+    rep = collect_garbage(datadir.store)
+    assert rep.versions_pruned == 0 and rep.blocks_removed == 0
+    assert repo.get("/a", 1) == b"x" * 500
+
+
+def test_gc_refuses_to_sweep_when_a_tree_node_is_missing(tmp_path):
+    dd = DataDir.init(str(tmp_path / "d"))
+    repo = dd.repository()
+    with repo.batch() as b:
+        for i in range(300):
+            b.put(f"/e/{i}", b"v" * 100)
+    repo.put("/e/0", b"new")
+    root = repo.head().commit.root
+    leaf = dd.store.load_node(dd.store.load_node(root).vals[0])
+    while leaf.level > 0:
+        leaf_addr = leaf.vals[0]
+        leaf = dd.store.load_node(leaf_addr)
+    n_before, _ = dd.store.block_stats()
+    dd.close()
+    db = sqlite3.connect(str(tmp_path / "d" / "pttd.sqlite3"))
+    db.execute("DELETE FROM blocks WHERE hash=?", (leaf_addr,))
+    db.commit()
+    db.close()
+    dd = DataDir.open(str(tmp_path / "d"))
+    with pytest.raises(PttError, match="missing block " + leaf_addr.hex()):
+        collect_garbage(dd.store, keep=1)
+    # Nothing was pruned or deleted: the old version is still readable.
+    assert dd.store.block_stats()[0] == n_before - 1
+    assert dd.repository().get("/e/0", 1) == b"v" * 100
+    assert "missing block" in " ".join(verify_store(dd.store).errors)
+    dd.close()
+
+
+def test_read_only_repository_refuses_writes(tmp_path):
+    owner = DataDir.init(str(tmp_path / "o"))
+    repo = owner.repository()
+    repo.put("/x", b"1")
+    other = DataDir.init(str(tmp_path / "other"))
+    row = other.store.add_repo(repo.key, owned=False)
+    for sc in repo.history()[::-1]:
+        other.store.accept_commit(row, sc.block, sc.signature)
+    follower_view = other.repository(repo.id)
+    assert not follower_view.writable
+    with pytest.raises(PttError, match="read-only"):
+        follower_view.put("/y", b"2")
+    owner.close()
+    other.close()

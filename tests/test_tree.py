@@ -1,0 +1,122 @@
+"""The path tree: shape from the entry set alone, diff, lookups, listing."""
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol import tree
+from tests.conftest import MemoryBlocks
+
+keys_st = st.lists(
+    st.text(alphabet="abcxyz/_0123456789", min_size=1, max_size=12).map(lambda s: ("/" + s).encode()),
+    max_size=300,
+    unique=True,
+)
+
+
+def build(mem, entries):
+    return tree.build_tree(iter(sorted(entries.items())), mem.emit)
+
+
+def apply_in_batches(mem, ops, batch_sizes):
+    root = tree.empty_tree(mem.emit)
+    i = 0
+    for n in batch_sizes:
+        if i >= len(ops):
+            break
+        changes = dict(ops[i : i + n])
+        i += n
+        root = tree.mutate(root, changes, mem.load, mem.emit)
+    if i < len(ops):
+        root = tree.mutate(root, dict(ops[i:]), mem.load, mem.emit)
+    return root
+
+
+@settings(max_examples=150, deadline=None)
+@given(keys=keys_st, seed=st.integers(0, 2**32), batches=st.lists(st.integers(1, 50), min_size=1, max_size=20))
+def test_same_entries_any_order_any_batching_same_root(keys, seed, batches):
+    mem = MemoryBlocks()
+    entries = {k: b"v" + k for k in keys}
+    expected = build(mem, entries)
+    ops = list(entries.items())
+    random.Random(seed).shuffle(ops)
+    assert apply_in_batches(mem, ops, batches) == expected
+    # Inserting extra keys and deleting them again also lands on the same root.
+    extra = [(b"/zz" + k, b"x") for k in keys[:20]]
+    root = tree.mutate(expected, dict(extra), mem.load, mem.emit)
+    root = tree.mutate(root, {k: None for k, _ in extra}, mem.load, mem.emit)
+    assert root == expected
+    tree.check_shape(expected, mem.load)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    a=st.dictionaries(st.sampled_from([f"/k/{i}".encode() for i in range(200)]), st.binary(max_size=8), max_size=150),
+    b=st.dictionaries(st.sampled_from([f"/k/{i}".encode() for i in range(200)]), st.binary(max_size=8), max_size=150),
+)
+def test_diff_applied_to_a_gives_b(a, b):
+    mem = MemoryBlocks()
+    ra, rb = build(mem, a), build(mem, b)
+    changes = {k: new for k, _old, new in tree.diff(ra, rb, mem.load)}
+    for k, old, new in tree.diff(ra, rb, mem.load):
+        assert a.get(k) == old and b.get(k) == new
+    assert tree.mutate(ra, changes, mem.load, mem.emit) == rb
+    patched = dict(a)
+    for k, v in changes.items():
+        if v is None:
+            del patched[k]
+        else:
+            patched[k] = v
+    assert patched == b
+
+
+def test_diff_reads_few_blocks_for_a_small_change(mem):
+    entries = {f"/topics/t{i % 50}/{i:08d}".encode(): b"m%d" % i for i in range(20000)}
+    r1 = build(mem, entries)
+    r2 = tree.mutate(r1, {b"/topics/t7/x": b"new"}, mem.load, mem.emit)
+    mem.reads = 0
+    out = list(tree.diff(r1, r2, mem.load))
+    assert out == [(b"/topics/t7/x", None, b"new")]
+    depth = len(tree.path_nodes(r2, b"/topics/t7/x", mem.load))
+    mem.reads = 0
+    list(tree.diff(r1, r2, mem.load))
+    assert mem.reads <= 2 * depth + 4
+
+
+def test_lookup_and_prefix_listing(mem):
+    entries = {f"/topics/{t}/{i:04d}".encode(): b"%d" % i for t in ("a", "ab", "b") for i in range(300)}
+    entries[b"/profile.json"] = b"{}"
+    root = build(mem, entries)
+    assert tree.lookup(root, b"/topics/ab/0007", mem.load) == b"7"
+    assert tree.lookup(root, b"/topics/ab/9999", mem.load) is None
+    assert tree.lookup(root, b"/zzz", mem.load) is None
+    listed = [k for k, _ in tree.iterate(root, b"/topics/a/", mem.load)]
+    assert listed == sorted(k for k in entries if k.startswith(b"/topics/a/"))
+    assert len(listed) == 300
+    assert [k for k, _ in tree.iterate(root, b"/topics/a", mem.load)] == sorted(
+        k for k in entries if k.startswith(b"/topics/a")
+    )
+    assert list(tree.iterate(root, b"/nothing/", mem.load)) == []
+
+
+def test_deleting_everything_gives_the_empty_tree(mem):
+    entries = {f"/e/{i}".encode(): b"x" for i in range(500)}
+    root = build(mem, entries)
+    empty = tree.empty_tree(mem.emit)
+    assert tree.mutate(root, {k: None for k in entries}, mem.load, mem.emit) == empty
+    assert list(tree.iterate(empty, b"/", mem.load)) == []
+
+
+def test_node_sizes_stay_near_the_fanout(mem):
+    entries = {f"/bench/{i:08d}".encode(): b"x" * 10 for i in range(20000)}
+    root = build(mem, entries)
+    sizes = []
+    stack = [root]
+    while stack:
+        node = mem.load(stack.pop())
+        sizes.append(len(node.keys))
+        if node.level > 0:
+            stack.extend(node.vals)
+    mean = sum(sizes) / len(sizes)
+    assert 6 <= mean <= 10
