@@ -28,9 +28,10 @@ from pyfastcdc import FastCDC
 from .encoding import pack_fast, unpack_canonical
 from .errors import FormatError
 from .hashing import HASH_SIZE, KIND_CHUNK, KIND_CHUNK_NODE, make_block
-from .tree import LevelStacker
+from .tree import CHUNKING_THRESHOLD, LevelStacker
 
-CHUNKING_THRESHOLD = 32 * 1024  # values longer than this are chunked
+__all__ = ["CHUNKING_THRESHOLD", "ChunkTreeBuilder", "chunk_file", "chunk_value"]
+
 CDC_AVG, CDC_MIN, CDC_MAX, CDC_NORMALIZATION = 8192, 4096, 32768, 2
 CHUNK_FANOUT_BITS = 4
 MAX_CHUNK_LEVEL = 64 // CHUNK_FANOUT_BITS
@@ -63,12 +64,12 @@ def decode_chunk_node(payload: bytes) -> ChunkNode:
     if not (isinstance(obj, list) and len(obj) == 3):
         raise FormatError("chunk-tree node: expected [level, addresses, sizes]")
     level, addrs, sizes = obj
-    if not (isinstance(level, int) and 0 <= level <= MAX_CHUNK_LEVEL):
+    if not (type(level) is int and 0 <= level <= MAX_CHUNK_LEVEL):
         raise FormatError(f"chunk-tree node: bad level {level!r}")
     if not (isinstance(addrs, list) and isinstance(sizes, list) and len(addrs) == len(sizes) and addrs):
         raise FormatError("chunk-tree node: bad columns")
     for a, s in zip(addrs, sizes):
-        if not (isinstance(a, bytes) and len(a) == HASH_SIZE and isinstance(s, int) and s > 0):
+        if not (isinstance(a, bytes) and len(a) == HASH_SIZE and type(s) is int and s > 0):
             raise FormatError("chunk-tree node: bad entry")
         if level == 0 and s > CDC_MAX:
             raise FormatError("chunk-tree node: chunk longer than the maximum")
@@ -125,10 +126,12 @@ LoadChunkNode = Callable[[bytes], ChunkNode]
 
 def iter_chunk_addrs(root: bytes, load: LoadChunkNode, start: int = 0) -> Iterator[tuple[bytes, int, int]]:
     """Yield ``(chunk address, offset, length)`` in order, from the chunk holding ``start``."""
-    stack: list[tuple[bytes, int]] = [(root, 0)]
+    stack: list[tuple[bytes, int, int | None]] = [(root, 0, None)]
     while stack:
-        addr, base = stack.pop()
+        addr, base, level = stack.pop()
         node = load(addr)
+        if level is not None and node.level != level:
+            raise FormatError(f"chunk-tree node {addr.hex()} is at level {node.level}, expected {level}")
         offs = []
         o = base
         for s in node.sizes:
@@ -140,7 +143,7 @@ def iter_chunk_addrs(root: bytes, load: LoadChunkNode, start: int = 0) -> Iterat
                 yield node.addrs[j], offs[j], node.sizes[j]
         else:
             for j in range(len(node.addrs) - 1, first - 1, -1):
-                stack.append((node.addrs[j], offs[j]))
+                stack.append((node.addrs[j], offs[j], node.level - 1))
 
 
 def walk_chunk_tree(root: bytes, load: LoadChunkNode, seen: set[bytes]) -> Iterable[tuple[int, bytes]]:

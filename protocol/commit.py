@@ -1,8 +1,10 @@
 """Signed commits: one version of a repository.
 
-Body (after the KIND_COMMIT byte), canonical msgpack map with keys in this order:
-``{"prev": address|nil, "repo": 32-byte public key, "root": address, "seq": uint,
-"time": uint milliseconds since the Unix epoch, "v": 1}``. The commit's address is
+Body (after the KIND_COMMIT byte), a canonical msgpack map of six fields: ``prev``
+(address, nil for seq 0), ``repo`` (32-byte public key), ``root`` (tree address),
+``seq`` (uint), ``time`` (uint milliseconds since the Unix epoch), ``v`` (1). Canonical
+order sorts keys by their encoded bytes (shorter fixstr first): v, seq, prev, repo,
+root, time. The commit's address is
 blake3 of the block (kind byte + body). The signature is Ed25519 by the repository key
 over ``SIGN_CONTEXT + block``; it is carried beside the block, not inside it, so the
 address names the content alone.
@@ -77,7 +79,7 @@ def decode_commit(block: bytes) -> Commit:
     obj = unpack_canonical(block[1:], "commit")
     if not isinstance(obj, dict) or set(obj) != {"prev", "repo", "root", "seq", "time", "v"}:
         raise FormatError("commit: expected the fields prev, repo, root, seq, time, v")
-    if obj["v"] != COMMIT_VERSION:
+    if type(obj["v"]) is not int or obj["v"] != COMMIT_VERSION:
         raise FormatError(f"commit: unknown version {obj['v']!r}")
     repo, root, prev, seq, time = obj["repo"], obj["root"], obj["prev"], obj["seq"], obj["time"]
     for name, val in (("repo", repo), ("root", root)):
@@ -85,7 +87,7 @@ def decode_commit(block: bytes) -> Commit:
             raise FormatError(f"commit: {name} is not 32 bytes")
     if prev is not None and not (isinstance(prev, bytes) and len(prev) == HASH_SIZE):
         raise FormatError("commit: prev is not 32 bytes")
-    if not (isinstance(seq, int) and seq >= 0 and isinstance(time, int) and time >= 0):
+    if not (type(seq) is int and seq >= 0 and type(time) is int and time >= 0):
         raise FormatError("commit: seq and time must be non-negative integers")
     if (seq == 0) != (prev is None):
         raise FormatError("commit: only seq 0 has no prev")

@@ -29,9 +29,12 @@ def hash_bytes(data: bytes) -> bytes:
     return blake3(data).digest()
 
 
+_KIND_PREFIX = [bytes((k,)) for k in range(256)]
+
+
 def make_block(kind: int, payload: bytes) -> tuple[bytes, bytes]:
     """Return ``(address, block)`` for a payload of the given kind."""
-    block = bytes((kind,)) + payload
+    block = _KIND_PREFIX[kind] + payload
     return blake3(block).digest(), block
 
 

@@ -36,11 +36,12 @@ from blake3 import blake3
 from msgpack import ExtType
 
 from .encoding import pack_fast, unpack_canonical
-from .errors import FormatError
+from .errors import FormatError, PathError
 from .hashing import HASH_SIZE, KIND_CHUNK_NODE, KIND_NODE, KIND_VALUE, make_block
-from .paths import MAX_PATH_BYTES
+from .paths import validate_path
 
 INLINE_MAX = 64
+CHUNKING_THRESHOLD = 32 * 1024  # values longer than this are chunked (protocol.chunks)
 EXT_BLOCK = 1
 EXT_CHUNKED = 2
 FANOUT_BITS = 3  # fanout 8
@@ -99,6 +100,8 @@ def _check_value_ref(v: object) -> None:
         if v.code == EXT_BLOCK and len(v.data) == HASH_SIZE:
             return
         if v.code == EXT_CHUNKED and len(v.data) == HASH_SIZE + 8:
+            if int.from_bytes(v.data[HASH_SIZE:], "big") <= CHUNKING_THRESHOLD:
+                raise FormatError("a value this small must not be chunked")
             return
         raise FormatError(f"bad value reference (ext type {v.code}, {len(v.data)} bytes)")
     else:
@@ -111,7 +114,7 @@ def decode_node(payload: bytes) -> Node:
     if not (isinstance(obj, list) and len(obj) == 4):
         raise FormatError("tree node: expected [level, prefix_lens, suffixes, values]")
     level, plens, sufs, vals = obj
-    if not (isinstance(level, int) and 0 <= level <= MAX_LEVEL):
+    if not (type(level) is int and 0 <= level <= MAX_LEVEL):
         raise FormatError(f"tree node: bad level {level!r}")
     if not (isinstance(plens, list) and isinstance(sufs, list) and isinstance(vals, list)):
         raise FormatError("tree node: columns must be arrays")
@@ -122,13 +125,20 @@ def decode_node(payload: bytes) -> Node:
     keys: list[bytes] = []
     prev = b""
     for p, s in zip(plens, sufs):
-        if not (isinstance(p, int) and isinstance(s, bytes)) or p < 0 or p > len(prev):
+        if not (type(p) is int and isinstance(s, bytes)) or p < 0 or p > len(prev):
             raise FormatError("tree node: bad key compression")
         k = prev[:p] + s
-        if keys and k <= prev:
-            raise FormatError("tree node: keys out of order")
-        if len(k) > MAX_PATH_BYTES:
-            raise FormatError("tree node: key too long")
+        if keys:
+            if k <= prev:
+                raise FormatError("tree node: keys out of order")
+            if p != common_prefix_len(prev, k):
+                raise FormatError("tree node: key prefix not maximal (non-canonical)")
+        elif p != 0:
+            raise FormatError("tree node: first key has a prefix")
+        try:
+            validate_path(k.decode("utf-8"))
+        except (UnicodeDecodeError, PathError):
+            raise FormatError("tree node: a key is not a valid path") from None
         keys.append(k)
         prev = k
     if level == 0:
@@ -157,7 +167,12 @@ def inline_ref(value: bytes) -> bytes:
 def block_ref(value: bytes) -> tuple[ExtType, bytes, bytes]:
     """Reference to ``value`` stored as one block: ``(ref, address, block)``."""
     h, b = make_block(KIND_VALUE, value)
-    return ExtType(EXT_BLOCK, h), h, b
+    return _ext(EXT_BLOCK, h), h, b
+
+
+def _ext(code: int, data: bytes) -> ExtType:
+    # ExtType's constructor re-checks its arguments in Python; ours are known good.
+    return tuple.__new__(ExtType, (code, data))
 
 
 def chunked_ref(root: bytes, size: int) -> ExtType:
@@ -229,20 +244,44 @@ class LevelStacker:
 
 def build_tree(items: Iterator[tuple[bytes, ValueRef]], emit: Emit) -> bytes:
     """Root address of the tree holding ``items`` (sorted by key, unique)."""
-
-    def close(level: int, items_: list, root: bool) -> tuple:
-        keys = [it[0] for it in items_]
-        vals = [it[1] for it in items_]
-        h, b = node_block(level, keys, vals)
-        emit(h, b)
-        if root:
-            return (None, h, 0)
-        return (keys[-1], h, items_[-1][2])
-
-    st = LevelStacker(close)
+    keys: list[bytes] = []
+    vals: list = []
     for k, v in items:
-        st.add(0, (k, v, key_level(k)))
-    return st.finish()[1]
+        keys.append(k)
+        vals.append(v)
+    return build_sorted(keys, vals, emit)
+
+
+def build_sorted(keys: list[bytes], vals: list, emit: Emit, level: int = 0, levels: list[int] | None = None) -> bytes:
+    """Root address of the tree over sorted unique ``keys``, one level at a time.
+
+    ``level`` > 0 builds from the items of that level (child addresses named by their
+    last keys). Cuts are found with one pass over the key levels, nodes are slices.
+    """
+    if not keys:
+        return empty_tree(emit)
+    if levels is None:
+        levels = [key_level(k) for k in keys]
+    while True:
+        n = len(keys)
+        cuts = [i + 1 for i, lv in enumerate(levels) if lv > level]
+        if not cuts or cuts[-1] != n:
+            cuts.append(n)
+        if len(cuts) == 1:
+            h, b = node_block(level, keys, vals)
+            emit(h, b)
+            return h
+        up_keys, up_vals, up_levels = [], [], []
+        start = 0
+        for end in cuts:
+            h, b = node_block(level, keys[start:end], vals[start:end])
+            emit(h, b)
+            up_keys.append(keys[end - 1])
+            up_vals.append(h)
+            up_levels.append(levels[end - 1])
+            start = end
+        keys, vals, levels = up_keys, up_vals, up_levels
+        level += 1
 
 
 # --- reading -----------------------------------------------------------------------
@@ -343,7 +382,8 @@ def mutate(root: bytes, changes: dict[bytes, ValueRef | None], load: Load, emit:
         return root
     old_root = load(root)
     if old_root.level == 0 and not old_root.keys:
-        return build_tree(((k, v) for k, v in sorted(changes.items()) if v is not None), emit)
+        puts = sorted((k, v) for k, v in changes.items() if v is not None)
+        return build_sorted([k for k, _ in puts], [v for _, v in puts], emit)
 
     new_nodes: dict[bytes, Node] = {}
 
@@ -413,16 +453,8 @@ def mutate(root: bytes, changes: dict[bytes, ValueRef | None], load: Load, emit:
     if not made:
         return empty_tree(emit)
     if len(made) > 1:
-        # The root split: build levels above it.
-        def close(lv: int, items_: list, is_root: bool) -> tuple:
-            keys = [it[0] for it in items_]
-            h = emit_node(lv + level + 1, keys, [it[1] for it in items_])
-            return (None, h, 0) if is_root else (keys[-1], h, items_[-1][2])
-
-        st = LevelStacker(close)
-        for k, h in made:
-            st.add(0, (k, h, lvl(k) - level - 1))
-        return st.finish()[1]
+        # The root split: build levels above it from the new nodes.
+        return build_sorted([k for k, _ in made], [h for _, h in made], emit, level + 1, [lvl(k) for k, _ in made])
     new_root = made[0][1]
     node = new_nodes[new_root]
     while node.level > 0 and len(node.keys) == 1:  # the tree got shallower

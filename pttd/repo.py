@@ -238,7 +238,10 @@ class Repository:
             return
         addr = ref.data[:HASH_SIZE]
         if ref.code == tree.EXT_BLOCK:
-            yield self._typed_block(addr, KIND_VALUE)
+            value = self._typed_block(addr, KIND_VALUE)
+            if not tree.INLINE_MAX < len(value) <= CHUNKING_THRESHOLD:
+                raise CorruptBlock(addr, f"a value block of {len(value)} bytes is outside the block size range")
+            yield value
             return
         declared = tree.ref_size(ref)
         total = 0
@@ -298,10 +301,7 @@ class Repository:
         if keep < 1:
             raise ValueError("keep at least one version")
         with self.store.write():
-            head = self.store.head_seq(self.row)
-            if head is None or head - keep < 0:
-                return 0
-            return self.store.delete_commits_upto(self.row, head - keep)
+            return self.store.prune_commits(self.row, keep)
 
 
 # --- whole-store operations ------------------------------------------------------------
@@ -328,9 +328,7 @@ def collect_garbage(store: Store, keep: int | None = None, vacuum: bool = True) 
     with store.write():
         if keep is not None:
             for row in store.list_repos():
-                head = store.head_seq(row)
-                if head is not None and head - keep >= 0:
-                    report.versions_pruned += store.delete_commits_upto(row, head - keep)
+                report.versions_pruned += store.prune_commits(row, keep)
         live: set[bytes] = set()
         for _repo, _seq, root in store.all_roots():
             _mark(store, root, live)

@@ -36,9 +36,10 @@ log = logging.getLogger("pttd.store")
 SCHEMA_VERSION = 1
 PAGE_SIZE = 16384
 SYNC_MODES = ("FULL", "NORMAL", "EXTRA")
-FLUSH_BLOCKS = 20_000
-FLUSH_BYTES = 16 << 20
+FLUSH_BLOCKS = 100_000
+FLUSH_BYTES = 64 << 20
 NODE_CACHE = 8192
+WAL_CHECKPOINT_BYTES = 256 << 20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -128,6 +129,10 @@ class Store:
                 raise DataDirError(f"store {path}: could not switch to WAL mode (got {mode})")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._db.execute("PRAGMA cache_size=-65536")
+            # Checkpoints run when we choose (after a write, past WAL_CHECKPOINT_BYTES,
+            # and on close), not inside whichever commit crosses 1000 pages: a large
+            # commit then costs one write of its data, not two.
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
             row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
@@ -140,13 +145,28 @@ class Store:
                 f"store {path} has schema {row[0]}, newer than this pttd understands ({SCHEMA_VERSION}); upgrade pttd"
             )
         self._lock = threading.RLock()
-        self._nodes: dict[bytes, object] = {}
+        self._nodes: dict[tuple[int, bytes], object] = {}
         self._writer: Writer | None = None
         self.blocks_read = 0
 
     def close(self) -> None:
         with self._lock:
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.OperationalError as exc:  # another process is reading: fine
+                log.info("checkpoint on close skipped: %s", exc)
             self._db.close()
+
+    def wal_bytes(self) -> int:
+        try:
+            return os.path.getsize(self.path + "-wal")
+        except FileNotFoundError:
+            return 0
+
+    def checkpoint(self, mode: str = "PASSIVE") -> None:
+        """Copy committed pages from the WAL into the database file."""
+        with self._lock:
+            self._db.execute(f"PRAGMA wal_checkpoint({mode})")
 
     # --- meta -------------------------------------------------------------------------
 
@@ -178,6 +198,8 @@ class Store:
                 raise
             finally:
                 self._writer = None
+            if self.wal_bytes() > WAL_CHECKPOINT_BYTES:
+                self.checkpoint()
 
     # --- blocks -----------------------------------------------------------------------
 
@@ -212,7 +234,7 @@ class Store:
         return w.blocks_written
 
     def _decoded(self, address: bytes, kind: int, decode):
-        node = self._nodes.get(address)
+        node = self._nodes.get((kind, address))
         if node is not None:
             return node
         data = self.get_block(address)
@@ -226,7 +248,7 @@ class Store:
             # Drop the oldest quarter: nodes are immutable, so a miss only costs a read.
             for k in list(self._nodes)[: NODE_CACHE // 4]:
                 del self._nodes[k]
-        self._nodes[address] = node
+        self._nodes[(kind, address)] = node
         return node
 
     def load_node(self, address: bytes) -> Node:
@@ -326,6 +348,9 @@ class Store:
         sc = verify_commit(block, signature, repo.key)
         fork: str | None = None
         with self.write():
+            known = self.forks(repo)
+            if known:
+                raise ForkDetected(f"repository {repo.key.hex()} forked at seq {known[0][0]}: no longer following it")
             head = self.head_seq(repo)
             if head is not None:
                 held = self._commit_row(repo, sc.seq)
@@ -361,9 +386,14 @@ class Store:
         with self._lock:
             return [(r[0], r[1]) for r in self._db.execute("SELECT seq, hash FROM forks WHERE repo=?", (repo.id,))]
 
-    def delete_commits_upto(self, repo: RepoRow, seq: int) -> int:
+    def prune_commits(self, repo: RepoRow, keep: int) -> int:
+        """Delete all but the newest ``keep`` commits (by seq; gaps allowed)."""
         with self._lock:
-            cur = self._db.execute("DELETE FROM commits WHERE repo=? AND seq<=?", (repo.id, seq))
+            cur = self._db.execute(
+                "DELETE FROM commits WHERE repo=? AND seq < "
+                "(SELECT seq FROM commits WHERE repo=? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                (repo.id, repo.id, keep - 1),
+            )
             return cur.rowcount
 
     # --- garbage collection -----------------------------------------------------------

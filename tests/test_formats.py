@@ -43,7 +43,11 @@ def test_node_decoder_rejects_bad_nodes():
         msgpack.packb([1, [0], [b"/a"], [b"short"]]),  # child address not 32 bytes
         msgpack.packb([0, [0, 5], [b"/a", b"b"], [b"x", b"y"]]),  # prefix longer than previous key
         msgpack.packb([0, [0], [b"/a"]]),  # wrong arity
-        msgpack.packb([0, [0, 1], [b"/a", b"a"], [b"x", b"y"]]),  # prefix not maximal: non-canonical
+        msgpack.packb([0, [0, 0], [b"/a", b"/b"], [b"x", b"y"]]),  # prefix not maximal: non-canonical
+        msgpack.packb([False, [0], [b"/a"], [b"x"]]),  # a boolean is not a level
+        msgpack.packb([0, [0], [b"no-slash"], [b"x"]]),  # a key that is not a path
+        msgpack.packb([0, [0], [b"/\xff"], [b"x"]]),  # a key that is not UTF-8
+        msgpack.packb([0, [0], [b"/a"], [msgpack.ExtType(2, b"h" * 32 + (10).to_bytes(8, "big"))]]),  # tiny chunked
         b"\xc1",  # never-used msgpack byte
     ]
     for payload in bad:

@@ -195,8 +195,10 @@ def test_remote_commits_bad_signature_rollback_and_fork(tmp_path):
     with pytest.raises(ForkDetected):
         follower.accept_commit(row, forked.block, forked.signature)
     assert follower.forks(row) == [(2, forked.address)]
-    follower.accept_commit(row, commits[3].block, commits[3].signature)
-    assert follower.head_seq(row) == 3
+    # Once forked, the repository is no longer followed.
+    with pytest.raises(ForkDetected, match="no longer following"):
+        follower.accept_commit(row, commits[3].block, commits[3].signature)
+    assert follower.head_seq(row) == 2
     owner.close()
     follower.close()
 

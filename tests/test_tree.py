@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 from protocol import tree
 from tests.conftest import MemoryBlocks
 
+segment_st = st.text(alphabet="abcxyz_0123456789é", min_size=1, max_size=6)
 keys_st = st.lists(
-    st.text(alphabet="abcxyz/_0123456789", min_size=1, max_size=12).map(lambda s: ("/" + s).encode()),
+    st.lists(segment_st, min_size=1, max_size=3).map(lambda segs: ("/" + "/".join(segs)).encode()),
     max_size=300,
     unique=True,
 )
