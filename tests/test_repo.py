@@ -160,15 +160,29 @@ def test_flipped_byte_in_any_block_is_detected(tmp_path, kind):
     dd.close()
 
 
-def test_flipped_byte_in_a_commit_is_detected(tmp_path):
+@pytest.mark.parametrize("column,problem", [("sig", "bad signature"), ("block", "does not match its hash")])
+def test_flipped_byte_in_a_commit_is_detected(tmp_path, column, problem):
     dd = DataDir.init(str(tmp_path / "d"))
     dd.repository().put("/x", b"1")
     dd.close()
-    _flip_byte_in(str(tmp_path / "d" / "pttd.sqlite3"), "commits", "sig")
+    _flip_byte_in(str(tmp_path / "d" / "pttd.sqlite3"), "commits", column)
     dd = DataDir.open(str(tmp_path / "d"))
     assert not verify_store(dd.store).ok
-    with pytest.raises(CorruptBlock, match="bad signature"):
+    with pytest.raises(CorruptBlock, match=problem):
         dd.repository().get("/x")
+    dd.close()
+
+
+def test_secret_key_file_is_private(tmp_path):
+    dd = DataDir.init(str(tmp_path / "d"))
+    key_file = tmp_path / "d" / "keys" / f"{dd.default_repo_id()}.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "d" / "keys").stat().st_mode & 0o777 == 0o700
+    dd.close()
+    key_file.chmod(0o644)
+    dd = DataDir.open(str(tmp_path / "d"))
+    with pytest.raises(PttError, match="accessible by other users"):
+        dd.repository()
     dd.close()
 
 
