@@ -92,8 +92,8 @@ class ChunkTreeBuilder:
         self._stacker = LevelStacker(close)
         self._size = 0
 
-    def add(self, chunk: bytes) -> None:
-        h, b = make_block(KIND_CHUNK, chunk)
+    def add(self, chunk: bytes | memoryview) -> None:
+        h, b = make_block(KIND_CHUNK, chunk)  # one copy, also from a memoryview
         self._emit(h, b)
         self._size += len(chunk)
         self._stacker.add(0, (h, len(chunk), chunk_level(h)))
@@ -109,7 +109,7 @@ def chunk_value(data: bytes | memoryview, emit: Emit) -> tuple[bytes, int]:
     """Chunk a value held in memory; return its chunk-tree root and size."""
     builder = ChunkTreeBuilder(emit)
     for c in chunker().cut_buf(data):
-        builder.add(bytes(c.data))
+        builder.add(c.data)
     return builder.finish()
 
 
@@ -117,7 +117,7 @@ def chunk_file(path: str, emit: Emit) -> tuple[bytes, int]:
     """Chunk a file without reading it whole into memory."""
     builder = ChunkTreeBuilder(emit)
     for c in chunker().cut_file(path):
-        builder.add(bytes(c.data))
+        builder.add(c.data)
     return builder.finish()
 
 

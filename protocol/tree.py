@@ -382,8 +382,9 @@ def mutate(root: bytes, changes: dict[bytes, ValueRef | None], load: Load, emit:
         return root
     old_root = load(root)
     if old_root.level == 0 and not old_root.keys:
-        puts = sorted((k, v) for k, v in changes.items() if v is not None)
-        return build_sorted([k for k, _ in puts], [v for _, v in puts], emit)
+        # No (key, value) tuples: a million-entry first commit stays small in memory.
+        keys = sorted(k for k, v in changes.items() if v is not None)
+        return build_sorted(keys, [changes[k] for k in keys], emit)
 
     new_nodes: dict[bytes, Node] = {}
 

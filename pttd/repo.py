@@ -60,9 +60,19 @@ class Batch:
 
     def put(self, path: str, value: bytes) -> None:
         key = validate_path(path)
-        if not isinstance(value, (bytes, bytearray, memoryview)):
-            raise TypeError("value must be bytes")
-        self._changes[key] = make_ref(bytes(value), self._writer.emit)
+        if type(value) is not bytes:
+            if not isinstance(value, (bytearray, memoryview)):
+                raise TypeError("value must be bytes")
+            value = bytes(value)
+        n = len(value)
+        if n <= tree.INLINE_MAX:
+            self._changes[key] = value
+        elif n <= CHUNKING_THRESHOLD:  # the common case, inlined: this loop is the write path
+            ref, h, b = tree.block_ref(value)
+            self._writer.emit(h, b)
+            self._changes[key] = ref
+        else:
+            self._changes[key] = make_ref(value, self._writer.emit)
 
     def put_file(self, path: str, filename: str) -> None:
         """Store a file's contents without reading it whole into memory."""

@@ -37,7 +37,7 @@ SCHEMA_VERSION = 1
 PAGE_SIZE = 16384
 SYNC_MODES = ("FULL", "NORMAL", "EXTRA")
 FLUSH_BLOCKS = 100_000
-FLUSH_BYTES = 64 << 20
+FLUSH_BYTES = 16 << 20
 NODE_CACHE = 8192
 WAL_CHECKPOINT_BYTES = 256 << 20
 
@@ -128,7 +128,7 @@ class Store:
             if mode.lower() != "wal":
                 raise DataDirError(f"store {path}: could not switch to WAL mode (got {mode})")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-            self._db.execute("PRAGMA cache_size=-65536")
+            self._db.execute("PRAGMA cache_size=-16384")
             # Checkpoints run when we choose (after a write, past WAL_CHECKPOINT_BYTES,
             # and on close), not inside whichever commit crosses 1000 pages: a large
             # commit then costs one write of its data, not two.
