@@ -12,6 +12,7 @@ object may be used from several threads: calls are serialized by a lock.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sqlite3
@@ -36,7 +37,7 @@ log = logging.getLogger("pttd.store")
 SCHEMA_VERSION = 1
 PAGE_SIZE = 16384
 SYNC_MODES = ("FULL", "NORMAL", "EXTRA")
-FLUSH_BLOCKS = 100_000
+FLUSH_BLOCKS = 16_000
 FLUSH_BYTES = 16 << 20
 NODE_CACHE = 8192
 WAL_CHECKPOINT_BYTES = 256 << 20
@@ -81,37 +82,107 @@ class RepoRow:
     owned: bool
 
 
-class Writer:
-    """Blocks written inside one store transaction, flushed in sorted batches."""
+# Rows per INSERT statement. One multi-row INSERT is one sqlite3_step, during which the
+# sqlite3 module releases the GIL; executemany re-takes it after every row, which starves
+# a background insert while the caller's thread runs Python (measured: 35 s vs 1.7 s for
+# 100,000 rows beside a busy thread).
+ROWS_PER_INSERT = 4000 if sqlite3.sqlite_version_info >= (3, 32, 0) else 499
+
+
+@functools.lru_cache(maxsize=8)
+def _insert_sql(rows: int) -> str:
+    return "INSERT OR IGNORE INTO blocks(hash, data) VALUES " + ",".join(["(?,?)"] * rows)
+
+
+def _insert_blocks(db: sqlite3.Connection, rows: list[tuple[bytes, bytes]]) -> int:
+    before = db.total_changes
+    for i in range(0, len(rows), ROWS_PER_INSERT):
+        part = rows[i : i + ROWS_PER_INSERT]
+        db.execute(_insert_sql(len(part)), [x for row in part for x in row])
+    return db.total_changes - before
+
+
+class _Connection:
+    """The SQLite connection, with at most one block insert running in the background.
+
+    A flush of blocks runs on a second core while the writing thread goes on hashing
+    and building the tree. Every other use of the connection first waits for that
+    insert to finish, so the connection is never used by two threads at once.
+    """
 
     def __init__(self, db: sqlite3.Connection):
-        self._db = db
+        self.db = db
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._inserted = 0
+
+    def wait(self) -> int:
+        """Wait for the background insert; return how many rows it added (or raise its error)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            if self._error is not None:
+                err, self._error = self._error, None
+                raise err
+        n, self._inserted = self._inserted, 0
+        return n
+
+    def execute(self, sql: str, params=()):
+        self.wait()
+        return self.db.execute(sql, params)
+
+    def executescript(self, sql: str):
+        self.wait()
+        return self.db.executescript(sql)
+
+    def close(self) -> None:
+        self.wait()
+        self.db.close()
+
+    def insert_blocks(self, rows: list[tuple[bytes, bytes]], background: bool) -> int:
+        """Insert rows (now, or in a background thread); return rows added by earlier inserts and this one if not background."""
+        added = self.wait()
+        if not background:
+            return added + _insert_blocks(self.db, rows)
+
+        def work() -> None:
+            try:
+                self._inserted = _insert_blocks(self.db, rows)
+            except BaseException as exc:  # re-raised in the writing thread by wait()
+                self._error = exc
+
+        self._thread = threading.Thread(target=work, name="pttd-block-insert", daemon=True)
+        self._thread.start()
+        return added
+
+
+class Writer:
+    """Blocks written inside one store transaction, flushed in sorted batches; a full
+    batch is inserted in the background while more blocks are made."""
+
+    def __init__(self, conn: _Connection):
+        self._conn = conn
         self._pending: dict[bytes, bytes] = {}
         self._pending_bytes = 0
-        self.blocks_offered = 0
         self.blocks_written = 0
 
     def emit(self, address: bytes, block: bytes) -> None:
         if address not in self._pending:
             self._pending[address] = block
             self._pending_bytes += len(block)
-            self.blocks_offered += 1
             if len(self._pending) >= FLUSH_BLOCKS or self._pending_bytes >= FLUSH_BYTES:
-                self.flush()
+                self.flush(background=True)
 
     def get(self, address: bytes) -> bytes | None:
         return self._pending.get(address)
 
-    def flush(self) -> None:
-        if not self._pending:
-            return
-        # Sorted by address, the UNIQUE index is updated in order: markedly faster.
+    def flush(self, background: bool = False) -> None:
+        """Insert the pending blocks; without ``background``, wait until all are in."""
+        # Sorted by address, the UNIQUE index is updated in order.
         rows = sorted(self._pending.items())
-        before = self._db.total_changes
-        self._db.executemany("INSERT OR IGNORE INTO blocks(hash, data) VALUES (?, ?)", rows)
-        self.blocks_written += self._db.total_changes - before
-        self._pending.clear()
+        self._pending = {}
         self._pending_bytes = 0
+        self.blocks_written += self._conn.insert_blocks(rows, background)
 
 
 class Store:
@@ -122,7 +193,7 @@ class Store:
         if not create and not os.path.exists(path):
             raise DataDirError(f"no store at {path}")
         try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+            self._db = _Connection(sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0))
             self._db.execute(f"PRAGMA page_size={PAGE_SIZE}")
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":
@@ -194,6 +265,10 @@ class Store:
                 writer.flush()
                 self._db.execute("COMMIT")
             except BaseException:
+                try:
+                    self._db.wait()
+                except Exception as exc:
+                    log.error("a block insert failed in a write that is rolled back: %s", exc)
                 self._db.execute("ROLLBACK")
                 raise
             finally:

@@ -24,6 +24,8 @@ WRITER = textwrap.dedent(
             b.put("/counter", str(i).encode())
             if i % 7 == 0:
                 b.put(f"/big/{i}", os.urandom(100_000))
+            if i % 25 == 0:  # past the flush threshold: inserts in the background
+                b.put(f"/huge/{i}", os.urandom(24 << 20))
         print(b.commit.seq, i, flush=True)
     """
 )
@@ -53,6 +55,8 @@ def test_sigkill_mid_commits_loses_no_acknowledged_commit(tmp_path):
     for seq, i in acked:
         assert repo.get("/counter", seq) == str(i).encode()
         assert len(repo.get(f"/c/{i}/19")) == 200
+        if i % 25 == 0:
+            assert repo.info(f"/huge/{i}", seq).size == 24 << 20
     rep = verify_store(dd.store)
     assert rep.ok, rep.errors
     dd.close()

@@ -96,6 +96,26 @@ def test_failed_batch_stores_nothing(repo):
         repo.get("/b")
 
 
+def test_big_batch_flushed_in_the_background_is_whole_or_nothing(repo, datadir):
+    """Over FLUSH_BLOCKS blocks, inserts run on a second thread while the batch goes on."""
+    from pttd.store import FLUSH_BLOCKS
+
+    n = FLUSH_BLOCKS * 2 + 500
+    blocks_before, _ = datadir.store.block_stats()
+    with pytest.raises(RuntimeError):
+        with repo.batch() as b:
+            for i in range(n):
+                b.put(f"/bulk/{i:06d}", b"%06d" % i * 20)
+            raise RuntimeError("stopped after the background inserts began")
+    assert datadir.store.block_stats()[0] == blocks_before
+    with repo.batch() as b:
+        for i in range(n):
+            b.put(f"/bulk/{i:06d}", b"%06d" % i * 20)
+    assert sum(1 for _ in repo.list("/bulk/")) == n
+    assert repo.get(f"/bulk/{n - 1:06d}") == b"%06d" % (n - 1) * 20
+    assert verify_store(datadir.store).ok
+
+
 def test_put_then_delete_in_one_batch_cancels(repo):
     with repo.batch() as b:
         b.put("/tmp", b"x")
