@@ -77,11 +77,16 @@ class Node:
 
 
 def encode_node(level: int, keys: list[bytes], vals: list) -> bytes:
-    plens = []
-    sufs = []
-    prev = b""
-    for k in keys:
-        p = common_prefix_len(prev, k) if prev else 0
+    if not keys:
+        return pack_fast([level, [], [], vals])
+    plens = [0]
+    sufs = [keys[0]]
+    prev = keys[0]
+    from_bytes = int.from_bytes
+    for k in keys[1:]:
+        # common_prefix_len, inlined: this loop runs once per entry of every write.
+        n = min(len(prev), len(k))
+        p = n - ((from_bytes(prev[:n], "big") ^ from_bytes(k[:n], "big")).bit_length() + 7) // 8
         plens.append(p)
         sufs.append(k[p:])
         prev = k
@@ -261,7 +266,10 @@ def build_sorted(keys: list[bytes], vals: list, emit: Emit, level: int = 0, leve
     if not keys:
         return empty_tree(emit)
     if levels is None:
-        levels = [key_level(k) for k in keys]
+        from_bytes = int.from_bytes
+        levels = [  # key_level, inlined
+            (64 - from_bytes(blake3(_LEVEL_PREFIX + k).digest()[:8], "big").bit_length()) // FANOUT_BITS for k in keys
+        ]
     while True:
         n = len(keys)
         cuts = [i + 1 for i, lv in enumerate(levels) if lv > level]

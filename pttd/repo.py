@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from blake3 import blake3
+from msgpack import ExtType
 from nacl.signing import SigningKey
 
 from protocol import tree
@@ -41,6 +43,9 @@ class Change:
     change: str  # "added", "changed" or "removed"
 
 
+_VALUE_PREFIX = bytes((KIND_VALUE,))
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -67,10 +72,11 @@ class Batch:
         n = len(value)
         if n <= tree.INLINE_MAX:
             self._changes[key] = value
-        elif n <= CHUNKING_THRESHOLD:  # the common case, inlined: this loop is the write path
-            ref, h, b = tree.block_ref(value)
-            self._writer.emit(h, b)
-            self._changes[key] = ref
+        elif n <= CHUNKING_THRESHOLD:  # the common case, tree.block_ref inlined: the write path
+            block = _VALUE_PREFIX + value
+            h = blake3(block).digest()
+            self._writer.emit(h, block)
+            self._changes[key] = tuple.__new__(ExtType, (tree.EXT_BLOCK, h))
         else:
             self._changes[key] = make_ref(value, self._writer.emit)
 

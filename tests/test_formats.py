@@ -110,3 +110,26 @@ def test_good_paths_and_prefixes():
     assert validate_prefix("") == b"/"
     assert validate_prefix("/topics/") == b"/topics/"
     assert validate_prefix("/topics") == b"/topics"
+
+
+def _reference_path_ok(path: str) -> bool:
+    if not path.startswith("/") or path == "/":
+        return False
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
+        return False
+    try:
+        if len(path.encode("utf-8")) > 1024:
+            return False
+    except UnicodeEncodeError:
+        return False
+    return all(seg not in ("", ".", "..") for seg in path[1:].split("/"))
+
+
+@given(st.text(alphabet="/a.\x00\x7fé\udcff", max_size=12))
+def test_path_validation_matches_the_rules(path):
+    try:
+        validate_path(path)
+        ok = True
+    except PathError:
+        ok = False
+    assert ok == _reference_path_ok(path)
