@@ -71,10 +71,6 @@ class Node:
     keys: list[bytes]
     vals: list  # ValueRef at level 0, child addresses above
 
-    @property
-    def is_leaf(self) -> bool:
-        return self.level == 0
-
 
 def encode_node(level: int, keys: list[bytes], vals: list) -> bytes:
     if not keys:
@@ -163,10 +159,6 @@ def empty_tree(emit: Emit) -> bytes:
 
 
 # --- value references -------------------------------------------------------------
-
-
-def inline_ref(value: bytes) -> bytes:
-    return value
 
 
 def block_ref(value: bytes) -> tuple[ExtType, bytes, bytes]:

@@ -87,9 +87,10 @@ class Daemon:
             log.info("created data directory %s", dd.path)
         lock = DataDirLock(dd.path)
         try:
-            lock.acquire()
+            await trio.to_thread.run_sync(lock.acquire)
             node_id = dd.default_repo_id()
-            _write_json_atomic(self.run_file, {"pid": os.getpid(), "mode": self.mode, "node_id": node_id})
+            run_info = {"pid": os.getpid(), "mode": self.mode, "node_id": node_id}
+            await trio.to_thread.run_sync(_write_json_atomic, self.run_file, run_info)
             log.info("ready: mode=%s node=%s data_dir=%s", self.mode, node_id, dd.path)
             self.ready.set()
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -102,6 +103,7 @@ class Daemon:
                     os.remove(self.run_file)
                 except FileNotFoundError:
                     pass
-            dd.close()
+            with trio.CancelScope(shield=True):  # closing checkpoints the WAL: off the event loop
+                await trio.to_thread.run_sync(dd.close)
             lock.release()
             log.info("stopped")

@@ -289,15 +289,12 @@ class Repository:
             return EntryInfo(path, len(self._typed_block(addr, KIND_VALUE)), "block", addr.hex())
         return EntryInfo(path, tree.ref_size(ref), "chunked", addr.hex())
 
-    def list(self, prefix: str = "/", version: int | None = None, sizes: bool = True) -> Iterator[EntryInfo]:
+    def list(self, prefix: str = "/", version: int | None = None) -> Iterator[EntryInfo]:
         """Entries under ``prefix`` in path order (a prefix matches whole and partial segments)."""
         p = validate_prefix(prefix)
         sc = self.commit_at(version)
         for key, ref in tree.iterate(sc.commit.root, p, self.store.load_node):
-            if sizes:
-                yield self._info(key, ref)
-            else:
-                yield EntryInfo(key_to_path(key), -1, "", None)
+            yield self._info(key, ref)
 
     def diff(self, v1: int, v2: int) -> Iterator[Change]:
         """Paths added, changed or removed from version v1 to version v2."""

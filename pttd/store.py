@@ -298,16 +298,6 @@ class Store:
         with self._lock:
             return self._db.execute("SELECT 1 FROM blocks WHERE hash=?", (address,)).fetchone() is not None
 
-    def put_blocks(self, blocks: dict[bytes, bytes]) -> int:
-        """Store blocks received from elsewhere, each checked against its address first."""
-        for address, data in blocks.items():
-            if blake3(data).digest() != address:
-                raise CorruptBlock(address, "received bytes do not match the address")
-        with self.write() as w:
-            for address, data in blocks.items():
-                w.emit(address, data)
-        return w.blocks_written
-
     def _decoded(self, address: bytes, kind: int, decode):
         node = self._nodes.get((kind, address))
         if node is not None:
