@@ -310,3 +310,28 @@ def test_read_only_repository_refuses_writes(tmp_path):
         follower_view.put("/y", b"2")
     owner.close()
     other.close()
+
+
+def test_store_from_a_newer_pttd_is_refused(tmp_path):
+    dd = DataDir.init(str(tmp_path / "d"))
+    dd.store.set_meta("schema", "99")
+    dd.close()
+    with pytest.raises(PttError, match="newer than this pttd understands"):
+        DataDir.open(str(tmp_path / "d"))
+
+
+def test_a_file_that_is_not_a_store_is_a_clear_error(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "pttd.sqlite3").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(PttError, match="cannot be opened"):
+        DataDir.open(str(d))
+
+
+def test_damaged_key_file_is_a_clear_error(tmp_path):
+    dd = DataDir.init(str(tmp_path / "d"))
+    key_file = tmp_path / "d" / "keys" / f"{dd.default_repo_id()}.key"
+    key_file.write_text("not hex\n")
+    with pytest.raises(PttError, match="not a 64-digit hex seed"):
+        dd.repository()
+    dd.close()
