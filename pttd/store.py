@@ -35,7 +35,10 @@ from .errors import CorruptBlock, DataDirError, ForkDetected, MissingBlock, NotF
 log = logging.getLogger("pttd.store")
 
 SCHEMA_VERSION = 1
-PAGE_SIZE = 16384
+# 64 KiB: chunks of 4-32 KiB left 16 KiB pages about 64% full (104 MB of pages for a
+# 64 MiB value); 64 KiB pages fill about 90%, which took storing a large value from
+# ~110-170 to ~210-260 MB/s here, with small writes no slower.
+PAGE_SIZE = 65536
 SYNC_MODES = ("FULL", "NORMAL", "EXTRA")
 FLUSH_BLOCKS = 16_000
 FLUSH_BYTES = 16 << 20
