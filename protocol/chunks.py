@@ -19,7 +19,6 @@ the child nodes and the total bytes under each.
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -124,26 +123,25 @@ def chunk_file(path: str, emit: Emit) -> tuple[bytes, int]:
 LoadChunkNode = Callable[[bytes], ChunkNode]
 
 
-def iter_chunk_addrs(root: bytes, load: LoadChunkNode, start: int = 0) -> Iterator[tuple[bytes, int, int]]:
-    """Yield ``(chunk address, offset, length)`` in order, from the chunk holding ``start``."""
-    stack: list[tuple[bytes, int, int | None]] = [(root, 0, None)]
+def iter_chunk_addrs(root: bytes, load: LoadChunkNode, size: int) -> Iterator[tuple[bytes, int]]:
+    """Yield ``(chunk address, length)`` in order for a value of ``size`` bytes.
+
+    Checks on the way that every child is one level below its parent and holds exactly
+    the bytes its parent says, and that the whole tree holds ``size`` bytes.
+    """
+    stack: list[tuple[bytes, int | None, int]] = [(root, None, size)]
     while stack:
-        addr, base, level = stack.pop()
+        addr, level, total = stack.pop()
         node = load(addr)
         if level is not None and node.level != level:
             raise FormatError(f"chunk-tree node {addr.hex()} is at level {node.level}, expected {level}")
-        offs = []
-        o = base
-        for s in node.sizes:
-            offs.append(o)
-            o += s
-        first = max(bisect_right(offs, start) - 1, 0)
+        if sum(node.sizes) != total:
+            raise FormatError(f"chunk-tree node {addr.hex()} holds {sum(node.sizes)} bytes, expected {total}")
         if node.level == 0:
-            for j in range(first, len(node.addrs)):
-                yield node.addrs[j], offs[j], node.sizes[j]
+            yield from zip(node.addrs, node.sizes)
         else:
-            for j in range(len(node.addrs) - 1, first - 1, -1):
-                stack.append((node.addrs[j], offs[j], node.level - 1))
+            for j in range(len(node.addrs) - 1, -1, -1):
+                stack.append((node.addrs[j], node.level - 1, node.sizes[j]))
 
 
 def walk_chunk_tree(root: bytes, load: LoadChunkNode, seen: set[bytes]) -> Iterable[tuple[int, bytes]]:

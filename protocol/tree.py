@@ -18,7 +18,8 @@ reference, in an inner node the 32-byte address of the child node.
 
 Value references (leaf values):
 * ``bin`` of at most INLINE_MAX bytes: the value itself, inline;
-* ext type 1, 32 bytes: the address of a KIND_VALUE block holding the value;
+* ext type 1, 36 bytes: the address of a KIND_VALUE block holding the value, then the
+  value's size as 4 bytes big-endian (so listings and sizes never read the value);
 * ext type 2, 40 bytes: the root address of a chunk tree (protocol.chunks) then the
   value's total size as 8 bytes big-endian.
 
@@ -98,7 +99,9 @@ def _check_value_ref(v: object) -> None:
         if len(v) > INLINE_MAX:
             raise FormatError(f"inline value of {len(v)} bytes, more than {INLINE_MAX}")
     elif isinstance(v, ExtType):
-        if v.code == EXT_BLOCK and len(v.data) == HASH_SIZE:
+        if v.code == EXT_BLOCK and len(v.data) == HASH_SIZE + 4:
+            if not INLINE_MAX < int.from_bytes(v.data[HASH_SIZE:], "big") <= CHUNKING_THRESHOLD:
+                raise FormatError("a value block reference with a size outside the block range")
             return
         if v.code == EXT_CHUNKED and len(v.data) == HASH_SIZE + 8:
             if int.from_bytes(v.data[HASH_SIZE:], "big") <= CHUNKING_THRESHOLD:
@@ -164,7 +167,7 @@ def empty_tree(emit: Emit) -> bytes:
 def block_ref(value: bytes) -> tuple[ExtType, bytes, bytes]:
     """Reference to ``value`` stored as one block: ``(ref, address, block)``."""
     h, b = make_block(KIND_VALUE, value)
-    return _ext(EXT_BLOCK, h), h, b
+    return _ext(EXT_BLOCK, h + len(value).to_bytes(4, "big")), h, b
 
 
 def _ext(code: int, data: bytes) -> ExtType:
@@ -176,13 +179,11 @@ def chunked_ref(root: bytes, size: int) -> ExtType:
     return ExtType(EXT_CHUNKED, root + size.to_bytes(8, "big"))
 
 
-def ref_size(ref: ValueRef) -> int | None:
-    """Size of the value if the reference says it (inline, chunked), else None."""
+def ref_size(ref: ValueRef) -> int:
+    """The size of the value a reference names (every form carries it)."""
     if isinstance(ref, bytes):
         return len(ref)
-    if ref.code == EXT_CHUNKED:
-        return int.from_bytes(ref.data[HASH_SIZE:], "big")
-    return None
+    return int.from_bytes(ref.data[HASH_SIZE:], "big")
 
 
 # --- building -----------------------------------------------------------------------

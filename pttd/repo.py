@@ -76,7 +76,7 @@ class Batch:
             block = _VALUE_PREFIX + value
             h = blake3(block).digest()
             self._writer.emit(h, block)
-            self._changes[key] = tuple.__new__(ExtType, (tree.EXT_BLOCK, h))
+            self._changes[key] = tuple.__new__(ExtType, (tree.EXT_BLOCK, h + n.to_bytes(4, "big")))
         else:
             self._changes[key] = make_ref(value, self._writer.emit)
 
@@ -255,20 +255,18 @@ class Repository:
         addr = ref.data[:HASH_SIZE]
         if ref.code == tree.EXT_BLOCK:
             value = self._typed_block(addr, KIND_VALUE)
-            if not tree.INLINE_MAX < len(value) <= CHUNKING_THRESHOLD:
-                raise CorruptBlock(addr, f"a value block of {len(value)} bytes is outside the block size range")
+            if len(value) != tree.ref_size(ref):
+                raise CorruptBlock(addr, f"value block is {len(value)} bytes, its entry says {tree.ref_size(ref)}")
             yield value
             return
-        declared = tree.ref_size(ref)
-        total = 0
-        for chunk_addr, _, size in iter_chunk_addrs(addr, self.store.load_chunk_node):
-            data = self._typed_block(chunk_addr, KIND_CHUNK)
-            if len(data) != size:
-                raise CorruptBlock(chunk_addr, f"chunk is {len(data)} bytes, its tree says {size}")
-            total += size
-            yield data
-        if total != declared:
-            raise CorruptBlock(addr, f"chunk tree holds {total} bytes, the entry says {declared}")
+        try:
+            for chunk_addr, size in iter_chunk_addrs(addr, self.store.load_chunk_node, tree.ref_size(ref)):
+                data = self._typed_block(chunk_addr, KIND_CHUNK)
+                if len(data) != size:
+                    raise CorruptBlock(chunk_addr, f"chunk is {len(data)} bytes, its tree says {size}")
+                yield data
+        except FormatError as exc:
+            raise CorruptBlock(addr, str(exc)) from None
 
     def _typed_block(self, addr: bytes, kind: int) -> bytes:
         block = self.store.get_block(addr)
@@ -284,10 +282,8 @@ class Repository:
         path = key_to_path(key)
         if isinstance(ref, bytes):
             return EntryInfo(path, len(ref), "inline", None)
-        addr = ref.data[:HASH_SIZE]
-        if ref.code == tree.EXT_BLOCK:
-            return EntryInfo(path, len(self._typed_block(addr, KIND_VALUE)), "block", addr.hex())
-        return EntryInfo(path, tree.ref_size(ref), "chunked", addr.hex())
+        storage = "block" if ref.code == tree.EXT_BLOCK else "chunked"
+        return EntryInfo(path, tree.ref_size(ref), storage, ref.data[:HASH_SIZE].hex())
 
     def list(self, prefix: str = "/", version: int | None = None) -> Iterator[EntryInfo]:
         """Entries under ``prefix`` in path order (a prefix matches whole and partial segments)."""

@@ -48,6 +48,8 @@ def test_node_decoder_rejects_bad_nodes():
         msgpack.packb([0, [0], [b"no-slash"], [b"x"]]),  # a key that is not a path
         msgpack.packb([0, [0], [b"/\xff"], [b"x"]]),  # a key that is not UTF-8
         msgpack.packb([0, [0], [b"/a"], [msgpack.ExtType(2, b"h" * 32 + (10).to_bytes(8, "big"))]]),  # tiny chunked
+        msgpack.packb([0, [0], [b"/a"], [msgpack.ExtType(1, b"h" * 32)]]),  # block reference without its size
+        msgpack.packb([0, [0], [b"/a"], [msgpack.ExtType(1, b"h" * 32 + (10).to_bytes(4, "big"))]]),  # inline-sized
         b"\xc1",  # never-used msgpack byte
     ]
     for payload in bad:
@@ -133,3 +135,29 @@ def test_path_validation_matches_the_rules(path):
     except PathError:
         ok = False
     assert ok == _reference_path_ok(path)
+
+
+def test_chunk_tree_sizes_are_checked_on_read():
+    import random
+
+    from protocol.chunks import chunk_value, decode_chunk_node, encode_chunk_node, iter_chunk_addrs
+    from protocol.hashing import KIND_CHUNK_NODE
+
+    blocks = {}
+    data = random.Random(7).randbytes(3_000_000)  # ~300 chunks: the root is an inner node
+    root, size = chunk_value(data, lambda h, b: blocks.__setitem__(h, b))
+
+    def load(h):
+        return decode_chunk_node(blocks[h][1:])
+
+    assert sum(n for _, n in iter_chunk_addrs(root, load, size)) == size
+    with pytest.raises(FormatError, match="holds"):
+        list(iter_chunk_addrs(root, load, size + 1))
+    node = load(root)
+    assert node.level > 0
+    lying = list(node.sizes)
+    lying[0] += 1  # the parent claims one byte more than its first child holds
+    h, b = make_block(KIND_CHUNK_NODE, encode_chunk_node(node.level, node.addrs, lying))
+    blocks[h] = b
+    with pytest.raises(FormatError, match="holds"):
+        list(iter_chunk_addrs(h, load, size + 1))

@@ -85,6 +85,17 @@ def test_versions_history_and_errors(repo):
     assert repo.head().seq == 2  # failed writes left nothing behind
 
 
+def test_listing_reads_tree_nodes_only(repo, datadir):
+    with repo.batch() as b:
+        for i in range(400):
+            b.put(f"/v/{i:03d}", bytes([i % 256]) * 1000)
+    datadir.store.drop_cache()
+    before = datadir.store.blocks_read
+    entries = list(repo.list("/v/"))
+    assert len(entries) == 400 and {e.size for e in entries} == {1000}
+    assert datadir.store.blocks_read - before < 100  # the 400 value blocks were not read
+
+
 def test_failed_batch_stores_nothing(repo):
     repo.put("/a", b"1")
     with pytest.raises(RuntimeError):
@@ -335,3 +346,11 @@ def test_damaged_key_file_is_a_clear_error(tmp_path):
     with pytest.raises(PttError, match="not a 64-digit hex seed"):
         dd.repository()
     dd.close()
+
+
+def test_bad_store_settings_and_paths_are_clear_errors(tmp_path):
+    with pytest.raises(PttError, match="synchronous mode must be one of"):
+        DataDir.init(str(tmp_path / "d"), synchronous="SOMETIMES")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(PttError, match="not a directory"):
+        DataDir.init(str(tmp_path / "file"))
