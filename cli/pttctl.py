@@ -8,11 +8,13 @@ import base64
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from pttd import commands
+from pttd.control import MAX_INLINE_VALUE, ControlClient
 from pttd.datadir import DataDir, default_data_dir
-from pttd.errors import USER_ERRORS
+from pttd.errors import USER_ERRORS, PttError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,7 +56,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("verify", help="check every block, signature and tree")
     s = sub.add_parser("gc", help="prune old versions and delete unreferenced data")
     s.add_argument("--keep", type=_version, help="keep only the newest N versions of each repository")
+    # These need a running daemon.
+    sub.add_parser("status", help="the daemon: mode, addresses, peers, followed repositories")
+    sub.add_parser("peers", help="connected peers")
+    s = sub.add_parser("follow", help="follow a repository (remembered across restarts)")
+    s.add_argument("key", help="the repository's public key (hex)")
+    s.add_argument("--peer", action="append", default=[], metavar="HOST:PORT", help="where to fetch it (repeatable)")
+    s.add_argument("--prefix", action="append", default=[], metavar="P", help="fetch only these paths (repeatable)")
+    s = sub.add_parser("unfollow", help="stop following a repository (its data stays until gc)")
+    s.add_argument("key")
+    s = sub.add_parser("sync", help="fetch a repository's newest version now and wait for it")
+    s.add_argument("key")
+    s.add_argument("--peer", action="append", default=[], metavar="HOST:PORT")
+    s.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
     return p
+
+
+DAEMON_COMMANDS = ("status", "peers", "follow", "unfollow", "sync")
 
 
 def _version(text: str) -> int:
@@ -106,10 +124,37 @@ def _human(command: str, res: commands.Result, out) -> None:
         )
 
 
+def _human_daemon(command: str, d: dict, out) -> None:
+    if command == "status":
+        print(f"node {d['node']}  mode {d['mode']}  listening on {', '.join(d['listen'])}", file=out)
+        print(f"{len(d['peers'])} peers", file=out)
+        for f in d["follows"]:
+            _print_follow(f, out)
+    elif command == "peers":
+        for p in d["peers"]:
+            print(f"{p['id'][:16]}  {p['address']:<22} {p['direction']:>3}  {p['mode']}", file=out)
+    elif command in ("follow", "sync"):
+        _print_follow(d, out)
+    elif command == "unfollow":
+        print(f"no longer following {d['repository']}", file=out)
+
+
+def _print_follow(f: dict, out) -> None:
+    v = f["version"] if f["version"] is not None else "-"
+    prefixes = ",".join(f["prefixes"])
+    extra = f"  ({f['error']})" if f.get("error") else ""
+    print(f"{f['repository']}  {f['state']:<8} version {v}  lag {f['lag']}  {prefixes}{extra}", file=out)
+
+
 def run(args: argparse.Namespace) -> commands.Result:
     data_dir = args.data_dir or default_data_dir()
     if args.command == "init":
         return commands.init(data_dir)
+    client = ControlClient.for_data_dir(data_dir) if os.path.isdir(data_dir) else None
+    if client is not None:
+        return _remote(client, args)
+    if args.command in DAEMON_COMMANDS:
+        raise PttError(f"no pttd is running on {data_dir} (start one with: pttd start --data-dir {data_dir})")
     dd = DataDir.open(data_dir)
     try:
         c = args.command
@@ -119,7 +164,7 @@ def run(args: argparse.Namespace) -> commands.Result:
             if args.file == "-":
                 return commands.put(dd, args.path, value=sys.stdin.buffer.read())
             if not os.path.isfile(args.file):
-                raise commands.PttError(f"no such file: {args.file}")
+                raise PttError(f"no such file: {args.file}")
             return commands.put(dd, args.path, filename=args.file)
         if c == "get":
             res = commands.get(dd, args.path, version=args.version, repo=args.repo)
@@ -127,12 +172,7 @@ def run(args: argparse.Namespace) -> commands.Result:
                 _write_file(args.output, res.stream)
                 res.data["output"] = args.output
             elif args.json:
-                value = b"".join(res.stream)
-                res.data["value_base64"] = base64.b64encode(value).decode()
-                try:
-                    res.data["value"] = value.decode("utf-8")
-                except UnicodeDecodeError:
-                    res.data["value"] = None
+                _json_value(res.data, b"".join(res.stream))
             else:
                 out = sys.stdout.buffer
                 for piece in res.stream:  # streamed while the store is open
@@ -155,6 +195,105 @@ def run(args: argparse.Namespace) -> commands.Result:
         raise AssertionError(c)
     finally:
         dd.close()
+
+
+def _remote(client: ControlClient, args: argparse.Namespace) -> commands.Result:
+    """The command, run by the daemon that holds the data directory."""
+    c = args.command
+    a: dict = {}
+    if c in ("id", "ls", "get", "log", "diff") and args.repo:
+        a["repo"] = args.repo
+    if c in ("ls", "get") and args.version is not None:
+        a["version"] = args.version
+    if c == "put":
+        a["path"] = args.path
+        if args.file == "-":
+            value = sys.stdin.buffer.read()
+            if len(value) > MAX_INLINE_VALUE:
+                return _put_via_file(client, args.path, value)
+            a["value"] = value
+        else:
+            if not os.path.isfile(args.file):
+                raise PttError(f"no such file: {args.file}")
+            a["filename"] = os.path.abspath(args.file)
+    elif c in ("get", "rm"):
+        a["path"] = args.path
+    elif c == "ls":
+        a["prefix"] = args.prefix
+    elif c == "log" and args.limit is not None:
+        a["limit"] = args.limit
+    elif c == "diff":
+        a["v1"], a["v2"] = args.v1, args.v2
+    elif c == "gc" and args.keep is not None:
+        a["keep"] = args.keep
+    elif c in ("follow", "unfollow", "sync"):
+        a["repo"] = args.key
+        if c == "follow":
+            a["peers"], a["prefixes"] = args.peer, args.prefix
+        if c == "sync":
+            a["peers"], a["timeout"] = args.peer, args.timeout
+    if c == "get":
+        return _remote_get(client, args, a)
+    progress = _progress_bar if c == "sync" and not args.json and sys.stderr.isatty() else None
+    data = client.call(c, a, on_progress=progress)
+    if progress:
+        print(file=sys.stderr)
+    return commands.Result(data, ok=data.get("ok", True) if c == "verify" else True)
+
+
+def _put_via_file(client: ControlClient, path: str, value: bytes) -> commands.Result:
+    fd, tmp = tempfile.mkstemp(prefix="pttctl-put-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(value)
+        return commands.Result(client.call("put", {"path": path, "filename": tmp}))
+    finally:
+        os.remove(tmp)
+
+
+def _remote_get(client: ControlClient, args: argparse.Namespace, a: dict) -> commands.Result:
+    pieces: list[bytes] = []
+    if args.output is not None:
+        tmp = f"{args.output}.pttctl-tmp"
+        try:
+            with open(tmp, "wb") as f:
+                data = client.call("get", a, on_chunk=f.write)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, args.output)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        data["output"] = args.output
+        return commands.Result(data)
+    if args.json:
+        data = client.call("get", a, on_chunk=pieces.append)
+        _json_value(data, b"".join(pieces))
+        return commands.Result(data)
+    out = sys.stdout.buffer
+    data = client.call("get", a, on_chunk=out.write)
+    out.flush()
+    return commands.Result(data)
+
+
+def _json_value(data: dict, value: bytes) -> None:
+    data["value_base64"] = base64.b64encode(value).decode()
+    try:
+        data["value"] = value.decode("utf-8")
+    except UnicodeDecodeError:
+        data["value"] = None
+
+
+def _progress_bar(info: dict) -> None:
+    seen, have = info.get("newest_seen"), info.get("version")
+    mb = info.get("fetched_bytes", 0) / 1e6
+    print(
+        f"\r{info['state']:>8}  version {have if have is not None else '-'} of {seen if seen is not None else '?'}"
+        f"  {info.get('fetched_blocks', 0)} blocks, {mb:.1f} MB   ",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _write_file(path: str, stream) -> None:
@@ -191,6 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     if args.json:
         print(json.dumps(res.data))
+    elif args.command in DAEMON_COMMANDS:
+        _human_daemon(args.command, res.data, sys.stdout)
     elif args.command != "get" or args.output is not None:
         _human(args.command, res, sys.stdout)
     return 0 if res.ok else 1

@@ -16,8 +16,11 @@ import signal
 
 import trio
 
-from .datadir import DataDir
+from .config import Config
+from .control import ControlServer
+from .datadir import DataDir, default_data_dir
 from .errors import DataDirError
+from .node import Node
 
 log = logging.getLogger("pttd.daemon")
 
@@ -71,32 +74,50 @@ def _write_json_atomic(path: str, obj: dict) -> None:
 
 
 class Daemon:
-    def __init__(self, data_dir: str, mode: str = "node"):
-        if mode not in MODES:
-            raise DataDirError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
-        self.data_dir = os.path.abspath(data_dir)
-        self.mode = mode
+    def __init__(self, cfg: Config):
+        if cfg.mode not in MODES:
+            raise DataDirError(f"unknown mode {cfg.mode!r} (one of {', '.join(MODES)})")
+        self.cfg = cfg
+        self.data_dir = os.path.abspath(os.path.expanduser(cfg.data_dir or default_data_dir()))
+        self.mode = cfg.mode
+        self.control_path = cfg.control or os.path.join(self.data_dir, "control.sock")
         self.ready = trio.Event()
         self.run_file = os.path.join(self.data_dir, "run.json")
+        self.node: Node | None = None
+        self._stop = trio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
 
     async def run(self) -> None:
         if self.mode not in IMPLEMENTED_MODES:
             raise DataDirError(f"mode {self.mode!r} is not available in this version of pttd (only: node)")
-        dd, created = await trio.to_thread.run_sync(DataDir.open_or_init, self.data_dir)
+        dd, created = await trio.to_thread.run_sync(DataDir.open_or_init, self.data_dir, self.cfg.synchronous)
         if created:
             log.info("created data directory %s", dd.path)
         lock = DataDirLock(dd.path)
         try:
             await trio.to_thread.run_sync(lock.acquire)
             node_id = dd.default_repo_id()
-            run_info = {"pid": os.getpid(), "mode": self.mode, "node_id": node_id}
-            await trio.to_thread.run_sync(_write_json_atomic, self.run_file, run_info)
-            log.info("ready: mode=%s node=%s data_dir=%s", self.mode, node_id, dd.path)
-            self.ready.set()
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for signum in signals:
-                    log.info("received %s, shutting down", signal.Signals(signum).name)
-                    break
+            identity = dd.keys.load(node_id)
+            node = self.node = Node(dd, self.cfg, identity, self.mode)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(node.run)
+                await nursery.start(ControlServer(node, self.control_path).serve)
+                run_info = {
+                    "pid": os.getpid(),
+                    "mode": self.mode,
+                    "node_id": node_id,
+                    "listen": node.listen_addresses,
+                    "control": self.control_path,
+                }
+                await trio.to_thread.run_sync(_write_json_atomic, self.run_file, run_info)
+                log.info("ready: mode=%s node=%s data_dir=%s", self.mode, node_id, dd.path)
+                self.ready.set()
+                nursery.start_soon(self._signals)
+                await self._stop.wait()
+                log.info("shutting down")
+                nursery.cancel_scope.cancel()
         finally:
             if self.ready.is_set():
                 try:
@@ -107,3 +128,10 @@ class Daemon:
                 await trio.to_thread.run_sync(dd.close)
             lock.release()
             log.info("stopped")
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("received %s", signal.Signals(signum).name)
+                self.stop()
+                return

@@ -18,7 +18,7 @@ from msgpack import ExtType
 from nacl.signing import SigningKey
 
 from protocol import tree
-from protocol.chunks import CHUNKING_THRESHOLD, chunk_file, chunk_value, iter_chunk_addrs, walk_chunk_tree
+from protocol.chunks import CHUNKING_THRESHOLD, ChunkNode, chunk_file, chunk_value, iter_chunk_addrs, walk_chunk_tree
 from protocol.commit import Commit, SignedCommit, sign_commit
 from protocol.errors import FormatError
 from protocol.hashing import HASH_SIZE, KIND_CHUNK, KIND_CHUNK_NODE, KIND_VALUE, check_block
@@ -339,8 +339,8 @@ def collect_garbage(store: Store, keep: int | None = None, vacuum: bool = True) 
             for row in store.list_repos():
                 report.versions_pruned += store.prune_commits(row, keep)
         live: set[bytes] = set()
-        for _repo, _seq, root in store.all_roots():
-            _mark(store, root, live)
+        for repo, _seq, root in store.all_roots():
+            _mark(store, root, live, tolerate_missing=not repo.owned)
         report.blocks_removed, report.bytes_removed = store.sweep(live)
         report.blocks_kept = len(live)
     if vacuum:
@@ -349,10 +349,36 @@ def collect_garbage(store: Store, keep: int | None = None, vacuum: bool = True) 
     return report
 
 
-def _mark(store: Store, root: bytes, live: set[bytes]) -> None:
-    for kind, addr in tree.walk_refs(root, store.load_node, live):
+class _Tolerant:
+    """Loaders for a followed repository's partial tree (sparse follows, on-demand
+    reads): a block not fetched reads as an empty node and is counted."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.missing = 0
+
+    def node(self, addr: bytes) -> tree.Node:
+        try:
+            return self.store.load_node(addr)
+        except MissingBlock:
+            self.missing += 1
+            return tree.Node(0, [], [])
+
+    def chunk_node(self, addr: bytes) -> ChunkNode:
+        try:
+            return self.store.load_chunk_node(addr)
+        except MissingBlock:
+            self.missing += 1
+            return ChunkNode(0, [], [])
+
+
+def _mark(store: Store, root: bytes, live: set[bytes], tolerate_missing: bool = False) -> None:
+    loader = _Tolerant(store) if tolerate_missing else None
+    load_node = loader.node if loader else store.load_node
+    load_chunk = loader.chunk_node if loader else store.load_chunk_node
+    for kind, addr in tree.walk_refs(root, load_node, live):
         if kind == KIND_CHUNK_NODE:
-            for _ in walk_chunk_tree(addr, store.load_chunk_node, live):
+            for _ in walk_chunk_tree(addr, load_chunk, live):
                 pass
 
 
@@ -364,6 +390,7 @@ class VerifyReport:
     values: int = 0
     chunks: int = 0
     blocks_scanned: int = 0
+    not_fetched: int = 0  # blocks of followed repositories outside their followed prefixes
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -397,8 +424,8 @@ def verify_store(store: Store) -> VerifyReport:
             if prev is not None and prev.seq == seq - 1 and sc.commit.prev != prev.address:
                 rep.errors.append(f"repository {row.key.hex()}: version {seq} does not follow version {seq - 1}")
             prev = sc
-            _verify_tree(store, sc.commit.root, seen, rep)
-        if prev is not None:
+            _verify_tree(store, sc.commit.root, seen, rep, tolerate_missing=not row.owned)
+        if prev is not None and row.owned:
             try:
                 tree.check_shape(prev.commit.root, store.load_node)
             except (PttError, FormatError) as exc:
@@ -408,25 +435,38 @@ def verify_store(store: Store) -> VerifyReport:
     return rep
 
 
-def _verify_tree(store: Store, root: bytes, seen: set[bytes], rep: VerifyReport) -> None:
+def _verify_tree(store: Store, root: bytes, seen: set[bytes], rep: VerifyReport, tolerate_missing: bool) -> None:
+    # A followed repository may hold only part of its tree (sparse follows, on-demand
+    # reads): what was not fetched is counted, not reported as an error.
+    loader = _Tolerant(store) if tolerate_missing else None
+    load_node = loader.node if loader else store.load_node
+    load_chunk = loader.chunk_node if loader else store.load_chunk_node
     try:
-        for kind, addr in tree.walk_refs(root, store.load_node, seen):
+        for kind, addr in tree.walk_refs(root, load_node, seen):
             if kind == KIND_CHUNK_NODE:
-                store.load_chunk_node(addr)
-                for k2, a2 in walk_chunk_tree(addr, store.load_chunk_node, seen):
+                load_chunk(addr)
+                for k2, a2 in walk_chunk_tree(addr, load_chunk, seen):
                     if k2 == KIND_CHUNK:
-                        _check_kind(store, a2, KIND_CHUNK)
-                        rep.chunks += 1
+                        if _check_kind(store, a2, KIND_CHUNK, tolerate_missing):
+                            rep.chunks += 1
             elif kind == KIND_VALUE:
-                _check_kind(store, addr, KIND_VALUE)
-                rep.values += 1
+                if _check_kind(store, addr, KIND_VALUE, tolerate_missing):
+                    rep.values += 1
             else:
                 rep.nodes += 1
     except (CorruptBlock, MissingBlock) as exc:
         rep.errors.append(str(exc))
+    if loader:
+        rep.not_fetched += loader.missing
 
 
-def _check_kind(store: Store, addr: bytes, kind: int) -> None:
-    block = store.get_block(addr)
+def _check_kind(store: Store, addr: bytes, kind: int, tolerate_missing: bool = False) -> bool:
+    try:
+        block = store.get_block(addr)
+    except MissingBlock:
+        if not tolerate_missing:
+            raise
+        return False
     if block[0] != kind:
         raise CorruptBlock(addr, f"expected a block of kind {kind}, found kind {block[0]}")
+    return True

@@ -13,6 +13,7 @@ object may be used from several threads: calls are serialized by a lock.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sqlite3
@@ -34,7 +35,7 @@ from .errors import CorruptBlock, DataDirError, ForkDetected, MissingBlock, NotF
 
 log = logging.getLogger("pttd.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: follows and partial (issue 3)
 # 64 KiB: chunks of 4-32 KiB left 16 KiB pages about 64% full (104 MB of pages for a
 # 64 MiB value); 64 KiB pages fill about 90%, which took storing a large value from
 # ~110-170 to ~210-260 MB/s here, with small writes no slower.
@@ -74,6 +75,17 @@ CREATE TABLE IF NOT EXISTS forks(
     sig BLOB NOT NULL,
     seen INTEGER NOT NULL,
     PRIMARY KEY(repo, seq, hash)
+);
+-- Interior blocks (tree nodes, chunk-tree nodes) stored by a sync or an on-demand read
+-- before everything under them is: a stored block not listed here has its whole
+-- subtree stored, so a sync skips it; a listed one is walked again (resume, sparse).
+CREATE TABLE IF NOT EXISTS partial(hash BLOB PRIMARY KEY) WITHOUT ROWID;
+-- Repositories this daemon follows: from which peers, under which path prefixes.
+CREATE TABLE IF NOT EXISTS follows(
+    repo BLOB PRIMARY KEY,
+    prefixes TEXT NOT NULL,
+    peers TEXT NOT NULL,
+    added INTEGER NOT NULL
 );
 """
 
@@ -214,6 +226,9 @@ class Store:
             raise DataDirError(f"store {path} cannot be opened: {exc}") from None
         if row is None:
             self._db.execute("INSERT INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) < SCHEMA_VERSION:  # the new tables were created above
+            log.info("store %s upgraded from schema %s to %d", path, row[0], SCHEMA_VERSION)
+            self._db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
         elif int(row[0]) > SCHEMA_VERSION:
             raise DataDirError(
                 f"store {path} has schema {row[0]}, newer than this pttd understands ({SCHEMA_VERSION}); upgrade pttd"
@@ -296,6 +311,62 @@ class Store:
         if blake3(data).digest() != address:
             raise CorruptBlock(address)
         return data
+
+    def classify(self, addresses: list[bytes]) -> tuple[set[bytes], set[bytes]]:
+        """Of ``addresses``: those stored, and of those the ones marked partial."""
+        present: set[bytes] = set()
+        partial: set[bytes] = set()
+        with self._lock:
+            for i in range(0, len(addresses), 900):
+                part = addresses[i : i + 900]
+                marks = ",".join("?" * len(part))
+                present.update(r[0] for r in self._db.execute(f"SELECT hash FROM blocks WHERE hash IN ({marks})", part))
+                partial.update(
+                    r[0] for r in self._db.execute(f"SELECT hash FROM partial WHERE hash IN ({marks})", part)
+                )
+        return present, partial & present
+
+    def get_blocks(self, addresses: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+        """(blocks found, addresses not held), each found block checked against its hash."""
+        found: dict[bytes, bytes] = {}
+        with self._lock:
+            for i in range(0, len(addresses), 900):
+                part = addresses[i : i + 900]
+                rows = self._db.execute(
+                    f"SELECT hash, data FROM blocks WHERE hash IN ({','.join('?' * len(part))})", part
+                )
+                found.update(rows)
+            self.blocks_read += len(found)
+        out: list[bytes] = []
+        missing: list[bytes] = []
+        for a in addresses:
+            data = found.get(a)
+            if data is None:
+                missing.append(a)
+            elif blake3(data).digest() != a:
+                log.error("corrupt block %s not served", a.hex())
+                missing.append(a)
+            else:
+                out.append(data)
+        return out, missing
+
+    def put_fetched(self, rows: list[tuple[bytes, bytes]], partial: list[bytes]) -> None:
+        """Store blocks received from a peer (already checked against their addresses),
+        marking the interior ones ``partial`` until their subtree is complete."""
+        with self.write() as w:
+            for a, b in rows:
+                w.emit(a, b)
+            w.flush()
+            if partial:
+                self._db.db.executemany("INSERT OR IGNORE INTO partial(hash) VALUES (?)", [(a,) for a in partial])
+
+    def clear_partial(self, addresses: list[bytes]) -> None:
+        with self._lock:
+            self._clear_partial(addresses)
+
+    def _clear_partial(self, addresses) -> None:
+        self._db.wait()
+        self._db.db.executemany("DELETE FROM partial WHERE hash=?", [(a,) for a in addresses])
 
     def has_block(self, address: bytes) -> bool:
         with self._lock:
@@ -406,12 +477,16 @@ class Store:
             (repo.id, sc.seq, sc.address, sc.block, sc.signature),
         )
 
-    def accept_commit(self, repo: RepoRow, block: bytes, signature: bytes) -> SignedCommit:
+    def accept_commit(
+        self, repo: RepoRow, block: bytes, signature: bytes, complete: list[bytes] | tuple = ()
+    ) -> SignedCommit:
         """Check a commit received from elsewhere and make it the head if it is newer.
 
         Refuses a bad signature, a commit for another repository, one older than the
         head (no rollback), and records fork evidence (a different commit at a seq
         already held, or a next commit whose prev is not the head) before refusing it.
+        ``complete``: interior blocks whose subtrees the caller fetched, no longer partial
+        once the commit is in (same transaction).
         """
         sc = verify_commit(block, signature, repo.key)
         fork: str | None = None
@@ -435,6 +510,8 @@ class Store:
                 self._record_fork(repo, sc)
             else:
                 self.insert_commit(repo, sc)
+                if complete:
+                    self._clear_partial(complete)
         if fork is not None:
             raise ForkDetected(fork)
         return sc
@@ -464,6 +541,25 @@ class Store:
             )
             return cur.rowcount
 
+    # --- follows ----------------------------------------------------------------------
+
+    def set_follow(self, key: bytes, prefixes: list[str], peers: list[str]) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO follows(repo, prefixes, peers, added) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(repo) DO UPDATE SET prefixes=excluded.prefixes, peers=excluded.peers",
+                (key, json.dumps(prefixes), json.dumps(peers), int(time.time())),
+            )
+
+    def remove_follow(self, key: bytes) -> bool:
+        with self._lock:
+            return self._db.execute("DELETE FROM follows WHERE repo=?", (key,)).rowcount > 0
+
+    def list_follows(self) -> list[tuple[bytes, list[str], list[str]]]:
+        with self._lock:
+            rows = self._db.execute("SELECT repo, prefixes, peers FROM follows ORDER BY added").fetchall()
+        return [(r[0], json.loads(r[1]), json.loads(r[2])) for r in rows]
+
     # --- garbage collection -----------------------------------------------------------
 
     def all_roots(self) -> list[tuple[RepoRow, int, bytes]]:
@@ -487,6 +583,7 @@ class Store:
         for i in range(0, len(dead), 5000):
             part = dead[i : i + 5000]
             self._db.execute(f"DELETE FROM blocks WHERE id IN ({','.join('?' * len(part))})", part)
+        self._db.execute("DELETE FROM partial WHERE hash NOT IN (SELECT hash FROM blocks)")
         self._nodes.clear()
         return len(dead), freed
 

@@ -25,9 +25,28 @@ def wait_ready(proc, timeout=30.0):
     raise AssertionError("pttd never became ready: " + "".join(lines))
 
 
+def pttctl(data_dir, *args, input=b""):
+    return subprocess.run(
+        [sys.executable, "-m", "cli.pttctl", "--data-dir", str(data_dir), *args],
+        input=input,
+        capture_output=True,
+        timeout=30,
+    )
+
+
 def start(data_dir, *extra):
     return subprocess.Popen(
-        [sys.executable, "-m", "cli.pttd_main", "start", "--data-dir", str(data_dir), *extra],
+        [
+            sys.executable,
+            "-m",
+            "cli.pttd_main",
+            "start",
+            "--data-dir",
+            str(data_dir),
+            "--listen",
+            "127.0.0.1:0",
+            *extra,
+        ],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -42,6 +61,14 @@ def test_start_on_a_fresh_dir_then_stop_cleanly(tmp_path, sig):
         wait_ready(proc)
         info = json.loads(run_file.read_text())
         assert info["pid"] == proc.pid and info["mode"] == "node" and len(info["node_id"]) == 64
+        host, port = info["listen"][0].rsplit(":", 1)
+        assert host == "127.0.0.1" and int(port) > 0  # the real port, not 0
+        # pttctl goes through the running daemon (which holds the store).
+        put = pttctl(d, "put", "/a", input=b"through the daemon")
+        assert put.returncode == 0, put.stderr
+        status = pttctl(d, "--json", "status")
+        assert json.loads(status.stdout)["listen"] == info["listen"]
+        assert pttctl(d, "get", "/a").stdout == b"through the daemon"
         second = start(d)
         _, err = second.communicate(timeout=30)
         assert second.returncode == 1
@@ -59,7 +86,29 @@ def test_start_on_a_fresh_dir_then_stop_cleanly(tmp_path, sig):
 
     dd = DataDir.open(str(d))
     assert dd.default_repo_id() == info["node_id"]
+    assert dd.repository().get("/a") == b"through the daemon"
     dd.close()
+    # Without a daemon, the daemon-only commands say so.
+    res = pttctl(d, "status")
+    assert res.returncode == 1 and b"no pttd is running" in res.stderr
+
+
+def test_config_file_and_flags(tmp_path):
+    cfg = tmp_path / "pttd.toml"
+    cfg.write_text('[daemon]\nmode = "node"\n[wire]\nlisten = "127.0.0.1:1"\nwindow = 4\n')
+    proc = start(tmp_path / "d", "--config", str(cfg))  # --listen overrides the file's port 1
+    try:
+        wait_ready(proc)
+        info = json.loads((tmp_path / "d" / "run.json").read_text())
+        assert not info["listen"][0].endswith(":1")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[wire]\nwindw = 4\n")
+    proc = start(tmp_path / "d2", "--config", str(bad))
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and "unknown setting 'windw' in [wire]" in err
 
 
 def test_unavailable_mode_is_a_clear_error(tmp_path):

@@ -1,0 +1,138 @@
+"""The daemon's settings: defaults, then the TOML file, then command-line flags.
+
+Every setting is listed, with its default, in config.example.toml. An unknown section
+or key, or a value of the wrong type, is an error naming it: a typo in a config file
+must not be silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+
+from .errors import PttError
+
+DEFAULT_PORT = 9987
+
+
+class ConfigError(PttError):
+    """A config file or flag that cannot be used."""
+
+
+@dataclass
+class WireConfig:
+    listen: str = f"0.0.0.0:{DEFAULT_PORT}"
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 90.0  # no complete frame for this long: the connection is dead
+    keepalive: float = 30.0  # ping a quiet peer this often
+    frame_timeout: float = 30.0  # a frame that has begun must be complete within this
+    send_timeout: float = 30.0  # a peer that reads nothing for this long is dropped
+    request_timeout: float = 60.0
+    max_connections: int = 256
+    max_connections_per_address: int = 8
+    window: int = 8  # want requests in flight per sync
+    want_batch: int = 1024  # hashes per want
+    reconnect_min: float = 0.5
+    reconnect_max: float = 60.0
+    push_bytes: int = 65536  # blocks pushed with a new head, at most this many bytes
+
+
+@dataclass
+class Config:
+    data_dir: str | None = None
+    mode: str = "node"
+    control: str | None = None  # default: <data-dir>/control.sock
+    synchronous: str = "FULL"
+    log_level: str = "INFO"
+    peers: list[str] = field(default_factory=list)
+    wire: WireConfig = field(default_factory=WireConfig)
+
+
+# section -> {key: (object path, type)}
+_LAYOUT: dict[str, dict[str, tuple[str, type]]] = {
+    "daemon": {
+        "data_dir": ("data_dir", str),
+        "mode": ("mode", str),
+        "control": ("control", str),
+        "log_level": ("log_level", str),
+    },
+    "store": {"synchronous": ("synchronous", str)},
+    "peers": {"static": ("peers", list)},
+    "wire": {},
+}
+for _f in dataclasses.fields(WireConfig):
+    _LAYOUT["wire"][_f.name] = ("wire." + _f.name, type(getattr(WireConfig(), _f.name)))
+
+
+def _set(cfg: Config, dotted: str, value) -> None:
+    obj = cfg
+    *parents, last = dotted.split(".")
+    for p in parents:
+        obj = getattr(obj, p)
+    setattr(obj, last, value)
+
+
+def load(path: str | None) -> Config:
+    cfg = Config()
+    if path is None:
+        return cfg
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+    for section, values in raw.items():
+        layout = _LAYOUT.get(section)
+        if layout is None or not isinstance(values, dict):
+            raise ConfigError(f"config {path}: unknown section [{section}]")
+        for key, value in values.items():
+            if key not in layout:
+                raise ConfigError(f"config {path}: unknown setting {key!r} in [{section}]")
+            dotted, typ = layout[key]
+            if typ is float and type(value) is int:
+                value = float(value)
+            if type(value) is not typ:
+                raise ConfigError(f"config {path}: [{section}] {key} must be a {typ.__name__}, not {value!r}")
+            if typ is list and not all(isinstance(x, str) for x in value):
+                raise ConfigError(f"config {path}: [{section}] {key} must list strings")
+            _set(cfg, dotted, value)
+    validate(cfg, path)
+    return cfg
+
+
+def validate(cfg: Config, where: str = "settings") -> None:
+    from .daemon import MODES
+
+    if cfg.mode not in MODES:
+        raise ConfigError(f"{where}: mode {cfg.mode!r} is not one of {', '.join(MODES)}")
+    parse_address(cfg.wire.listen)
+    for p in cfg.peers:
+        parse_address(p)
+    w = cfg.wire
+    for name in ("handshake_timeout", "idle_timeout", "keepalive", "frame_timeout", "send_timeout", "request_timeout"):
+        if getattr(w, name) <= 0:
+            raise ConfigError(f"{where}: [wire] {name} must be positive")
+    for name in ("max_connections", "max_connections_per_address", "window", "want_batch"):
+        if getattr(w, name) < 1:
+            raise ConfigError(f"{where}: [wire] {name} must be at least 1")
+    if w.want_batch > 4096:
+        raise ConfigError(f"{where}: [wire] want_batch must be at most 4096")
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"address {text!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        n = int(port)
+    except ValueError:
+        raise ConfigError(f"address {text!r}: port {port!r} is not a number") from None
+    if not 0 <= n <= 65535:
+        raise ConfigError(f"address {text!r}: port {n} is out of range")
+    return host, n

@@ -1,0 +1,304 @@
+"""The local control endpoint: how ``pttctl`` talks to a running daemon.
+
+A Unix socket (default ``<data-dir>/control.sock``, mode 0600 inside the 0700 data
+directory: only the same user reaches it). Each connection carries one request and
+its answer, as frames of 4-byte big-endian length + msgpack map:
+
+    request   {"cmd": str, "args": map}
+    answer    {"progress": map}*  {"chunk": bin}*  then  {"ok": map} | {"error": str}
+
+The server side runs the same handlers as a local ``pttctl`` (pttd.commands) on the
+daemon's open store, so a write through the daemon is pushed to its subscribers.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+
+import msgpack
+import trio
+
+from protocol.framing import FrameDecoder, encode_frame
+
+from . import commands
+from .errors import USER_ERRORS, MissingBlock, PttError
+
+log = logging.getLogger("pttd.control")
+
+MAX_CONTROL_FRAME = 64 << 20
+STREAM_PIECE = 1 << 20
+MAX_INLINE_VALUE = 16 << 20  # larger stdin values go through a file
+
+
+class DaemonNotRunning(PttError):
+    pass
+
+
+def _pack(obj) -> bytes:
+    return encode_frame(msgpack.packb(obj, use_bin_type=True), MAX_CONTROL_FRAME)
+
+
+def _hex_key(text: str | None) -> bytes | None:
+    if text is None:
+        return None
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise PttError(f"not a repository key (64 hex digits): {text!r}")
+    return key
+
+
+# --- server -------------------------------------------------------------------------
+
+
+class ControlServer:
+    def __init__(self, node, path: str):
+        self.node = node
+        self.path = path
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            os.unlink(self.path)  # a leftover of a killed daemon (we hold the data-dir lock)
+        except FileNotFoundError:
+            pass
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            await sock.bind(self.path)
+        except OSError as exc:
+            raise PttError(f"cannot create the control socket {self.path}: {exc.strerror}") from None
+        finally:
+            os.umask(old)
+        sock.listen(64)
+        listener = trio.SocketListener(sock)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.serve_listeners, self._handle, [listener])
+                task_status.started()
+        finally:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            decoder = FrameDecoder(MAX_CONTROL_FRAME)
+            frames: list[bytes] = []
+            try:
+                with trio.fail_after(30):
+                    while not frames:
+                        data = await stream.receive_some(1 << 20)
+                        if not data:
+                            return
+                        frames = decoder.feed(data)
+                req = msgpack.unpackb(frames[0], raw=False)
+                cmd, args = req["cmd"], dict(req.get("args") or {})
+            except Exception as exc:
+                log.warning("control: bad request: %s", exc)
+                return
+
+            async def send(obj) -> None:
+                await stream.send_all(_pack(obj))
+
+            try:
+                result = await self.dispatch(cmd, args, send)
+                await send({"ok": result})
+            except USER_ERRORS as exc:
+                await _try_send(send, {"error": str(exc)})
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            except Exception as exc:
+                log.exception("control command %s failed", cmd)
+                await _try_send(send, {"error": f"internal error: {exc.__class__.__name__}: {exc}"})
+
+    async def dispatch(self, cmd: str, args: dict, send) -> dict:
+        node = self.node
+        dd = node.dd
+        own = bytes.fromhex(dd.default_repo_id())
+        if cmd == "id":
+            return (await node.db(commands.repo_id, dd, args.get("repo"))).data
+        if cmd == "put":
+            res = await node.db(commands.put, dd, args["path"], value=args.get("value"), filename=args.get("filename"))
+            if res.data.get("changed"):
+                await node.publish(own)
+            return res.data
+        if cmd == "rm":
+            res = await node.db(commands.rm, dd, args["path"])
+            await node.publish(own)
+            return res.data
+        if cmd == "get":
+            return await self._get(args, send)
+        if cmd in ("ls", "log", "diff"):
+            fn = getattr(commands, cmd)
+            kwargs = {k: v for k, v in args.items() if k in ("version", "repo", "limit")}
+            pos = [args["prefix"]] if cmd == "ls" else [args["v1"], args["v2"]] if cmd == "diff" else []
+            for _attempt in range(3):
+                try:
+                    return (await node.db(fn, dd, *pos, **kwargs)).data
+                except MissingBlock:
+                    key = _hex_key(args.get("repo"))
+                    if key is None:
+                        raise
+                    await node.fetch_prefix(key, args.get("prefix", "/"))
+            raise PttError("could not fetch what this listing needs")
+        if cmd == "verify":
+            res = await node.db(commands.verify, dd)
+            return res.data
+        if cmd == "gc":
+            async with node.gate.alone():
+                return (await node.db(commands.gc, dd, keep=args.get("keep"))).data
+        if cmd == "status":
+            return node.status()
+        if cmd == "peers":
+            return {"peers": node.status()["peers"]}
+        if cmd == "follow":
+            key = _hex_key(args["repo"])
+            f = await node.follow(key, args.get("prefixes") or [], args.get("peers") or [])
+            return f.info()
+        if cmd == "unfollow":
+            key = _hex_key(args["repo"])
+            if not await node.unfollow(key):
+                raise PttError(f"not following {key.hex()}")
+            return {"repository": key.hex(), "unfollowed": True}
+        if cmd == "sync":
+            key = _hex_key(args["repo"])
+            started = trio.current_time()
+            last = [0.0]
+
+            def progress(f) -> None:
+                now = trio.current_time()
+                if now - last[0] >= 0.1:
+                    last[0] = now
+                    pending.append(f.info())
+
+            pending: list[dict] = []
+            async with trio.open_nursery() as nursery:
+
+                async def pump() -> None:
+                    while True:
+                        while pending:
+                            await send({"progress": pending.pop(0)})
+                        await trio.sleep(0.1)
+
+                nursery.start_soon(pump)
+                f = await node.sync_once(key, args.get("peers") or [], float(args.get("timeout") or 60), progress)
+                nursery.cancel_scope.cancel()
+            info = f.info()
+            info["seconds"] = round(trio.current_time() - started, 3)
+            if f.local_seq is None:
+                raise PttError(f"no peer holds {key.hex()} ({f.error or 'nothing offered'})")
+            return info
+        raise PttError(f"unknown command {cmd!r}")
+
+    async def _get(self, args: dict, send) -> dict:
+        node = self.node
+        key = _hex_key(args.get("repo"))
+        for attempt in range(3):
+            try:
+                res = await node.db(
+                    commands.get, node.dd, args["path"], version=args.get("version"), repo=args.get("repo")
+                )
+                first = await node.db(_next_piece, res.stream)
+                break
+            except MissingBlock:
+                if key is None or attempt == 2:
+                    raise
+                await node.fetch_path(key, args["path"])
+        await send({"meta": res.data})
+        piece = first
+        while piece:
+            await send({"chunk": piece})
+            piece = await node.db(_next_piece, res.stream)
+        return res.data
+
+
+def _next_piece(stream) -> bytes:
+    out = bytearray()
+    for piece in stream:
+        out += piece
+        if len(out) >= STREAM_PIECE:
+            break
+    return bytes(out)
+
+
+async def _try_send(send, obj) -> None:
+    try:
+        await send(obj)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+# --- client (used by pttctl; plain blocking sockets) ----------------------------------
+
+
+class ControlClient:
+    def __init__(self, path: str):
+        self.path = path
+
+    @classmethod
+    def for_data_dir(cls, data_dir: str) -> ControlClient | None:
+        """The client of the daemon running on ``data_dir``, or None if none runs."""
+        try:
+            with open(os.path.join(data_dir, "run.json")) as f:
+                info = json.load(f)
+        except (OSError, ValueError):
+            return None
+        path = info.get("control")
+        if not path:
+            return None
+        client = cls(path)
+        try:
+            client._connect().close()
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                return None  # a killed daemon's leftover run.json
+            raise
+        return client
+
+    def _connect(self) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(self.path)
+        except OSError:
+            s.close()
+            raise
+        return s
+
+    def call(
+        self,
+        cmd: str,
+        args: dict,
+        on_progress: Callable[[dict], None] | None = None,
+        on_chunk: Callable[[bytes], None] | None = None,
+        on_meta: Callable[[dict], None] | None = None,
+    ) -> dict:
+        s = self._connect()
+        try:
+            s.sendall(_pack({"cmd": cmd, "args": args}))
+            decoder = FrameDecoder(MAX_CONTROL_FRAME)
+            while True:
+                data = s.recv(1 << 20)
+                if not data:
+                    raise PttError("the daemon closed the control connection without an answer")
+                for frame in decoder.feed(data):
+                    msg = msgpack.unpackb(frame, raw=False)
+                    if "ok" in msg:
+                        return msg["ok"]
+                    if "error" in msg:
+                        raise PttError(msg["error"])
+                    if "progress" in msg and on_progress:
+                        on_progress(msg["progress"])
+                    if "chunk" in msg and on_chunk:
+                        on_chunk(msg["chunk"])
+                    if "meta" in msg and on_meta:
+                        on_meta(msg["meta"])
+        finally:
+            s.close()

@@ -1,0 +1,280 @@
+"""Fetching a tree from a peer: only the blocks we lack, only under the wanted prefixes.
+
+The walk starts at a root (a commit's tree, or a large value's chunk tree) and goes
+down level by level. Each address is first classified against the store, in batches:
+
+* not stored: asked of the peer (``want``, up to ``want_batch`` hashes per request,
+  ``window`` requests in flight);
+* stored and not marked partial: its whole subtree is stored, so it is skipped;
+* stored and partial (an earlier sync was cut, or a sparse follow fetched only part of
+  it): read locally and walked on.
+
+Every block that arrives is checked: its blake3 must be an address we asked for, its
+kind what the parent says, its content well-formed, and it must fit where its parent
+put it (level, last key, key range, byte sizes). Anything else is ``FetchError`` with
+``hostile=True``, and nothing of that answer is stored.
+
+Blocks are stored as they arrive (in batches); interior ones are marked partial, and
+the caller clears the marks of the completed subtrees in the transaction that accepts
+the commit. A cut connection therefore loses nothing already received: the next
+attempt finds those blocks stored and does not fetch them again.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+from blake3 import blake3
+from msgpack import ExtType
+
+from protocol.chunks import decode_chunk_node
+from protocol.errors import FormatError
+from protocol.hashing import HASH_SIZE, KIND_CHUNK, KIND_CHUNK_NODE, KIND_NODE, KIND_VALUE
+from protocol.tree import EXT_BLOCK, decode_node
+
+from .store import Store
+
+FLUSH_BLOCKS = 20_000
+FLUSH_BYTES = 24 << 20
+CHECK_BATCH = 4096
+
+
+class FetchError(Exception):
+    """The peer cannot or will not give us what we need. ``hostile``: it sent something
+    no honest peer sends (a block that fails its checks)."""
+
+    def __init__(self, message: str, hostile: bool = False):
+        super().__init__(message)
+        self.hostile = hostile
+
+
+@dataclass(slots=True)
+class Need:
+    addr: bytes
+    kind: int
+    level: int = -1  # the level the node must have (-1: a root, any)
+    last: bytes | None = None  # the last key a tree node must have (None: a root)
+    low: bytes | None = None  # keys of this subtree are above this (None: no bound)
+    size: int = -1  # bytes a value, chunk or chunk-tree node must hold (-1: not known)
+
+
+@dataclass
+class FetchStats:
+    blocks: int = 0
+    bytes: int = 0
+    requests: int = 0
+    skipped: int = 0  # addresses found complete in the store
+    local: int = 0  # partial interior blocks walked from the store
+
+
+Request = Callable[[dict], Awaitable[dict]]
+RunDb = Callable[..., Awaitable]
+
+
+def _prefix_end(p: bytes) -> bytes:
+    return p + b"\xff"  # no UTF-8 path byte is 0xff, so this is above every key under p
+
+
+class Fetcher:
+    def __init__(
+        self,
+        store: Store,
+        run_db: RunDb,
+        request: Request,
+        *,
+        prefixes: list[str] | None = None,
+        prefetched: dict[bytes, bytes] | None = None,
+        window: int = 8,
+        want_batch: int = 1024,
+        progress: Callable[[FetchStats], None] | None = None,
+    ):
+        self.store = store
+        self.db = run_db
+        self.request = request
+        full = not prefixes or "/" in prefixes
+        self.prefixes = None if full else [p.encode() for p in prefixes]
+        self.prefetched = prefetched or {}
+        self.window = window
+        self.want_batch = want_batch
+        self.progress = progress
+        self.stats = FetchStats()
+        self.complete: list[bytes] = []  # interior blocks whose subtree is (now) complete
+        self._check: deque[Need] = deque()
+        self._fetch: deque[Need] = deque()
+        self._rows: list[tuple[bytes, bytes]] = []
+        self._rows_bytes = 0
+        self._partial: list[bytes] = []
+
+    # --- prefixes -------------------------------------------------------------------
+
+    def _key_wanted(self, key: bytes) -> bool:
+        return self.prefixes is None or any(key.startswith(p) for p in self.prefixes)
+
+    def _range_wanted(self, low: bytes | None, high: bytes) -> bool:
+        if self.prefixes is None:
+            return True
+        return any(high >= p and (low is None or low < _prefix_end(p)) for p in self.prefixes)
+
+    def _range_covered(self, low: bytes | None, high: bytes | None) -> bool:
+        if self.prefixes is None:
+            return True
+        if low is None or high is None:
+            return False
+        return any(low.startswith(p) and high.startswith(p) for p in self.prefixes)
+
+    # --- the walk -------------------------------------------------------------------
+
+    async def run(self, needs: list[Need]) -> FetchStats:
+        self._check.extend(needs)
+        send, recv = trio.open_memory_channel(math.inf)
+        inflight = 0
+        async with trio.open_nursery() as nursery:
+            while self._check or self._fetch or inflight:
+                if self._check:
+                    await self._classify()
+                while self._fetch and inflight < self.window:
+                    group = [self._fetch.popleft() for _ in range(min(self.want_batch, len(self._fetch)))]
+                    inflight += 1
+                    nursery.start_soon(self._ask, group, send)
+                if inflight and not self._check:
+                    group, reply = await recv.receive()
+                    inflight -= 1
+                    if isinstance(reply, BaseException):
+                        raise reply
+                    self._arrived(group, reply)
+                    if self._rows_bytes >= FLUSH_BYTES or len(self._rows) >= FLUSH_BLOCKS:
+                        await self._flush()
+                    if self.progress:
+                        self.progress(self.stats)
+            nursery.cancel_scope.cancel()
+        await self._flush()
+        return self.stats
+
+    async def _ask(self, group: list[Need], send: trio.MemorySendChannel) -> None:
+        self.stats.requests += 1
+        try:
+            reply = await self.request({"t": "want", "hashes": [n.addr for n in group]})
+        except Exception as exc:  # handed to the walk, which raises it
+            reply = exc
+        await send.send((group, reply))
+
+    async def _classify(self) -> None:
+        batch = [self._check.popleft() for _ in range(min(CHECK_BATCH, len(self._check)))]
+        present, partial = await self.db(self.store.classify, [n.addr for n in batch])
+        local: list[Need] = []
+        for n in batch:
+            if n.addr not in present:
+                block = self.prefetched.pop(n.addr, None)
+                if block is not None:
+                    self._take(n, block, store=True)
+                else:
+                    self._fetch.append(n)
+            elif n.addr in partial:
+                local.append(n)
+            else:
+                self.stats.skipped += 1
+        if local:
+            blocks, missing = await self.db(self.store.get_blocks, [n.addr for n in local])
+            if missing:  # removed (gc) or corrupt since classify: fetch them again
+                gone = set(missing)
+                self._fetch.extend(n for n in local if n.addr in gone)
+                local = [n for n in local if n.addr not in gone]
+            for n, block in zip(local, blocks):
+                self.stats.local += 1
+                self._take(n, block, store=False)
+
+    def _arrived(self, group: list[Need], reply: dict) -> None:
+        if reply.get("t") != "blocks":
+            raise FetchError(f"answered want with {reply.get('t')}", hostile=True)
+        if reply["missing"]:
+            raise FetchError(f"peer does not hold {len(reply['missing'])} of the blocks asked for")
+        by_addr = {n.addr: n for n in group}
+        blocks = reply["blocks"]
+        if len(blocks) != len(group):
+            raise FetchError(f"asked for {len(group)} blocks, got {len(blocks)}", hostile=True)
+        checked = []
+        for block in blocks:
+            addr = blake3(block).digest()
+            n = by_addr.pop(addr, None)
+            if n is None:
+                raise FetchError(
+                    f"sent a block that was not asked for or does not match its hash ({addr.hex()})", hostile=True
+                )
+            checked.append((n, block))
+        for n, block in checked:
+            self._take(n, block, store=True)
+
+    # --- one block --------------------------------------------------------------------
+
+    def _take(self, n: Need, block: bytes, store: bool) -> None:
+        """Check ``block`` against what its parent says it is and queue its children."""
+        if block[0] != n.kind:
+            raise FetchError(f"block {n.addr.hex()} is of kind {block[0]}, expected {n.kind}", hostile=True)
+        interior = False
+        try:
+            if n.kind == KIND_NODE:
+                interior = self._take_node(n, block)
+            elif n.kind == KIND_CHUNK_NODE:
+                interior = self._take_chunk_node(n, block)
+            elif n.size >= 0 and len(block) - 1 != n.size:
+                raise FormatError(f"holds {len(block) - 1} bytes, its reference says {n.size}")
+        except FormatError as exc:
+            raise FetchError(f"block {n.addr.hex()}: {exc}", hostile=True) from None
+        if store:
+            self.stats.blocks += 1
+            self.stats.bytes += len(block)
+            self._rows.append((n.addr, block))
+            self._rows_bytes += len(block)
+            if interior:
+                self._partial.append(n.addr)
+
+    def _take_node(self, n: Need, block: bytes) -> bool:
+        node = decode_node(block[1:])
+        if n.level >= 0 and node.level != n.level:
+            raise FormatError(f"tree node at level {node.level} where level {n.level} belongs")
+        if n.last is not None and (not node.keys or node.keys[-1] != n.last):
+            raise FormatError("tree node does not end with the key its parent names")
+        if n.low is not None and node.keys and node.keys[0] <= n.low:
+            raise FormatError("tree node holds keys outside its parent's range")
+        keys, vals = node.keys, node.vals
+        before = len(self._check)
+        if node.level > 0:
+            low = n.low
+            for j, child in enumerate(vals):
+                if self._range_wanted(low, keys[j]):
+                    self._check.append(Need(child, KIND_NODE, node.level - 1, keys[j], low))
+                low = keys[j]
+            covered = self._range_covered(n.low, n.last)
+        else:
+            for k, v in zip(keys, vals):
+                if isinstance(v, ExtType) and self._key_wanted(k):
+                    size = int.from_bytes(v.data[HASH_SIZE:], "big")
+                    kind = KIND_VALUE if v.code == EXT_BLOCK else KIND_CHUNK_NODE
+                    self._check.append(Need(v.data[:HASH_SIZE], kind, size=size))
+            covered = self.prefixes is None or all(self._key_wanted(k) for k in keys)
+        if covered:
+            self.complete.append(n.addr)
+        return len(self._check) > before or not covered
+
+    def _take_chunk_node(self, n: Need, block: bytes) -> bool:
+        node = decode_chunk_node(block[1:])
+        if n.level >= 0 and node.level != n.level:
+            raise FormatError(f"chunk-tree node at level {node.level} where level {n.level} belongs")
+        if n.size >= 0 and sum(node.sizes) != n.size:
+            raise FormatError(f"chunk-tree node holds {sum(node.sizes)} bytes, its parent says {n.size}")
+        kind = KIND_CHUNK if node.level == 0 else KIND_CHUNK_NODE
+        for a, s in zip(node.addrs, node.sizes):
+            self._check.append(Need(a, kind, node.level - 1 if node.level else -1, size=s))
+        self.complete.append(n.addr)
+        return True
+
+    async def _flush(self) -> None:
+        if not self._rows:
+            return
+        rows, partial = self._rows, self._partial
+        self._rows, self._partial, self._rows_bytes = [], [], 0
+        await self.db(self.store.put_fetched, rows, partial)

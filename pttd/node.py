@@ -1,0 +1,691 @@
+"""The daemon core: peers, follows and sync, on top of the store.
+
+* Connections: a listener for the wire protocol, a dialer per known address (static
+  peers and the peers of each follow) that reconnects with exponential backoff, limits
+  on connections in total and per remote address.
+* Serving: any stored block to any peer (``want``), a path with its proof (``get``),
+  heads to subscribers (``sub``), new heads pushed at once with the blocks they added.
+* Following: a followed repository is subscribed on every session. A head offered by a
+  peer is checked (signature, no rollback, fork evidence) before anything is fetched;
+  then the tree is fetched (pttd.fetch) and the commit accepted in one transaction.
+  One sync per repository at a time; a newer head arriving meanwhile is taken next.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from itertools import islice
+
+import trio
+from blake3 import blake3
+from msgpack import ExtType
+from nacl.signing import SigningKey
+
+from protocol import tree
+from protocol.commit import SignedCommit, verify_commit
+from protocol.errors import FormatError, SignatureError
+from protocol.hashing import HASH_SIZE, KIND_NODE
+from protocol.paths import validate_path
+
+from .config import Config, parse_address
+from .datadir import DataDir
+from .errors import ForkDetected, MissingBlock, NotFound, PttError, RollbackRefused
+from .fetch import Fetcher, FetchError, FetchStats, Need
+from .peer import Misbehaved, Peer, PeerGone
+from .wire import Connection, WireError
+
+log = logging.getLogger("pttd.node")
+
+MAX_PUSHED_BLOCKS = 64
+
+
+@dataclass
+class Offer:
+    commit: SignedCommit
+    prefetched: dict[bytes, bytes]
+
+
+@dataclass
+class Follow:
+    key: bytes
+    prefixes: list[str]
+    peers: list[str]
+    persistent: bool = True
+    live: bool = True
+    state: str = "waiting"  # waiting | syncing | synced | forked
+    local_seq: int | None = None
+    local_hash: bytes | None = None
+    newest_seen: int | None = None
+    last_sync: float | None = None  # unix time
+    error: str | None = None
+    progress: FetchStats | None = None
+    offers: dict[Peer, Offer] = field(default_factory=dict)
+    no_head: set[Peer] = field(default_factory=set)
+    wake: trio.Event = field(default_factory=trio.Event)
+    changed: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope | None = None
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def info(self) -> dict:
+        lag = None
+        if self.newest_seen is not None:
+            lag = max(0, self.newest_seen - (self.local_seq if self.local_seq is not None else -1))
+        p = self.progress
+        return {
+            "repository": self.key.hex(),
+            "prefixes": self.prefixes,
+            "peers": self.peers,
+            "followed": self.persistent,
+            "state": self.state,
+            "version": self.local_seq,
+            "newest_seen": self.newest_seen,
+            "lag": lag,
+            "last_sync": self.last_sync,
+            "error": self.error,
+            "fetched_blocks": p.blocks if p else 0,
+            "fetched_bytes": p.bytes if p else 0,
+        }
+
+
+class SyncGate:
+    """Syncs run together; garbage collection runs alone (it would delete the blocks of
+    a sync whose commit is not accepted yet)."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.exclusive = False
+        self._cond = trio.Condition()
+
+    @asynccontextmanager
+    async def sync(self):
+        async with self._cond:
+            while self.exclusive:
+                await self._cond.wait()
+            self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+            with trio.CancelScope(shield=True):
+                async with self._cond:
+                    self._cond.notify_all()
+
+    @asynccontextmanager
+    async def alone(self):
+        async with self._cond:
+            while self.exclusive:
+                await self._cond.wait()
+            self.exclusive = True
+            while self.active:
+                await self._cond.wait()
+        try:
+            yield
+        finally:
+            self.exclusive = False
+            with trio.CancelScope(shield=True):
+                async with self._cond:
+                    self._cond.notify_all()
+
+
+class Node:
+    def __init__(self, dd: DataDir, cfg: Config, identity: SigningKey, mode: str = "node"):
+        self.dd = dd
+        self.store = dd.store
+        self.cfg = cfg
+        self.identity = identity
+        self.id = bytes(identity.verify_key)
+        self.mode = mode
+        self.peers: set[Peer] = set()
+        self.follows: dict[bytes, Follow] = {}
+        self.listen_addresses: list[str] = []
+        self.gate = SyncGate()
+        self._db_limiter = trio.CapacityLimiter(1)
+        self._dialers: dict[str, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
+        self._per_address: dict[str, int] = {}
+
+    async def db(self, fn, *args, **kwargs):
+        """Run a store call on the store's thread (one at a time)."""
+        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=self._db_limiter)
+
+    # --- running --------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        host, port = parse_address(self.cfg.wire.listen)
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host or None)
+        except OSError as exc:
+            raise PttError(f"cannot listen on {self.cfg.wire.listen}: {exc.strerror or exc}") from None
+        for lst in listeners:
+            h, p = lst.socket.getsockname()[:2]
+            self.listen_addresses.append(f"[{h}]:{p}" if ":" in h else f"{h}:{p}")
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(functools.partial(trio.serve_listeners, self._accept, listeners))
+            for key, prefixes, peers in await self.db(self.store.list_follows):
+                await self._start_follow(key, prefixes, peers, persistent=True, live=True)
+            for addr in self.cfg.peers:
+                self.ensure_dial(addr)
+            log.info("listening for peers on %s", ", ".join(self.listen_addresses))
+            task_status.started()
+
+    def stop(self) -> None:
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    # --- connections ----------------------------------------------------------------
+
+    async def _accept(self, stream: trio.SocketStream) -> None:
+        try:
+            host, port = stream.socket.getpeername()[:2]
+        except OSError:
+            await stream.aclose()
+            return
+        remote = f"{host}:{port}"
+        w = self.cfg.wire
+        if len(self.peers) >= w.max_connections:
+            log.warning("refused connection from %s: %d connections already (max_connections)", remote, len(self.peers))
+            await stream.aclose()
+            return
+        if self._per_address.get(host, 0) >= w.max_connections_per_address:
+            log.warning("refused connection from %s: %d from that address already", remote, self._per_address[host])
+            await stream.aclose()
+            return
+        self._per_address[host] = self._per_address.get(host, 0) + 1
+        try:
+            await self._session(stream, remote, outbound=False)
+        finally:
+            self._per_address[host] -= 1
+            if not self._per_address[host]:
+                del self._per_address[host]
+
+    def ensure_dial(self, addr: str) -> None:
+        if addr in self._dialers or self._nursery is None:
+            return
+        scope = trio.CancelScope()
+        self._dialers[addr] = scope
+        self._nursery.start_soon(self._dial_loop, addr, scope)
+
+    def stop_dial(self, addr: str) -> None:
+        scope = self._dialers.pop(addr, None)
+        if scope is not None:
+            scope.cancel()
+
+    async def _dial_loop(self, addr: str, scope: trio.CancelScope) -> None:
+        w = self.cfg.wire
+        delay = w.reconnect_min
+        host, port = parse_address(addr)
+        with scope:
+            while True:
+                started = trio.current_time()
+                try:
+                    with trio.fail_after(w.handshake_timeout):
+                        stream = await trio.open_tcp_stream(host, port)
+                except (OSError, trio.TooSlowError) as exc:
+                    log.debug("cannot reach %s: %s", addr, exc)
+                else:
+                    again = await self._session(stream, addr, outbound=True, dialed=addr)
+                    if not again:
+                        return
+                    if trio.current_time() - started > 10 * w.reconnect_min:
+                        delay = w.reconnect_min
+                await trio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, w.reconnect_max)
+
+    async def _session(self, stream, remote: str, outbound: bool, dialed: str | None = None) -> bool:
+        """Run one session; returns False if it must not be redialed (it was ourselves)."""
+        conn = Connection(stream, self.cfg.wire, remote)
+        try:
+            await conn.establish(self.identity, initiator=outbound, mode=self.mode)
+        except WireError as exc:
+            log.warning("peer %s: %s", conn.name, exc)
+            await conn.aclose()
+            return True
+        if conn.peer_id == self.id:
+            log.info("peer %s is this daemon itself: not dialing it again", remote)
+            await conn.aclose()
+            return False
+        peer = Peer(self, conn, outbound, dialed)
+        self.peers.add(peer)
+        log.info("peer %s connected (%s, %s)", peer.name, "out" if outbound else "in", conn.peer_mode)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._subscribe_all, peer)
+                await peer.run()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.peers.discard(peer)
+            for f in self.follows.values():
+                f.offers.pop(peer, None)
+                f.no_head.discard(peer)
+            if peer.reason:
+                log.warning("peer %s: closed: %s", peer.name, peer.reason)
+            else:
+                log.info("peer %s disconnected", peer.name)
+        return True
+
+    async def _subscribe_all(self, peer: Peer) -> None:
+        for f in list(self.follows.values()):
+            try:
+                await peer.send({"t": "sub", "repo": f.key, "prefixes": f.prefixes, "live": f.live})
+            except PeerGone:
+                return
+
+    # --- serving --------------------------------------------------------------------
+
+    async def serve_request(self, peer: Peer, msg: dict) -> None:
+        t = msg["t"]
+        try:
+            if t == "want":
+                blocks, missing = await self.db(self.store.get_blocks, msg["hashes"])
+                await peer.send({"t": "blocks", "id": msg["id"], "blocks": blocks, "missing": missing})
+            elif t == "get":
+                blocks, missing = await self.db(self._path_blocks, msg["root"], msg["path"])
+                await peer.send({"t": "blocks", "id": msg["id"], "blocks": blocks, "missing": missing})
+            elif t == "ping":
+                await peer.send({"t": "pong", "id": msg["id"]})
+            elif t == "sub":
+                if msg["live"]:
+                    peer.subs[msg["repo"]] = msg["prefixes"]
+                head = await self.db(self._head_message, msg["repo"], False)
+                await peer.send(head or {"t": "head", "repo": msg["repo"], "commit": None, "sig": None, "blocks": []})
+            elif t == "unsub":
+                peer.subs.pop(msg["repo"], None)
+        except PeerGone:
+            pass
+
+    def _path_blocks(self, root: bytes, path: str) -> tuple[list[bytes], list[bytes]]:
+        """The nodes from ``root`` down to ``path`` and its value block (or the root of
+        its chunk tree): everything a reader needs to check and read it."""
+        if not self.store.has_block(root):
+            return [], [root]
+        try:
+            validate_path(path)
+            key = path.encode()
+            addrs = tree.path_nodes(root, key, self.store.load_node)
+            ref = tree.lookup(root, key, self.store.load_node)
+            if isinstance(ref, ExtType):
+                addrs.append(ref.data[:HASH_SIZE])
+            return self.store.get_blocks(addrs)
+        except (MissingBlock, FormatError, PttError):  # we hold only part of that tree
+            return [], [root]
+
+    def _head_message(self, key: bytes, with_blocks: bool) -> dict | None:
+        row = self.store.find_repo(key)
+        if row is None:
+            return None
+        seq = self.store.head_seq(row)
+        if seq is None:
+            return None
+        sc = self.store.load_commit(row, seq)
+        blocks: list[bytes] = []
+        if with_blocks and seq > 0:
+            try:
+                blocks = self._new_blocks(self.store.load_commit(row, seq - 1).commit.root, sc.commit.root)
+            except (NotFound, MissingBlock):
+                blocks = []
+        return {"t": "head", "repo": key, "commit": sc.block, "sig": sc.signature, "blocks": blocks}
+
+    def _new_blocks(self, old_root: bytes, new_root: bytes) -> list[bytes]:
+        """The blocks a small commit added (paths to its changes and their values), so a
+        follower needs no round trip; nothing for a large commit."""
+        load = self.store.load_node
+        changes = list(islice(tree.diff(old_root, new_root, load), 17))
+        if len(changes) > 16:
+            return []
+        addrs: dict[bytes, None] = {}
+        for key, _old, new in changes:
+            for a in tree.path_nodes(new_root, key, load):
+                addrs[a] = None
+            if isinstance(new, ExtType) and new.code == tree.EXT_BLOCK:
+                addrs[new.data[:HASH_SIZE]] = None
+        blocks, _ = self.store.get_blocks(list(addrs))
+        out, total = [], 0
+        for b in blocks:
+            total += len(b)
+            if total > self.cfg.wire.push_bytes:
+                break
+            out.append(b)
+        return out
+
+    async def publish(self, key: bytes) -> None:
+        """A repository has a new head: push it to every peer subscribed to it."""
+        subscribers = [p for p in self.peers if key in p.subs]
+        if not subscribers:
+            return
+        msg = await self.db(self._head_message, key, True)
+        if msg is None:
+            return
+        for p in subscribers:
+            p.push(key, msg)
+
+    # --- following ------------------------------------------------------------------
+
+    async def follow(self, key: bytes, prefixes: list[str], peers: list[str], persistent: bool = True) -> Follow:
+        for p in prefixes:
+            validate_path(p.rstrip("/") or "/") if p != "/" else None
+        for a in peers:
+            parse_address(a)
+        if key == self.id:
+            raise PttError("this is the daemon's own repository")
+        f = self.follows.get(key)
+        if f is not None and f.persistent and persistent:
+            f.prefixes, f.peers = prefixes or ["/"], sorted(set(f.peers) | set(peers))
+            await self.db(self.store.set_follow, key, f.prefixes, f.peers)
+            for a in peers:
+                self.ensure_dial(a)
+            await self._resubscribe(f)
+            return f
+        if f is not None:
+            if persistent and not f.persistent:
+                f.persistent, f.live = True, True
+                f.prefixes, f.peers = prefixes or ["/"], sorted(set(peers))
+                await self.db(self.store.set_follow, key, f.prefixes, f.peers)
+                await self._resubscribe(f)
+            for a in peers:
+                self.ensure_dial(a)
+            return f
+        if persistent:
+            await self.db(self.store.set_follow, key, prefixes or ["/"], peers)
+        return await self._start_follow(key, prefixes or ["/"], peers, persistent=persistent, live=persistent)
+
+    async def _start_follow(self, key: bytes, prefixes, peers, persistent: bool, live: bool) -> Follow:
+        row = await self.db(self._repo_row, key)
+        f = Follow(key, list(prefixes), list(peers), persistent=persistent, live=live)
+        seq = await self.db(self.store.head_seq, row)
+        if seq is not None:
+            sc = await self.db(self.store.load_commit, row, seq)
+            f.local_seq, f.local_hash = seq, sc.address
+            f.state = "synced"
+        forks = await self.db(self.store.forks, row)
+        if forks:
+            f.state = "forked"
+            f.error = f"fork evidence at seq {forks[0][0]}"
+        self.follows[key] = f
+        f.scope = trio.CancelScope()
+        self._nursery.start_soon(self._follow_worker, f)
+        for a in peers:
+            self.ensure_dial(a)
+        await self._resubscribe(f)
+        return f
+
+    def _repo_row(self, key: bytes):
+        row = self.store.find_repo(key)
+        return row if row is not None else self.store.add_repo(key, owned=False)
+
+    async def _resubscribe(self, f: Follow) -> None:
+        for p in list(self.peers):
+            try:
+                await p.send({"t": "sub", "repo": f.key, "prefixes": f.prefixes, "live": f.live})
+            except PeerGone:
+                pass
+
+    async def unfollow(self, key: bytes) -> bool:
+        f = self.follows.pop(key, None)
+        removed = await self.db(self.store.remove_follow, key)
+        if f is None:
+            return removed
+        if f.scope is not None:
+            f.scope.cancel()
+        for p in list(self.peers):
+            try:
+                await p.send({"t": "unsub", "repo": key})
+            except PeerGone:
+                pass
+        still_needed = {a for g in self.follows.values() for a in g.peers} | set(self.cfg.peers)
+        for a in f.peers:
+            if a not in still_needed:
+                self.stop_dial(a)
+        return True
+
+    def on_head(self, peer: Peer, msg: dict) -> None:
+        """A peer told us a head (answering our sub, or pushed). Checked here, at once;
+        fetched by the follow's worker."""
+        key = msg["repo"]
+        f = self.follows.get(key)
+        if msg["commit"] is None:
+            if f is not None:
+                f.no_head.add(peer)
+                f.notify()
+            return
+        try:
+            sc = verify_commit(msg["commit"], msg["sig"], key)
+        except (FormatError, SignatureError) as exc:
+            raise Misbehaved(f"head of {key.hex()[:16]} refused: {exc}") from None
+        if f is None:
+            return  # not (or no longer) followed
+        if f.newest_seen is None or sc.seq > f.newest_seen:
+            f.newest_seen = sc.seq
+        if f.local_seq is not None and sc.seq < f.local_seq:
+            log.info(
+                "peer %s: head seq %d of %s refused: older than ours (%d)",
+                peer.name,
+                sc.seq,
+                key.hex()[:16],
+                f.local_seq,
+            )
+            f.no_head.add(peer)
+            f.notify()
+            return
+        if f.local_seq == sc.seq and f.local_hash == sc.address:
+            f.no_head.add(peer)  # nothing newer there
+            f.notify()
+            return
+        prefetched = {}
+        for b in msg["blocks"][:MAX_PUSHED_BLOCKS]:
+            prefetched[blake3(b).digest()] = b
+        f.offers[peer] = Offer(sc, prefetched)
+        f.wake.set()
+
+    async def _follow_worker(self, f: Follow) -> None:
+        with f.scope:
+            while True:
+                await f.wake.wait()
+                f.wake = trio.Event()
+                while f.state != "forked":
+                    offer_peer = self._best_offer(f)
+                    if offer_peer is None:
+                        break
+                    peer, offer = offer_peer
+                    del f.offers[peer]
+                    await self._sync_offer(f, peer, offer)
+                    f.notify()
+                f.notify()
+
+    def _best_offer(self, f: Follow) -> tuple[Peer, Offer] | None:
+        best = None
+        for p, o in f.offers.items():
+            if p.reason or p.conn.closed:
+                continue
+            if best is None or o.commit.seq > best[1].commit.seq:
+                best = (p, o)
+        if best is None:
+            return None
+        sc = best[1].commit
+        if f.local_seq is not None and (sc.seq < f.local_seq or (sc.seq == f.local_seq and sc.address == f.local_hash)):
+            f.offers.clear()
+            return None
+        return best
+
+    async def _sync_offer(self, f: Follow, peer: Peer, offer: Offer) -> None:
+        sc = offer.commit
+        key = f.key
+        short = key.hex()[:16]
+        f.state = "syncing"
+        f.error = None
+        started = trio.current_time()
+        fetcher = None
+        f.no_head.add(peer)  # it answered; a newer head from it comes as a new offer
+        try:
+            async with self.gate.sync():
+                row = await self.db(self._repo_row, key)
+                if f.local_seq != sc.seq:  # same seq, other commit: fork evidence, nothing to fetch
+                    w = self.cfg.wire
+                    fetcher = Fetcher(
+                        self.store,
+                        self.db,
+                        peer.request,
+                        prefixes=f.prefixes,
+                        prefetched=offer.prefetched,
+                        window=w.window,
+                        want_batch=w.want_batch,
+                        progress=lambda st: (setattr(f, "progress", st), f.notify()),
+                    )
+                    f.progress = fetcher.stats
+                    await fetcher.run([Need(sc.commit.root, KIND_NODE)])
+                await self.db(
+                    self.store.accept_commit, row, sc.block, sc.signature, fetcher.complete if fetcher else ()
+                )
+        except PeerGone as exc:
+            f.state = "waiting"
+            f.error = str(exc)
+            log.info("sync of %s seq %d from %s interrupted: %s", short, sc.seq, peer.name, exc)
+            return
+        except FetchError as exc:
+            f.state = "waiting"
+            f.error = f"{peer.name}: {exc}"
+            if exc.hostile:
+                log.warning("peer %s: sync of %s refused: %s", peer.name, short, exc)
+                peer.close(f"sent a bad block for {short}: {exc}")
+            else:
+                log.info("sync of %s seq %d from %s failed: %s", short, sc.seq, peer.name, exc)
+            return
+        except ForkDetected as exc:
+            f.state = "forked"
+            f.error = str(exc)
+            log.warning("peer %s: %s; fork evidence kept, no longer following %s", peer.name, exc, short)
+            return
+        except RollbackRefused as exc:
+            log.info("peer %s: %s", peer.name, exc)
+            f.state = "synced" if f.local_seq is not None else "waiting"
+            return
+        f.local_seq, f.local_hash = sc.seq, sc.address
+        f.state = "synced"
+        f.last_sync = time.time()
+        st = fetcher.stats if fetcher else FetchStats()
+        log.info(
+            "synced %s seq %d from %s: %d blocks, %d bytes, %d requests in %.3f s",
+            short,
+            sc.seq,
+            peer.name,
+            st.blocks,
+            st.bytes,
+            st.requests,
+            trio.current_time() - started,
+        )
+        await self.publish(key)
+
+    # --- on-demand reads ------------------------------------------------------------
+
+    async def fetch_path(self, key: bytes, path: str) -> None:
+        """Fetch one path of a followed repository that is not stored (outside the
+        followed prefixes): one ``get`` round trip brings the path from the root with
+        its value; a large value's chunks follow in ``want`` batches."""
+        row = self.store.find_repo(key)
+        seq = self.store.head_seq(row) if row else None
+        if seq is None:
+            raise NotFound(f"no version of {key.hex()} is stored")
+        root = (await self.db(self.store.load_commit, row, seq)).commit.root
+        f = self.follows.get(key)
+        candidates = [p for p in self.peers if f is not None and p in f.offers] + [
+            p for p in self.peers if f is None or p not in f.offers
+        ]
+        errors = []
+        for peer in candidates:
+            try:
+                reply = await peer.request({"t": "get", "repo": key, "root": root, "path": path})
+                if reply.get("t") != "blocks":
+                    raise FetchError(f"answered get with {reply.get('t')}", hostile=True)
+                if reply["missing"]:
+                    errors.append(f"{peer.name} does not hold that version")
+                    continue
+                prefetched = {blake3(b).digest(): b for b in reply["blocks"][: tree.MAX_LEVEL + 2]}
+                fetcher = Fetcher(
+                    self.store,
+                    self.db,
+                    peer.request,
+                    prefixes=[path],
+                    prefetched=prefetched,
+                    window=self.cfg.wire.window,
+                )
+                async with self.gate.sync():
+                    await fetcher.run([Need(root, KIND_NODE)])
+                    # the blocks on the path stay partial: siblings were not fetched
+                return
+            except PeerGone as exc:
+                errors.append(str(exc))
+            except FetchError as exc:
+                errors.append(f"{peer.name}: {exc}")
+                if exc.hostile:
+                    peer.close(f"sent a bad block for {key.hex()[:16]}: {exc}")
+        detail = "; ".join(errors) if errors else "no peer connected"
+        raise NotFound(f"{path} of {key.hex()} is not stored here and could not be fetched ({detail})")
+
+    async def fetch_prefix(self, key: bytes, prefix: str) -> None:
+        """Fetch everything under ``prefix`` of a followed repository's stored head."""
+        row = self.store.find_repo(key)
+        seq = self.store.head_seq(row) if row else None
+        if seq is None:
+            raise NotFound(f"no version of {key.hex()} is stored")
+        root = (await self.db(self.store.load_commit, row, seq)).commit.root
+        errors = []
+        for peer in list(self.peers):
+            fetcher = Fetcher(self.store, self.db, peer.request, prefixes=[prefix], window=self.cfg.wire.window)
+            try:
+                async with self.gate.sync():
+                    await fetcher.run([Need(root, KIND_NODE)])
+                return
+            except PeerGone as exc:
+                errors.append(str(exc))
+            except FetchError as exc:
+                errors.append(f"{peer.name}: {exc}")
+                if exc.hostile:
+                    peer.close(f"sent a bad block for {key.hex()[:16]}: {exc}")
+        detail = "; ".join(errors) if errors else "no peer connected"
+        raise NotFound(f"{prefix} of {key.hex()} is not stored here and could not be fetched ({detail})")
+
+    # --- one-shot sync --------------------------------------------------------------
+
+    async def sync_once(self, key: bytes, peers: list[str], timeout: float, progress=None) -> Follow:
+        """Bring ``key`` up to the newest head the connected (and given) peers offer."""
+        f = self.follows.get(key)
+        if f is None:
+            f = await self.follow(key, [], peers, persistent=False)
+        else:
+            for a in peers:
+                self.ensure_dial(a)
+        # ask every session afresh, so that the answer reflects what they hold now
+        f.no_head.clear()
+        await self._resubscribe(f)
+        with trio.move_on_after(timeout) as scope:
+            while True:
+                connected = [p for p in self.peers if not p.reason]
+                busy = f.state == "syncing" or f.offers
+                answered = connected and all(p in f.no_head for p in connected)
+                if not busy and answered:
+                    break
+                if progress is not None:
+                    progress(f)
+                await f.changed.wait()
+        if scope.cancelled_caught:
+            raise PttError(f"sync of {key.hex()} did not finish within {timeout:g} s ({f.error or f.state})")
+        if f.state == "forked":
+            raise ForkDetected(f.error or "fork detected")
+        return f
+
+    def status(self) -> dict:
+        return {
+            "node": self.id.hex(),
+            "mode": self.mode,
+            "listen": self.listen_addresses,
+            "peers": [p.info() for p in self.peers],
+            "follows": [f.info() for f in self.follows.values()],
+        }
