@@ -130,29 +130,50 @@ class Fetcher:
 
     async def run(self, needs: list[Need]) -> FetchStats:
         self._check.extend(needs)
-        send, recv = trio.open_memory_channel(math.inf)
-        inflight = 0
-        async with trio.open_nursery() as nursery:
-            while self._check or self._fetch or inflight:
-                if self._check:
-                    await self._classify()
-                while self._fetch and inflight < self.window:
-                    group = [self._fetch.popleft() for _ in range(min(self.want_batch, len(self._fetch)))]
-                    inflight += 1
-                    nursery.start_soon(self._ask, group, send)
-                if inflight and not self._check:
-                    group, reply = await recv.receive()
-                    inflight -= 1
-                    if isinstance(reply, BaseException):
-                        raise reply
-                    self._arrived(group, reply)
-                    if self._rows_bytes >= FLUSH_BYTES or len(self._rows) >= FLUSH_BLOCKS:
-                        await self._flush()
-                    if self.progress:
-                        self.progress(self.stats)
-            nursery.cancel_scope.cancel()
+        try:
+            await self._walk()
+        except BaseException:
+            # Keep what arrived and checked out (a cut connection, a shutdown): the next
+            # attempt finds it stored and does not ask for it again.
+            with trio.CancelScope(shield=True):
+                await self._flush()
+            raise
         await self._flush()
         return self.stats
+
+    async def _walk(self) -> None:
+        # The requests run as tasks of this nursery; an error is raised outside it, so
+        # that callers see the error itself rather than an exception group.
+        error: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            try:
+                await self._loop(nursery)
+            except Exception as exc:
+                error = exc
+            nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+
+    async def _loop(self, nursery: trio.Nursery) -> None:
+        send, recv = trio.open_memory_channel(math.inf)
+        inflight = 0
+        while self._check or self._fetch or inflight:
+            if self._check:
+                await self._classify()
+            while self._fetch and inflight < self.window:
+                group = [self._fetch.popleft() for _ in range(min(self.want_batch, len(self._fetch)))]
+                inflight += 1
+                nursery.start_soon(self._ask, group, send)
+            if inflight and not self._check:
+                group, reply = await recv.receive()
+                inflight -= 1
+                if isinstance(reply, BaseException):
+                    raise reply
+                self._arrived(group, reply)
+                if self._rows_bytes >= FLUSH_BYTES or len(self._rows) >= FLUSH_BLOCKS:
+                    await self._flush()
+                if self.progress:
+                    self.progress(self.stats)
 
     async def _ask(self, group: list[Need], send: trio.MemorySendChannel) -> None:
         self.stats.requests += 1

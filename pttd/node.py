@@ -64,6 +64,8 @@ class Follow:
     last_sync: float | None = None  # unix time
     error: str | None = None
     progress: FetchStats | None = None
+    fetched_blocks: int = 0  # over every attempt, for status and for checking resumes
+    fetched_bytes: int = 0
     offers: dict[Peer, Offer] = field(default_factory=dict)
     no_head: set[Peer] = field(default_factory=set)
     wake: trio.Event = field(default_factory=trio.Event)
@@ -90,8 +92,8 @@ class Follow:
             "lag": lag,
             "last_sync": self.last_sync,
             "error": self.error,
-            "fetched_blocks": p.blocks if p else 0,
-            "fetched_bytes": p.bytes if p else 0,
+            "fetched_blocks": self.fetched_blocks + (p.blocks if p and self.state == "syncing" else 0),
+            "fetched_bytes": self.fetched_bytes + (p.bytes if p and self.state == "syncing" else 0),
         }
 
 
@@ -540,7 +542,11 @@ class Node:
                         progress=lambda st: (setattr(f, "progress", st), f.notify()),
                     )
                     f.progress = fetcher.stats
-                    await fetcher.run([Need(sc.commit.root, KIND_NODE)])
+                    try:
+                        await fetcher.run([Need(sc.commit.root, KIND_NODE)])
+                    finally:
+                        f.fetched_blocks += fetcher.stats.blocks
+                        f.fetched_bytes += fetcher.stats.bytes
                 await self.db(
                     self.store.accept_commit, row, sc.block, sc.signature, fetcher.complete if fetcher else ()
                 )

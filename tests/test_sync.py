@@ -29,3 +29,110 @@ async def test_full_sync_and_live_update(tmp_path):
         await wait_for(lambda: f.local_seq == 2)
         got = await trio.to_thread.run_sync(lambda: b.node.dd.repository(a.id).get("/f/new"))
         assert got == b"hello live"
+
+
+async def _tree_of(d, key_hex: str, prefix: str = "/") -> dict[str, bytes]:
+    def work():
+        r = d.node.dd.repository(key_hex)
+        return {e.path: r.get(e.path) for e in r.list(prefix)}
+
+    return await d.node.db(work)
+
+
+async def _put_mixed(d) -> None:
+    def work():
+        repo = d.node.dd.repository()
+        with repo.batch() as b:
+            for i in range(300):
+                b.put(f"/topics/general/{i:04d}", b"t" * 200 + str(i).encode())
+            for i in range(300):
+                b.put(f"/friends/{i:04d}", b"f" * 200 + str(i).encode())
+            b.put("/profile.json", b'{"name": "a"}')
+
+    await d.node.db(work)
+    await d.node.publish(d.node.id)
+
+
+async def test_sparse_sync_then_on_demand_read(tmp_path):
+    async with daemons(tmp_path, 2) as (a, b):
+        await _put_mixed(a)
+        await b.call("follow", repo=a.id, peers=[a.address], prefixes=["/topics/"])
+        f = b.node.follows[a.node.id]
+        await wait_for(lambda: f.local_seq == 1)
+        topics = await _tree_of(b, a.id, "/topics/")
+        assert len(topics) == 300 and topics["/topics/general/0007"] == b"t" * 200 + b"7"
+        fetched_sparse = f.fetched_bytes
+        # Only the /topics/ subtrees came: about half of what a full copy holds.
+        full_bytes = sum(len(v) + 1 for v in (await _tree_of(a, a.id)).values())
+        assert fetched_sparse < 0.75 * full_bytes
+        # A path outside the prefix is fetched on demand, in one get round trip.
+        requests_before = sum(p.conn.bytes_out for p in b.node.peers)
+        got = await b.call("get", path="/friends/0123", repo=a.id)
+        assert got["size"] == 203
+        value = await trio.to_thread.run_sync(lambda: b.node.dd.repository(a.id).get("/friends/0123"))
+        assert value == b"f" * 200 + b"123"
+        sent = sum(p.conn.bytes_out for p in b.node.peers) - requests_before
+        assert sent < 1000  # one small get, no want batches
+        # ...and the rest of /friends/ is still not here.
+        listing = await trio.to_thread.run_sync(lambda: b.client.call("ls", {"prefix": "/topics/", "repo": a.id}))
+        assert len(listing["entries"]) == 300
+
+
+async def test_replica_serves_while_owner_is_stopped_and_chain_converges(tmp_path):
+    async with daemons(tmp_path, 3) as (a, b, c):
+        await _put_many(a, 300)
+        await b.call("follow", repo=a.id, peers=[a.address])
+        fb = b.node.follows[a.node.id]
+        await wait_for(lambda: fb.local_seq == 1)
+        # C knows only B: A -> B -> C.
+        await c.call("follow", repo=a.id, peers=[b.address])
+        fc = c.node.follows[a.node.id]
+        await wait_for(lambda: fc.local_seq == 1)
+        # A live update travels along the chain.
+        await a.call("put", path="/f/chain", value=b"x" * 500)
+        await wait_for(lambda: fc.local_seq == 2)
+        assert await _tree_of(c, a.id) == await _tree_of(a, a.id)
+        # The owner stops; a newcomer D gets the repository from the replica B.
+        await a.stop()
+        async with daemons(tmp_path / "late", 1) as (d,):
+            res = await d.call("sync", repo=a.id, peers=[b.address], timeout=20)
+            assert res["version"] == 2
+            assert (await _tree_of(d, a.id))["/f/chain"] == b"x" * 500
+
+
+async def test_cut_connection_resumes_without_refetching(tmp_path):
+    async with daemons(tmp_path, 2, want_batch=40, window=1) as (a, b):
+        await _put_many(a, 2000)
+        before, _ = await b.node.db(b.node.store.block_stats)
+        await b.call("follow", repo=a.id, peers=[a.address])
+        f = b.node.follows[a.node.id]
+        await wait_for(lambda: f.progress is not None and f.progress.blocks >= 600)
+        for p in list(b.node.peers):
+            p.close("cut by the test")
+        await wait_for(lambda: f.local_seq == 1, timeout=20)
+        after, _ = await b.node.db(b.node.store.block_stats)
+        assert f.fetched_blocks > 600
+        # Every block fetched was new: nothing stored before the cut came again.
+        assert f.fetched_blocks == after - before
+        assert len(await _tree_of(b, a.id)) == 2000
+
+
+async def test_follows_are_remembered_across_restarts(tmp_path):
+    async with trio.open_nursery() as nursery:
+        from tests.netutil import start_daemon
+
+        a = await start_daemon(nursery, str(tmp_path / "a"))
+        b = await start_daemon(nursery, str(tmp_path / "b"))
+        await b.call("follow", repo=a.id, peers=[a.address], prefixes=["/f/"])
+        await _put_many(a, 10)
+        await wait_for(lambda: b.node.follows[a.node.id].local_seq == 1)
+        await b.stop()
+        b = await start_daemon(nursery, str(tmp_path / "b"))
+        status = await b.call("status")
+        assert [(x["repository"], x["prefixes"], x["peers"]) for x in status["follows"]] == [
+            (a.id, ["/f/"], [a.address])
+        ]
+        await a.call("put", path="/f/after-restart", value=b"yes")
+        await wait_for(lambda: b.node.follows[a.node.id].local_seq == 2)
+        assert (await _tree_of(b, a.id, "/f/after-restart")) == {"/f/after-restart": b"yes"}
+        nursery.cancel_scope.cancel()
