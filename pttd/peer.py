@@ -81,12 +81,8 @@ class Peer:
                     nursery.start_soon(self._server, requests_recv)
                     await self._reader(requests_send)
                     nursery.cancel_scope.cancel()
-        except (WireError, Misbehaved) as exc:
-            self.reason = self.reason or str(exc)
-        except BaseExceptionGroup as group:
+        except* (WireError, Misbehaved) as group:
             self.reason = self.reason or "; ".join(str(e) for e in _leaves(group))
-            if not all(isinstance(e, (WireError, Misbehaved)) for e in _leaves(group)):
-                raise
         finally:
             for slot in self._pending.values():
                 slot[0].set()

@@ -22,6 +22,7 @@ from .config import WireConfig
 
 AGENT = "pttd/0.1"
 RECV_SIZE = 256 * 1024
+HANDSHAKE_MAX_FRAME = 1024  # handshake messages are under 200 bytes
 
 
 class WireError(Exception):
@@ -36,7 +37,7 @@ class Connection:
         self.peer_id: bytes | None = None
         self.peer_mode = "?"
         self.version = 0
-        self._decoder = FrameDecoder(MAX_FRAME + TAGLEN)
+        self._decoder = FrameDecoder(HANDSHAKE_MAX_FRAME)  # raised after the handshake
         self._frames: list[bytes] = []
         self._send_lock = trio.Lock()
         self._send = None
@@ -65,9 +66,10 @@ class Connection:
                     hs.read_message(await self._read_frame(idle=self.cfg.handshake_timeout))
                     await self._send_raw(hs.write_message())
                     hs.read_message(await self._read_frame(idle=self.cfg.handshake_timeout))
-            except HandshakeError as exc:
+            except (HandshakeError, WireError) as exc:
                 raise WireError(f"handshake failed: {exc}") from None
             session = hs.session
+            self._decoder.max_frame = MAX_FRAME + TAGLEN
             self.peer_id = session.peer_id
             self._send, self._recv = session.send, session.recv
             await self.send({"t": "hello", "versions": list(messages.SUPPORTED_VERSIONS), "mode": mode, "agent": AGENT})

@@ -1,0 +1,261 @@
+"""Hostile peers: each is refused with a log line naming the peer and the reason, the
+store is unchanged, and the daemon's other sessions carry on."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import trio
+from nacl.signing import SigningKey
+
+from protocol.commit import Commit, sign_commit
+from protocol.framing import FrameDecoder, encode_frame
+from protocol.noise import Handshake
+from pttd.config import WireConfig
+from pttd.wire import Connection
+from tests.netutil import daemons, wait_for
+
+
+def _addr(address: str) -> tuple[str, int]:
+    host, port = address.rsplit(":", 1)
+    return host, int(port)
+
+
+async def raw_connection(address: str, identity: SigningKey | None = None) -> Connection:
+    stream = await trio.open_tcp_stream(*_addr(address))
+    conn = Connection(stream, WireConfig(), address)
+    await conn.establish(identity or SigningKey.generate(), initiator=True, mode="node")
+    return conn
+
+
+class FakePeer:
+    """A listening peer that serves a real store's data, with the answers a test
+    tampers with."""
+
+    def __init__(self, source, head=None, blocks=None):
+        self.source = source  # a running daemon whose store and heads we pass on
+        self.head = head  # (msg) -> msg
+        self.blocks = blocks  # (list of blocks) -> list of blocks
+        self.closed = trio.Event()
+
+    async def start(self, nursery) -> str:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        nursery.start_soon(trio.serve_listeners, self._serve, listeners)
+        return "127.0.0.1:%d" % listeners[0].socket.getsockname()[1]
+
+    async def _serve(self, stream) -> None:
+        conn = Connection(stream, WireConfig(), "fake")
+        node = self.source.node
+        try:
+            await conn.establish(SigningKey.generate(), initiator=False, mode="node")
+            while True:
+                msg = await conn.receive()
+                if msg["t"] == "sub":
+                    head = await node.db(node._head_message, msg["repo"], False)
+                    if head is None:
+                        head = {"t": "head", "repo": msg["repo"], "commit": None, "sig": None, "blocks": []}
+                    elif self.head:
+                        head = self.head(head)
+                    await conn.send(head)
+                elif msg["t"] == "want":
+                    blocks, missing = await node.db(node.store.get_blocks, msg["hashes"])
+                    if self.blocks:
+                        blocks = self.blocks(blocks)
+                    await conn.send({"t": "blocks", "id": msg["id"], "blocks": blocks, "missing": missing})
+                elif msg["t"] == "ping":
+                    await conn.send({"t": "pong", "id": msg["id"]})
+        except Exception:
+            pass
+        finally:
+            self.closed.set()
+            await conn.aclose()
+
+
+async def _write(d, items: dict[str, bytes]) -> None:
+    def work():
+        with d.node.dd.repository().batch() as b:
+            for p, v in items.items():
+                b.put(p, v)
+
+    await d.node.db(work)
+    await d.node.publish(d.node.id)
+
+
+async def _snapshot(d):
+    def work():
+        return d.node.store.block_stats(), [(r.key, d.node.store.head_seq(r)) for r in d.node.store.list_repos()]
+
+    return await d.node.db(work)
+
+
+def _logged(caplog, *needles) -> bool:
+    return any(all(n in r.getMessage() for n in needles) for r in caplog.records if r.levelno >= logging.WARNING)
+
+
+async def _honest_live_update_still_works(a, b) -> None:
+    """B follows A (another session of B's) and receives a live update."""
+    f = b.node.follows[a.node.id]
+    seq = f.local_seq
+    await a.call("put", path=f"/still/{os.urandom(4).hex()}", value=b"working")
+    await wait_for(lambda: f.local_seq == seq + 1)
+
+
+@pytest.fixture
+async def trio_and_three(tmp_path):
+    """Daemons a (honest owner), b (the victim, following a), c (owner of the repository
+    the fake peer serves)."""
+    async with daemons(tmp_path, 3, frame_timeout=0.5, send_timeout=0.5, handshake_timeout=1.0) as ds:
+        a, b, c = ds
+        await _write(a, {"/x": b"1" * 100})
+        await b.call("follow", repo=a.id, peers=[a.address])
+        await wait_for(lambda: b.node.follows[a.node.id].local_seq == 1)
+        await _write(c, {f"/c/{i}": os.urandom(300) for i in range(200)})
+        yield ds
+
+
+async def _follow_through_fake(b, c, fake, nursery):
+    address = await fake.start(nursery)
+    before = await _snapshot(b)
+    await b.call("follow", repo=c.id, peers=[address])
+    return address, before
+
+
+async def test_forged_signature(trio_and_three, caplog):
+    a, b, c = trio_and_three
+
+    def forge(head):
+        sig = bytearray(head["sig"])
+        sig[5] ^= 1
+        return {**head, "sig": bytes(sig)}
+
+    async with trio.open_nursery() as nursery:
+        fake = FakePeer(c, head=forge)
+        address, before = await _follow_through_fake(b, c, fake, nursery)
+        await wait_for(lambda: _logged(caplog, "closed", "refused", "signature"))
+        assert _logged(caplog, "127.0.0.1:", "signature")
+        f = b.node.follows[c.node.id]
+        assert f.local_seq is None
+        blocks_before, _ = before
+        assert (await _snapshot(b))[0] == blocks_before
+        await _honest_live_update_still_works(a, b)
+        nursery.cancel_scope.cancel()
+
+
+async def test_block_not_matching_its_hash(trio_and_three, caplog):
+    a, b, c = trio_and_three
+
+    def corrupt(blocks):
+        return [blocks[0][:-1] + bytes([blocks[0][-1] ^ 1])] + blocks[1:]
+
+    async with trio.open_nursery() as nursery:
+        fake = FakePeer(c, blocks=corrupt)
+        _, before = await _follow_through_fake(b, c, fake, nursery)
+        await wait_for(lambda: _logged(caplog, "does not match its hash"))
+        await fake.closed.wait()
+        assert b.node.follows[c.node.id].local_seq is None
+        assert (await _snapshot(b))[0] == before[0]
+        await _honest_live_update_still_works(a, b)
+        nursery.cancel_scope.cancel()
+
+
+async def test_older_head_and_fork(trio_and_three, caplog):
+    a, b, c = trio_and_three
+    caplog.set_level(logging.INFO)
+    # B holds seq 2 of A's repository; a peer offering seq 1 is refused.
+    await _write(a, {"/y": b"2" * 100})
+    f = b.node.follows[a.node.id]
+    await wait_for(lambda: f.local_seq == 2)
+    old = await a.node.db(lambda: a.node.store.load_commit(a.node.store.find_repo(a.node.id), 1))
+    conn = await raw_connection(b.address)
+    snap = await _snapshot(b)
+    await conn.send({"t": "head", "repo": a.node.id, "commit": old.block, "sig": old.signature, "blocks": []})
+    await wait_for(lambda: any("older than ours" in r.getMessage() for r in caplog.records))
+    assert f.local_seq == 2 and await _snapshot(b) == snap
+    # A fork: a second, different commit signed at seq 2 (the key leaked or was copied).
+    key = a.node.dd.keys.load(a.id)
+    head2 = await a.node.db(lambda: a.node.store.load_commit(a.node.store.find_repo(a.node.id), 2))
+    other = sign_commit(Commit(a.node.id, 2, old.commit.root, old.address, head2.commit.time + 1), key)
+    await conn.send({"t": "head", "repo": a.node.id, "commit": other.block, "sig": other.signature, "blocks": []})
+    await wait_for(lambda: f.state == "forked")
+    assert _logged(caplog, "two different commits at seq 2", "no longer following")
+    forks = await b.node.db(lambda: b.node.store.forks(b.node.store.find_repo(a.node.id)))
+    assert forks == [(2, other.address)]  # the evidence is kept; the head is not changed
+    assert f.local_seq == 2
+    await conn.aclose()
+
+
+async def test_oversized_frame_and_garbage(trio_and_three, caplog):
+    a, b, c = trio_and_three
+    snap = await _snapshot(b)
+    conn = await raw_connection(b.address)
+    await conn.stream.send_all((100 << 20).to_bytes(4, "big"))
+    await wait_for(lambda: _logged(caplog, "over the", "limit"))
+    garbage = await trio.open_tcp_stream(*_addr(b.address))
+    await garbage.send_all(os.urandom(5000))
+    await wait_for(lambda: _logged(caplog, "handshake failed"))
+    await garbage.aclose()
+    await conn.aclose()
+    assert await _snapshot(b) == snap
+    await _honest_live_update_still_works(a, b)
+
+
+class _LyingHandshake(Handshake):
+    def _identity_payload(self) -> bytes:  # claims a key, signs with another
+        real = self._identity
+        self._identity = SigningKey.generate()
+        try:
+            from protocol.encoding import pack
+
+            sig = self._identity.sign(b"pttd/handshake-identity/v1\n" + self._ss.h).signature
+            return pack({"id": bytes(real.verify_key), "sig": sig})
+        finally:
+            self._identity = real
+
+
+async def test_handshake_with_the_wrong_key(trio_and_three, caplog):
+    a, b, c = trio_and_three
+    stream = await trio.open_tcp_stream(*_addr(b.address))
+    hs = _LyingHandshake(SigningKey.generate(), initiator=True)
+    await stream.send_all(encode_frame(hs.write_message()))
+    decoder = FrameDecoder()
+    frames = []
+    while not frames:
+        frames = decoder.feed(await stream.receive_some(4096))
+    hs.read_message(frames[0])
+    await stream.send_all(encode_frame(hs.write_message()))
+    await wait_for(lambda: _logged(caplog, "handshake failed", "identity signature does not verify"))
+    await stream.aclose()
+    await _honest_live_update_still_works(a, b)
+
+
+async def test_slow_reader_is_dropped(trio_and_three, caplog):
+    a, b, c = trio_and_three
+    big = os.urandom(30000)
+    await _write(a, {"/big": big})
+    await wait_for(lambda: b.node.follows[a.node.id].local_seq == 2)
+    from blake3 import blake3
+
+    addr = blake3(b"\x01" + big).digest()
+    conn = await raw_connection(b.address)
+    conn.stream.socket.setsockopt(__import__("socket").SOL_SOCKET, __import__("socket").SO_RCVBUF, 4096)
+    for i in range(20):  # 20 x 100 x 30 KB asked for, never read
+        await conn.send({"t": "want", "id": i, "hashes": [addr] * 100})
+    await wait_for(lambda: _logged(caplog, "slow reader"), timeout=15)
+    await _honest_live_update_still_works(a, b)
+    await conn.aclose()
+
+
+async def test_trickling_peer_is_dropped(trio_and_three, caplog):
+    a, b, c = trio_and_three
+    conn = await raw_connection(b.address)
+    await conn.stream.send_all(b"\x00")  # the first byte of a frame, then nothing
+    await wait_for(lambda: _logged(caplog, "still incomplete"))
+    # Before the handshake too: one byte, then silence.
+    stream = await trio.open_tcp_stream(*_addr(b.address))
+    await stream.send_all(b"\x00")
+    await wait_for(lambda: _logged(caplog, "handshake failed", "still incomplete"))
+    await stream.aclose()
+    await conn.aclose()
+    await _honest_live_update_still_works(a, b)
