@@ -43,7 +43,7 @@ class FakePeer:
     async def start(self, nursery) -> str:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         nursery.start_soon(trio.serve_listeners, self._serve, listeners)
-        return "127.0.0.1:%d" % listeners[0].socket.getsockname()[1]
+        return f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
 
     async def _serve(self, stream) -> None:
         conn = Connection(stream, WireConfig(), "fake")
