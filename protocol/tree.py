@@ -39,7 +39,7 @@ from msgpack import ExtType
 from .encoding import pack_fast, unpack_canonical
 from .errors import FormatError, PathError
 from .hashing import HASH_SIZE, KIND_CHUNK_NODE, KIND_NODE, KIND_VALUE, make_block
-from .paths import validate_path
+from .paths import _SUSPECT, MAX_PATH_BYTES, validate_path
 
 INLINE_MAX = 64
 CHUNKING_THRESHOLD = 32 * 1024  # values longer than this are chunked (protocol.chunks)
@@ -128,29 +128,40 @@ def decode_node(payload: bytes) -> Node:
         raise FormatError("tree node: an inner node with no children")
     keys: list[bytes] = []
     prev = b""
+    suspect = _SUSPECT.search
     for p, s in zip(plens, sufs):
-        if not (type(p) is int and isinstance(s, bytes)) or p < 0 or p > len(prev):
+        if not (type(p) is int and type(s) is bytes) or p < 0 or p > len(prev):
             raise FormatError("tree node: bad key compression")
         k = prev[:p] + s
         if keys:
             if k <= prev:
                 raise FormatError("tree node: keys out of order")
-            if p != common_prefix_len(prev, k):
+            # k shares p bytes with prev; the prefix is maximal unless the next bytes agree
+            if s and p < len(prev) and s[0] == prev[p]:
                 raise FormatError("tree node: key prefix not maximal (non-canonical)")
         elif p != 0:
             raise FormatError("tree node: first key has a prefix")
         try:
-            validate_path(k.decode("utf-8"))
-        except (UnicodeDecodeError, PathError):
+            path = k.decode("utf-8")
+        except UnicodeDecodeError:
             raise FormatError("tree node: a key is not a valid path") from None
+        if path[:1] != "/" or suspect(path) or len(k) > MAX_PATH_BYTES:
+            try:
+                validate_path(path)
+            except PathError:
+                raise FormatError("tree node: a key is not a valid path") from None
         keys.append(k)
         prev = k
     if level == 0:
         for v in vals:
+            # the common case first: a value block reference of the right size
+            if type(v) is ExtType and v.code == EXT_BLOCK and len(v.data) == HASH_SIZE + 4:
+                if INLINE_MAX < int.from_bytes(v.data[HASH_SIZE:], "big") <= CHUNKING_THRESHOLD:
+                    continue
             _check_value_ref(v)
     else:
         for v in vals:
-            if not (isinstance(v, bytes) and len(v) == HASH_SIZE):
+            if not (type(v) is bytes and len(v) == HASH_SIZE):
                 raise FormatError("tree node: child address is not 32 bytes")
     return Node(level, keys, vals)
 

@@ -91,6 +91,7 @@ class Fetcher:
         window: int = 8,
         want_batch: int = 1024,
         progress: Callable[[FetchStats], None] | None = None,
+        fresh: bool = False,
     ):
         self.store = store
         self.db = run_db
@@ -101,8 +102,18 @@ class Fetcher:
         self.window = window
         self.want_batch = want_batch
         self.progress = progress
+        # fresh: nothing of this repository is stored yet (a first sync). The children
+        # of a block that came over the network are then asked for without looking in
+        # the store: a stored block's parent is stored too (blocks are stored in the
+        # order they arrive), so only children of partial blocks read back from the
+        # store can already be here. (A block shared with another repository may be
+        # fetched twice; it is stored once.)
+        self.fresh = fresh
         self.stats = FetchStats()
+        self._flush_done: trio.Event | None = None
+        self._flush_error: BaseException | None = None
         self.complete: list[bytes] = []  # interior blocks whose subtree is (now) complete
+        self._queued: set[bytes] = set()  # every address queued once, however often referenced
         self._check: deque[Need] = deque()
         self._fetch: deque[Need] = deque()
         self._rows: list[tuple[bytes, bytes]] = []
@@ -130,8 +141,15 @@ class Fetcher:
 
     async def run(self, needs: list[Need]) -> FetchStats:
         self._check.extend(needs)
+        self._queued.update(n.addr for n in needs)
         try:
             await self._walk()
+        except FetchError as exc:
+            if exc.hostile:  # nothing more from a peer that lied
+                self._rows, self._partial, self._rows_bytes = [], [], 0
+            else:
+                await self._flush()
+            raise
         except BaseException:
             # Keep what arrived and checked out (a cut connection, a shutdown): the next
             # attempt finds it stored and does not ask for it again.
@@ -148,6 +166,7 @@ class Fetcher:
         async with trio.open_nursery() as nursery:
             try:
                 await self._loop(nursery)
+                await self._wait_flush()
             except Exception as exc:
                 error = exc
             nursery.cancel_scope.cancel()
@@ -171,7 +190,7 @@ class Fetcher:
                     raise reply
                 self._arrived(group, reply)
                 if self._rows_bytes >= FLUSH_BYTES or len(self._rows) >= FLUSH_BLOCKS:
-                    await self._flush()
+                    await self._flush_in_background(nursery)
                 if self.progress:
                     self.progress(self.stats)
 
@@ -208,6 +227,15 @@ class Fetcher:
                 self.stats.local += 1
                 self._take(n, block, store=False)
 
+    def _child(self, need: Need, network: bool) -> None:
+        if need.addr in self._queued:
+            return
+        self._queued.add(need.addr)
+        if network and self.fresh and need.addr not in self.prefetched:
+            self._fetch.append(need)
+        else:
+            self._check.append(need)
+
     def _arrived(self, group: list[Need], reply: dict) -> None:
         if reply.get("t") != "blocks":
             raise FetchError(f"answered want with {reply.get('t')}", hostile=True)
@@ -226,8 +254,24 @@ class Fetcher:
                     f"sent a block that was not asked for or does not match its hash ({addr.hex()})", hostile=True
                 )
             checked.append((n, block))
+        rows = self._rows
+        leaves = nbytes = 0
         for n, block in checked:
-            self._take(n, block, store=True)
+            kind = block[0]
+            if (kind == KIND_VALUE or kind == KIND_CHUNK) and kind == n.kind:
+                # the bulk of a sync: a leaf block, checked by its hash and its size
+                if n.size >= 0 and len(block) - 1 != n.size:
+                    raise FetchError(
+                        f"block {n.addr.hex()} holds {len(block) - 1} bytes, its reference says {n.size}", hostile=True
+                    )
+                rows.append((n.addr, block))
+                leaves += 1
+                nbytes += len(block)
+            else:
+                self._take(n, block, store=True)
+        self.stats.blocks += leaves
+        self.stats.bytes += nbytes
+        self._rows_bytes += nbytes
 
     # --- one block --------------------------------------------------------------------
 
@@ -238,9 +282,9 @@ class Fetcher:
         interior = False
         try:
             if n.kind == KIND_NODE:
-                interior = self._take_node(n, block)
+                interior = self._take_node(n, block, store)
             elif n.kind == KIND_CHUNK_NODE:
-                interior = self._take_chunk_node(n, block)
+                interior = self._take_chunk_node(n, block, store)
             elif n.size >= 0 and len(block) - 1 != n.size:
                 raise FormatError(f"holds {len(block) - 1} bytes, its reference says {n.size}")
         except FormatError as exc:
@@ -253,7 +297,7 @@ class Fetcher:
             if interior:
                 self._partial.append(n.addr)
 
-    def _take_node(self, n: Need, block: bytes) -> bool:
+    def _take_node(self, n: Need, block: bytes, network: bool) -> bool:
         node = decode_node(block[1:])
         if n.level >= 0 and node.level != n.level:
             raise FormatError(f"tree node at level {node.level} where level {n.level} belongs")
@@ -262,26 +306,31 @@ class Fetcher:
         if n.low is not None and node.keys and node.keys[0] <= n.low:
             raise FormatError("tree node holds keys outside its parent's range")
         keys, vals = node.keys, node.vals
-        before = len(self._check)
+        children = 0
+        child = self._child
         if node.level > 0:
             low = n.low
-            for j, child in enumerate(vals):
-                if self._range_wanted(low, keys[j]):
-                    self._check.append(Need(child, KIND_NODE, node.level - 1, keys[j], low))
+            level = node.level - 1
+            full = self.prefixes is None
+            for j, addr in enumerate(vals):
+                if full or self._range_wanted(low, keys[j]):
+                    child(Need(addr, KIND_NODE, level, keys[j], low), network)
+                    children += 1
                 low = keys[j]
             covered = self._range_covered(n.low, n.last)
         else:
             for k, v in zip(keys, vals):
-                if isinstance(v, ExtType) and self._key_wanted(k):
+                if type(v) is ExtType and (self.prefixes is None or self._key_wanted(k)):
                     size = int.from_bytes(v.data[HASH_SIZE:], "big")
                     kind = KIND_VALUE if v.code == EXT_BLOCK else KIND_CHUNK_NODE
-                    self._check.append(Need(v.data[:HASH_SIZE], kind, size=size))
+                    child(Need(v.data[:HASH_SIZE], kind, size=size), network)
+                    children += 1
             covered = self.prefixes is None or all(self._key_wanted(k) for k in keys)
         if covered:
             self.complete.append(n.addr)
-        return len(self._check) > before or not covered
+        return children > 0 or not covered
 
-    def _take_chunk_node(self, n: Need, block: bytes) -> bool:
+    def _take_chunk_node(self, n: Need, block: bytes, network: bool) -> bool:
         node = decode_chunk_node(block[1:])
         if n.level >= 0 and node.level != n.level:
             raise FormatError(f"chunk-tree node at level {node.level} where level {n.level} belongs")
@@ -289,11 +338,38 @@ class Fetcher:
             raise FormatError(f"chunk-tree node holds {sum(node.sizes)} bytes, its parent says {n.size}")
         kind = KIND_CHUNK if node.level == 0 else KIND_CHUNK_NODE
         for a, s in zip(node.addrs, node.sizes):
-            self._check.append(Need(a, kind, node.level - 1 if node.level else -1, size=s))
+            self._child(Need(a, kind, node.level - 1 if node.level else -1, size=s), network)
         self.complete.append(n.addr)
         return True
 
+    async def _flush_in_background(self, nursery: trio.Nursery) -> None:
+        """Store the received blocks on the store thread while the walk goes on (one
+        flush at a time, so blocks reach the store in the order they arrived)."""
+        await self._wait_flush()
+        rows, partial = self._rows, self._partial
+        self._rows, self._partial, self._rows_bytes = [], [], 0
+        done = self._flush_done = trio.Event()
+
+        async def work() -> None:
+            try:
+                await self.db(self.store.put_fetched, rows, partial)
+            except BaseException as exc:  # raised by the walk at its next flush
+                self._flush_error = exc
+            finally:
+                done.set()
+
+        nursery.start_soon(work)
+
+    async def _wait_flush(self) -> None:
+        if self._flush_done is not None:
+            await self._flush_done.wait()
+            self._flush_done = None
+        if self._flush_error is not None:
+            err, self._flush_error = self._flush_error, None
+            raise err
+
     async def _flush(self) -> None:
+        await self._wait_flush()
         if not self._rows:
             return
         rows, partial = self._rows, self._partial

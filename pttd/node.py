@@ -540,6 +540,7 @@ class Node:
                         window=w.window,
                         want_batch=w.want_batch,
                         progress=lambda st: (setattr(f, "progress", st), f.notify()),
+                        fresh=f.local_seq is None,
                     )
                     f.progress = fetcher.stats
                     try:
