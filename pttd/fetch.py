@@ -87,7 +87,7 @@ class Fetcher:
         request: Request,
         *,
         prefixes: list[str] | None = None,
-        prefetched: dict[bytes, bytes] | None = None,
+        prefetched: dict[bytes, bytes] | None = None,  # blake3(block) -> block
         window: int = 8,
         want_batch: int = 1024,
         progress: Callable[[FetchStats], None] | None = None,
@@ -139,9 +139,11 @@ class Fetcher:
 
     # --- the walk -------------------------------------------------------------------
 
-    async def run(self, needs: list[Need]) -> FetchStats:
-        self._check.extend(needs)
-        self._queued.update(n.addr for n in needs)
+    async def run(self, needs: list[Need], store_last: bool = True) -> FetchStats:
+        """Walk from ``needs``. With ``store_last=False`` the last blocks are left in
+        ``take_rows()`` for the caller to store with the commit."""
+        for n in needs:
+            self._child(n, network=False)
         try:
             await self._walk()
         except FetchError as exc:
@@ -156,8 +158,14 @@ class Fetcher:
             with trio.CancelScope(shield=True):
                 await self._flush()
             raise
-        await self._flush()
+        if store_last:
+            await self._flush()
         return self.stats
+
+    def take_rows(self) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
+        rows, partial = self._rows, self._partial
+        self._rows, self._partial, self._rows_bytes = [], [], 0
+        return rows, partial
 
     async def _walk(self) -> None:
         # The requests run as tasks of this nursery; an error is raised outside it, so
@@ -231,7 +239,13 @@ class Fetcher:
         if need.addr in self._queued:
             return
         self._queued.add(need.addr)
-        if network and self.fresh and need.addr not in self.prefetched:
+        block = self.prefetched.pop(need.addr, None)  # keyed by the blocks' own hashes
+        if block is not None:
+            # Pushed with the head: new, almost surely (stored once if not). Taken at
+            # once, without a store lookup, so a small update costs no round trips.
+            self._take(need, block, store=True)
+            return
+        if network and self.fresh:
             self._fetch.append(need)
         else:
             self._check.append(need)

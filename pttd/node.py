@@ -71,6 +71,7 @@ class Follow:
     wake: trio.Event = field(default_factory=trio.Event)
     changed: trio.Event = field(default_factory=trio.Event)
     scope: trio.CancelScope | None = None
+    row: object = None  # the store's RepoRow, once looked up
 
     def notify(self) -> None:
         self.changed.set()
@@ -528,7 +529,9 @@ class Node:
         f.no_head.add(peer)  # it answered; a newer head from it comes as a new offer
         try:
             async with self.gate.sync():
-                row = await self.db(self._repo_row, key)
+                if f.row is None:
+                    f.row = await self.db(self._repo_row, key)
+                row = f.row
                 if f.local_seq != sc.seq:  # same seq, other commit: fork evidence, nothing to fetch
                     w = self.cfg.wire
                     fetcher = Fetcher(
@@ -544,13 +547,16 @@ class Node:
                     )
                     f.progress = fetcher.stats
                     try:
-                        await fetcher.run([Need(sc.commit.root, KIND_NODE)])
+                        await fetcher.run([Need(sc.commit.root, KIND_NODE)], store_last=False)
                     finally:
                         f.fetched_blocks += fetcher.stats.blocks
                         f.fetched_bytes += fetcher.stats.bytes
-                await self.db(
-                    self.store.accept_commit, row, sc.block, sc.signature, fetcher.complete if fetcher else ()
-                )
+                    rows, partial = fetcher.take_rows()
+                    await self.db(
+                        self.store.accept_commit, row, sc.block, sc.signature, fetcher.complete, rows, partial
+                    )
+                else:
+                    await self.db(self.store.accept_commit, row, sc.block, sc.signature)
         except PeerGone as exc:
             f.state = "waiting"
             f.error = str(exc)

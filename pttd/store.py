@@ -478,7 +478,13 @@ class Store:
         )
 
     def accept_commit(
-        self, repo: RepoRow, block: bytes, signature: bytes, complete: list[bytes] | tuple = ()
+        self,
+        repo: RepoRow,
+        block: bytes,
+        signature: bytes,
+        complete: list[bytes] | tuple = (),
+        rows: list[tuple[bytes, bytes]] | tuple = (),
+        partial: list[bytes] | tuple = (),
     ) -> SignedCommit:
         """Check a commit received from elsewhere and make it the head if it is newer.
 
@@ -486,11 +492,21 @@ class Store:
         head (no rollback), and records fork evidence (a different commit at a seq
         already held, or a next commit whose prev is not the head) before refusing it.
         ``complete``: interior blocks whose subtrees the caller fetched, no longer partial
-        once the commit is in (same transaction).
+        once the commit is in; ``rows`` and ``partial``: the last fetched blocks, stored
+        in the same transaction (one fsync for the end of a sync, not two).
         """
         sc = verify_commit(block, signature, repo.key)
         fork: str | None = None
-        with self.write():
+        with self.write() as w:
+            if rows:
+                for a, b in rows:
+                    w.emit(a, b)
+                w.flush()
+                if partial:
+                    done = set(complete)
+                    self._db.db.executemany(
+                        "INSERT OR IGNORE INTO partial(hash) VALUES (?)", [(a,) for a in partial if a not in done]
+                    )
             known = self.forks(repo)
             if known:
                 raise ForkDetected(f"repository {repo.key.hex()} forked at seq {known[0][0]}: no longer following it")
