@@ -68,9 +68,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"pttd: {exc}", file=sys.stderr)
         return 1
+    except BaseExceptionGroup as group:  # an error raised inside the daemon's task tree
+        user = group.subgroup(USER_ERRORS)
+        if user is None:
+            raise
+        print(f"pttd: {_first(user)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _first(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 if __name__ == "__main__":

@@ -111,7 +111,15 @@ def validate(cfg: Config, where: str = "settings") -> None:
     parse_address(cfg.wire.listen)
     for p in cfg.peers:
         parse_address(p)
+    if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"{where}: log_level {cfg.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")
+    if cfg.synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+        raise ConfigError(f"{where}: [store] synchronous {cfg.synchronous!r} is not one of FULL, NORMAL, EXTRA")
     w = cfg.wire
+    if not 0 < w.reconnect_min <= w.reconnect_max:
+        raise ConfigError(f"{where}: [wire] reconnect_min must be positive and at most reconnect_max")
+    if w.push_bytes < 0:
+        raise ConfigError(f"{where}: [wire] push_bytes must not be negative")
     for name in ("handshake_timeout", "idle_timeout", "keepalive", "frame_timeout", "send_timeout", "request_timeout"):
         if getattr(w, name) <= 0:
             raise ConfigError(f"{where}: [wire] {name} must be positive")

@@ -147,7 +147,7 @@ class ControlServer:
                     key = _hex_key(args.get("repo"))
                     if key is None:
                         raise
-                    await node.fetch_prefix(key, args.get("prefix", "/"))
+                    await node.fetch_prefix(key, args.get("prefix", "/"), args.get("version"))
             raise PttError("could not fetch what this listing needs")
         if cmd == "verify":
             res = await node.db(commands.verify, dd)
@@ -211,7 +211,7 @@ class ControlServer:
             except MissingBlock:
                 if key is None or attempt == 2:
                     raise
-                await node.fetch_path(key, args["path"])
+                await node.fetch_path(key, args["path"], args.get("version"))
         await send({"meta": res.data})
         piece = first
         while piece:

@@ -38,6 +38,8 @@ from protocol.tree import EXT_BLOCK, decode_node
 
 from .store import Store
 
+WANT_BYTES = 2 << 20  # the blocks one want asks for, at most (by their known sizes)
+NODE_ESTIMATE = 4096  # a tree node's size is not known before it arrives
 FLUSH_BLOCKS = 20_000
 FLUSH_BYTES = 24 << 20
 CHECK_BATCH = 4096
@@ -188,7 +190,7 @@ class Fetcher:
             if self._check:
                 await self._classify()
             while self._fetch and inflight < self.window:
-                group = [self._fetch.popleft() for _ in range(min(self.want_batch, len(self._fetch)))]
+                group = self._next_group()
                 inflight += 1
                 nursery.start_soon(self._ask, group, send)
             if inflight and not self._check:
@@ -201,6 +203,16 @@ class Fetcher:
                     await self._flush_in_background(nursery)
                 if self.progress:
                     self.progress(self.stats)
+
+    def _next_group(self) -> list[Need]:
+        group: list[Need] = []
+        budget = WANT_BYTES
+        fetch = self._fetch
+        while fetch and len(group) < self.want_batch and budget > 0:
+            n = fetch.popleft()
+            group.append(n)
+            budget -= n.size if n.size >= 0 else NODE_ESTIMATE
+        return group
 
     async def _ask(self, group: list[Need], send: trio.MemorySendChannel) -> None:
         self.stats.requests += 1
@@ -257,8 +269,8 @@ class Fetcher:
             raise FetchError(f"peer does not hold {len(reply['missing'])} of the blocks asked for")
         by_addr = {n.addr: n for n in group}
         blocks = reply["blocks"]
-        if len(blocks) != len(group):
-            raise FetchError(f"asked for {len(group)} blocks, got {len(blocks)}", hostile=True)
+        if not blocks:
+            raise FetchError(f"peer answered a want of {len(group)} blocks with none")
         checked = []
         for block in blocks:
             addr = blake3(block).digest()
@@ -268,6 +280,8 @@ class Fetcher:
                     f"sent a block that was not asked for or does not match its hash ({addr.hex()})", hostile=True
                 )
             checked.append((n, block))
+        # An answer may stop short (it must fit in one frame): ask again for the rest.
+        self._fetch.extendleft(reversed(list(by_addr.values())))
         rows = self._rows
         leaves = nbytes = 0
         for n, block in checked:

@@ -28,7 +28,8 @@ from nacl.signing import SigningKey
 
 from protocol import tree
 from protocol.commit import SignedCommit, verify_commit
-from protocol.errors import FormatError, SignatureError
+from protocol.errors import FormatError, PathError, SignatureError
+from protocol.framing import MAX_FRAME
 from protocol.hashing import HASH_SIZE, KIND_NODE
 from protocol.paths import validate_path
 
@@ -42,6 +43,17 @@ from .wire import Connection, WireError
 log = logging.getLogger("pttd.node")
 
 MAX_PUSHED_BLOCKS = 64
+ANSWER_BYTES = MAX_FRAME - (64 << 10)  # room for the message's own fields
+
+
+def _fit(blocks: list[bytes]) -> list[bytes]:
+    """The first blocks that fit in one answer; the asker asks again for the rest."""
+    total = 0
+    for i, b in enumerate(blocks):
+        total += len(b) + 5  # msgpack bin header
+        if total > ANSWER_BYTES and i:
+            return blocks[:i]
+    return blocks
 
 
 @dataclass
@@ -264,6 +276,9 @@ class Node:
                 nursery.start_soon(self._subscribe_all, peer)
                 await peer.run()
                 nursery.cancel_scope.cancel()
+        except* Exception as group:  # a bug of ours: this session ends, the daemon goes on
+            log.error("peer %s: session ended by an internal error", peer.name, exc_info=group)
+            peer.reason = peer.reason or "internal error"
         finally:
             self.peers.discard(peer)
             for f in self.follows.values():
@@ -289,10 +304,10 @@ class Node:
         try:
             if t == "want":
                 blocks, missing = await self.db(self.store.get_blocks, msg["hashes"])
-                await peer.send({"t": "blocks", "id": msg["id"], "blocks": blocks, "missing": missing})
+                await peer.send({"t": "blocks", "id": msg["id"], "blocks": _fit(blocks), "missing": missing})
             elif t == "get":
                 blocks, missing = await self.db(self._path_blocks, msg["root"], msg["path"])
-                await peer.send({"t": "blocks", "id": msg["id"], "blocks": blocks, "missing": missing})
+                await peer.send({"t": "blocks", "id": msg["id"], "blocks": _fit(blocks), "missing": missing})
             elif t == "ping":
                 await peer.send({"t": "pong", "id": msg["id"]})
             elif t == "sub":
@@ -304,6 +319,9 @@ class Node:
                 peer.subs.pop(msg["repo"], None)
         except PeerGone:
             pass
+        except Exception:  # a bug of ours: end this session, never the daemon
+            log.exception("internal error answering %s from %s", t, peer.name)
+            peer.close(f"internal error answering {t}")
 
     def _path_blocks(self, root: bytes, path: str) -> tuple[list[bytes], list[bytes]]:
         """The nodes from ``root`` down to ``path`` and its value block (or the root of
@@ -312,6 +330,9 @@ class Node:
             return [], [root]
         try:
             validate_path(path)
+        except PathError:
+            return [], [root]  # no such entry can exist
+        try:
             key = path.encode()
             addrs = tree.path_nodes(root, key, self.store.load_node)
             ref = tree.lookup(root, key, self.store.load_node)
@@ -598,15 +619,18 @@ class Node:
 
     # --- on-demand reads ------------------------------------------------------------
 
-    async def fetch_path(self, key: bytes, path: str) -> None:
-        """Fetch one path of a followed repository that is not stored (outside the
-        followed prefixes): one ``get`` round trip brings the path from the root with
-        its value; a large value's chunks follow in ``want`` batches."""
+    async def _root(self, key: bytes, version: int | None) -> bytes:
         row = self.store.find_repo(key)
         seq = self.store.head_seq(row) if row else None
         if seq is None:
             raise NotFound(f"no version of {key.hex()} is stored")
-        root = (await self.db(self.store.load_commit, row, seq)).commit.root
+        return (await self.db(self.store.load_commit, row, seq if version is None else version)).commit.root
+
+    async def fetch_path(self, key: bytes, path: str, version: int | None = None) -> None:
+        """Fetch one path of a followed repository that is not stored (outside the
+        followed prefixes): one ``get`` round trip brings the path from the root with
+        its value; a large value's chunks follow in ``want`` batches."""
+        root = await self._root(key, version)
         f = self.follows.get(key)
         candidates = [p for p in self.peers if f is not None and p in f.offers] + [
             p for p in self.peers if f is None or p not in f.offers
@@ -628,6 +652,7 @@ class Node:
                     prefixes=[path],
                     prefetched=prefetched,
                     window=self.cfg.wire.window,
+                    want_batch=self.cfg.wire.want_batch,
                 )
                 async with self.gate.sync():
                     await fetcher.run([Need(root, KIND_NODE)])
@@ -642,16 +667,15 @@ class Node:
         detail = "; ".join(errors) if errors else "no peer connected"
         raise NotFound(f"{path} of {key.hex()} is not stored here and could not be fetched ({detail})")
 
-    async def fetch_prefix(self, key: bytes, prefix: str) -> None:
-        """Fetch everything under ``prefix`` of a followed repository's stored head."""
-        row = self.store.find_repo(key)
-        seq = self.store.head_seq(row) if row else None
-        if seq is None:
-            raise NotFound(f"no version of {key.hex()} is stored")
-        root = (await self.db(self.store.load_commit, row, seq)).commit.root
+    async def fetch_prefix(self, key: bytes, prefix: str, version: int | None = None) -> None:
+        """Fetch everything under ``prefix`` of a stored version (default: the head)."""
+        root = await self._root(key, version)
         errors = []
         for peer in list(self.peers):
-            fetcher = Fetcher(self.store, self.db, peer.request, prefixes=[prefix], window=self.cfg.wire.window)
+            w = self.cfg.wire
+            fetcher = Fetcher(
+                self.store, self.db, peer.request, prefixes=[prefix], window=w.window, want_batch=w.want_batch
+            )
             try:
                 async with self.gate.sync():
                     await fetcher.run([Need(root, KIND_NODE)])

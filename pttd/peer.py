@@ -3,7 +3,7 @@
 Three tasks per session: the reader (routes answers to the requests waiting for them,
 heads to the node, requests to the server task), the server (answers the peer's
 requests one at a time: a bounded queue, so a flooding peer is slowed by TCP rather
-than by our memory), and the keepalive/pusher (pings a quiet peer, sends the newest
+than by our memory), and the keepalive/pusher (pings the peer every ``keepalive`` seconds, sends the newest
 head of each repository the peer subscribed to, coalescing bursts).
 """
 
@@ -22,7 +22,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pttd.peer")
 
-REQUEST_QUEUE = 32
+# Requests of the peer waiting to be answered. Our own requests to one peer are limited
+# to MAX_OUTSTANDING, and an honest peer does the same, so a full queue is a protocol
+# violation; the reader never blocks on it (blocking would also stop it reading
+# answers, and two busy peers could then wait on each other).
+REQUEST_QUEUE = 512
+MAX_OUTSTANDING = 256
 
 
 class PeerGone(Exception):
@@ -45,7 +50,9 @@ class Peer:
         self._pushes: dict[bytes, dict] = {}
         self._push_ready = trio.Event()
         self._scope: trio.CancelScope | None = None
+        self._outstanding = trio.Semaphore(MAX_OUTSTANDING)
         self.reason: str | None = None
+        self._peer_said_error = False
         self.connected_at = trio.current_time()
 
     @property
@@ -87,7 +94,7 @@ class Peer:
             for slot in self._pending.values():
                 slot[0].set()
             self._pending.clear()
-            if self.reason and not self.conn.closed:
+            if self.reason and not self.conn.closed and not self._peer_said_error:
                 await self.conn.send_error("closing", self.reason)
             await self.conn.aclose()
 
@@ -103,7 +110,11 @@ class Peer:
     async def request(self, msg: dict) -> dict:
         if self.conn.closed or self.reason:
             raise PeerGone(f"{self.name} is gone")
-        rid = next(self._ids)
+        async with self._outstanding:
+            return await self._request(msg)
+
+    async def _request(self, msg: dict) -> dict:
+        rid = next(self._ids) % (2**32)
         slot = [trio.Event(), None]
         self._pending[rid] = slot
         try:
@@ -149,8 +160,12 @@ class Peer:
             elif t == "head":
                 self.node.on_head(self, msg)
             elif t in ("want", "get", "ping", "sub", "unsub"):
-                await requests.send(msg)
+                try:
+                    requests.send_nowait(msg)
+                except trio.WouldBlock:
+                    raise Misbehaved(f"more than {REQUEST_QUEUE} requests waiting for answers") from None
             elif t == "error":
+                self._peer_said_error = True
                 raise Misbehaved(f"peer closed with error {msg['code']}: {msg['message']}")
             else:
                 raise Misbehaved(f"unexpected {t} message")

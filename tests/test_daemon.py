@@ -117,3 +117,22 @@ def test_unavailable_mode_is_a_clear_error(tmp_path):
     assert proc.returncode == 1
     assert "mode 'hub' is not available" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "d" / "run.json")
+
+
+def test_port_in_use_and_bad_settings_are_one_line_errors(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = start(tmp_path / "d", "--listen", f"127.0.0.1:{port}")
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
+    assert not (tmp_path / "d" / "run.json").exists()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[daemon]\nlog_level = "LOUD"\n')
+    proc = start(tmp_path / "d", "--config", str(cfg))
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and "log_level 'LOUD'" in err and "Traceback" not in err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import trio
 
 from tests.netutil import daemons, wait_for
@@ -136,3 +138,44 @@ async def test_follows_are_remembered_across_restarts(tmp_path):
         await wait_for(lambda: b.node.follows[a.node.id].local_seq == 2)
         assert (await _tree_of(b, a.id, "/f/after-restart")) == {"/f/after-restart": b"yes"}
         nursery.cancel_scope.cancel()
+
+
+async def test_large_value_and_duplicate_values_sync(tmp_path):
+    big = os.urandom(12 << 20)  # more than one frame's worth of chunks
+
+    async with daemons(tmp_path, 2) as (a, b):
+
+        def work():
+            with a.node.dd.repository().batch() as batch:
+                batch.put("/big", big)
+                batch.put("/x", b"s" * 100)
+                batch.put("/y", b"s" * 100)  # the same value block twice
+
+        await a.node.db(work)
+        res = await b.call("sync", repo=a.id, peers=[a.address], timeout=60)
+        assert res["version"] == 1
+        got = await trio.to_thread.run_sync(lambda: b.node.dd.repository(a.id).get("/big"))
+        assert got == big
+        # A one-byte edit in the middle moves a few chunks, not the value.
+        edited = big[: 6 << 20] + bytes([big[6 << 20] ^ 1]) + big[(6 << 20) + 1 :]
+        await a.node.db(lambda: a.node.dd.repository().put("/big", edited))
+        before = b.node.follows[a.node.id].fetched_bytes
+        res = await b.call("sync", repo=a.id, peers=[a.address], timeout=60)
+        assert res["version"] == 2
+        assert b.node.follows[a.node.id].fetched_bytes - before < 128 << 10
+
+
+async def test_bad_get_does_not_hurt_the_daemon(tmp_path, caplog):
+    from tests.test_hostile import raw_connection
+
+    async with daemons(tmp_path, 1) as (a,):
+        await _put_many(a, 5)
+        head = await a.call("log")
+        root = bytes.fromhex(head["versions"][0]["root"])
+        conn = await raw_connection(a.address)
+        for i, path in enumerate(["not-a-path", "/", "/" + "é" * 600]):
+            await conn.send({"t": "get", "id": i, "repo": a.node.id, "root": root, "path": path})
+            answer = await conn.receive()
+            assert answer["t"] == "blocks" and answer["missing"] == [root]
+        await conn.aclose()
+        assert (await a.call("status"))["node"] == a.id
