@@ -136,3 +136,41 @@ def test_port_in_use_and_bad_settings_are_one_line_errors(tmp_path):
     proc = start(tmp_path / "d", "--config", str(cfg))
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 2 and "log_level 'LOUD'" in err and "Traceback" not in err
+
+
+def test_pttctl_follow_sync_and_read_between_two_daemons(tmp_path):
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a, b = start(a_dir), start(b_dir)
+    try:
+        wait_ready(a)
+        wait_ready(b)
+        a_info = json.loads((a_dir / "run.json").read_text())
+        key, addr = a_info["node_id"], a_info["listen"][0]
+        for i in range(3):
+            assert pttctl(a_dir, "put", f"/a/{i}", input=f"value {i}".encode() * 20).returncode == 0
+        assert pttctl(a_dir, "put", "/b/secret", input=b"elsewhere" * 20).returncode == 0
+        res = pttctl(b_dir, "follow", key, "--peer", addr, "--prefix", "/a/")
+        assert res.returncode == 0, res.stderr
+        res = pttctl(b_dir, "--json", "sync", key)
+        assert res.returncode == 0, res.stderr
+        synced = json.loads(res.stdout)
+        assert synced["version"] == 4 and synced["state"] == "synced" and synced["prefixes"] == ["/a/"]
+        listing = json.loads(pttctl(b_dir, "--json", "ls", "/a/", "--repo", key).stdout)
+        assert [e["path"] for e in listing["entries"]] == ["/a/0", "/a/1", "/a/2"]
+        # Outside the prefix: fetched on demand.
+        assert pttctl(b_dir, "get", "/b/secret", "--repo", key).stdout == b"elsewhere" * 20
+        assert len(json.loads(pttctl(b_dir, "--json", "log", "--repo", key).stdout)["versions"]) == 1
+        peers = json.loads(pttctl(b_dir, "--json", "peers").stdout)["peers"]
+        assert [p["id"] for p in peers] == [key]
+        status = pttctl(b_dir, "status")
+        assert status.returncode == 0 and key in status.stdout.decode()
+        res = pttctl(b_dir, "unfollow", key)
+        assert res.returncode == 0 and b"no longer following" in res.stdout
+        res = pttctl(b_dir, "unfollow", key)
+        assert res.returncode == 1 and b"not following" in res.stderr
+        res = pttctl(b_dir, "follow", "nothex")
+        assert res.returncode == 1 and b"not a repository key" in res.stderr
+    finally:
+        for p in (a, b):
+            p.terminate()
+            p.communicate(timeout=30)
