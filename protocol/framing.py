@@ -12,6 +12,7 @@ from .errors import FormatError
 
 MAX_FRAME = 4 << 20  # bytes of payload per frame
 HEADER = 4
+SMALL = 64 * 1024  # pieces smaller than this are gathered before being kept
 
 
 class FrameTooLarge(FormatError):
@@ -27,22 +28,53 @@ def encode_frame(payload: bytes, max_frame: int = MAX_FRAME) -> bytes:
 class FrameDecoder:
     def __init__(self, max_frame: int = MAX_FRAME):
         self.max_frame = max_frame
-        self._buf = bytearray()
+        # Received bytes not yet returned: large pieces as they came, small ones gathered
+        # in a tail buffer, so a large frame is joined once when complete (instead of
+        # being grown and shifted piece by piece) and a trickle costs no more per byte.
+        self._pieces: list[bytes] = []
+        self._tail = bytearray()
+        self._size = 0
+        self._need = -1  # length of the frame being received (-1: header not yet in)
 
     def feed(self, data: bytes) -> list[bytes]:
         """Add received bytes; return the frames now complete (possibly none)."""
-        self._buf += data
-        frames = []
-        while len(self._buf) >= HEADER:
-            n = int.from_bytes(self._buf[:HEADER], "big")
-            if n > self.max_frame:
-                raise FrameTooLarge(f"peer announced a frame of {n} bytes, over the {self.max_frame}-byte limit")
-            if len(self._buf) < HEADER + n:
-                break
-            frames.append(bytes(self._buf[HEADER : HEADER + n]))
-            del self._buf[: HEADER + n]
-        return frames
+        if data:
+            if len(data) >= SMALL and not self._tail:
+                self._pieces.append(bytes(data))
+            else:
+                self._tail += data
+                if len(self._tail) >= SMALL:
+                    self._pieces.append(bytes(self._tail))
+                    self._tail.clear()
+            self._size += len(data)
+        frames: list[bytes] = []
+        while True:
+            if self._need < 0:
+                if self._size < HEADER:
+                    return frames
+                n = int.from_bytes(self._joined()[:HEADER], "big")
+                if n > self.max_frame:
+                    raise FrameTooLarge(f"peer announced a frame of {n} bytes, over the {self.max_frame}-byte limit")
+                self._need = n
+            if self._size < HEADER + self._need:
+                return frames
+            buf = self._joined()
+            end = HEADER + self._need
+            frames.append(buf[HEADER:end])
+            rest = buf[end:]
+            self._pieces = [rest] if rest else []
+            self._size = len(rest)
+            self._need = -1
+
+    def _joined(self) -> bytes:
+        """Everything buffered as one bytes object (kept as the only piece)."""
+        if self._tail:
+            self._pieces.append(bytes(self._tail))
+            self._tail.clear()
+        if len(self._pieces) != 1:
+            self._pieces = [b"".join(self._pieces)]
+        return self._pieces[0]
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return self._size

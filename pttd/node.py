@@ -299,29 +299,31 @@ class Node:
 
     # --- serving --------------------------------------------------------------------
 
-    async def serve_request(self, peer: Peer, msg: dict) -> None:
+    async def answer(self, peer: Peer, msg: dict) -> dict | None:
+        """The answer to a peer's request (None: it needs none). Never raises but
+        PeerGone; an internal error ends the session, never the daemon."""
         t = msg["t"]
         try:
             if t == "want":
                 blocks, missing = await self.db(self.store.get_blocks, msg["hashes"])
-                await peer.send({"t": "blocks", "id": msg["id"], "blocks": _fit(blocks), "missing": missing})
-            elif t == "get":
+                return {"t": "blocks", "id": msg["id"], "blocks": _fit(blocks), "missing": missing}
+            if t == "get":
                 blocks, missing = await self.db(self._path_blocks, msg["root"], msg["path"])
-                await peer.send({"t": "blocks", "id": msg["id"], "blocks": _fit(blocks), "missing": missing})
-            elif t == "ping":
-                await peer.send({"t": "pong", "id": msg["id"]})
-            elif t == "sub":
+                return {"t": "blocks", "id": msg["id"], "blocks": _fit(blocks), "missing": missing}
+            if t == "ping":
+                return {"t": "pong", "id": msg["id"]}
+            if t == "sub":
                 if msg["live"]:
                     peer.subs[msg["repo"]] = msg["prefixes"]
                 head = await self.db(self._head_message, msg["repo"], False)
-                await peer.send(head or {"t": "head", "repo": msg["repo"], "commit": None, "sig": None, "blocks": []})
-            elif t == "unsub":
+                return head or {"t": "head", "repo": msg["repo"], "commit": None, "sig": None, "blocks": []}
+            if t == "unsub":
                 peer.subs.pop(msg["repo"], None)
-        except PeerGone:
-            pass
-        except Exception:  # a bug of ours: end this session, never the daemon
+            return None
+        except Exception:  # a bug of ours
             log.exception("internal error answering %s from %s", t, peer.name)
             peer.close(f"internal error answering {t}")
+            raise PeerGone(peer.name) from None
 
     def _path_blocks(self, root: bytes, path: str) -> tuple[list[bytes], list[bytes]]:
         """The nodes from ``root`` down to ``path`` and its value block (or the root of

@@ -171,8 +171,28 @@ class Peer:
                 raise Misbehaved(f"unexpected {t} message")
 
     async def _server(self, requests: trio.MemoryReceiveChannel) -> None:
-        async for msg in requests:
-            await self.node.serve_request(self, msg)
+        """Answers in order; the next answer is read from the store while the previous
+        one is being sent."""
+        answers_send, answers_recv = trio.open_memory_channel(1)
+
+        async def prepare() -> None:
+            async with answers_send:
+                async for msg in requests:
+                    try:
+                        answer = await self.node.answer(self, msg)
+                    except PeerGone:
+                        return
+                    if answer is not None:
+                        await answers_send.send(answer)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(prepare)
+            async for answer in answers_recv:
+                try:
+                    await self.send(answer)
+                except PeerGone:
+                    nursery.cancel_scope.cancel()
+                    return
 
     async def _keepalive(self) -> None:
         interval = self.node.cfg.wire.keepalive
