@@ -69,8 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pttd: {exc}", file=sys.stderr)
         return 1
     except BaseExceptionGroup as group:  # an error raised inside the daemon's task tree
-        user = group.subgroup(USER_ERRORS)
-        if user is None:
+        user, rest = group.split(USER_ERRORS)
+        if user is None or rest is not None:  # a bug of ours is in there: show it
             raise
         print(f"pttd: {_first(user)}", file=sys.stderr)
         return 1

@@ -147,7 +147,9 @@ class ControlServer:
                     key = _hex_key(args.get("repo"))
                     if key is None:
                         raise
-                    await node.fetch_prefix(key, args.get("prefix", "/"), args.get("version"))
+                    versions = [args["v1"], args["v2"]] if cmd == "diff" else [args.get("version")]
+                    for v in versions:
+                        await node.fetch_prefix(key, args.get("prefix", "/"), v)
             raise PttError("could not fetch what this listing needs")
         if cmd == "verify":
             res = await node.db(commands.verify, dd)

@@ -211,7 +211,9 @@ class Fetcher:
         while fetch and len(group) < self.want_batch and budget > 0:
             n = fetch.popleft()
             group.append(n)
-            budget -= n.size if n.size >= 0 else NODE_ESTIMATE
+            # a value's or chunk's size is its block's; a node's (even a chunk-tree node,
+            # whose size says how much value lies under it) is not known yet
+            budget -= n.size if n.kind == KIND_VALUE or n.kind == KIND_CHUNK else NODE_ESTIMATE
         return group
 
     async def _ask(self, group: list[Need], send: trio.MemorySendChannel) -> None:
@@ -380,8 +382,10 @@ class Fetcher:
 
         async def work() -> None:
             try:
-                await self.db(self.store.put_fetched, rows, partial)
-            except BaseException as exc:  # raised by the walk at its next flush
+                # shielded: once begun, a write completes even if the walk is cut short
+                with trio.CancelScope(shield=True):
+                    await self.db(self.store.put_fetched, rows, partial)
+            except Exception as exc:  # raised by the walk at its next flush
                 self._flush_error = exc
             finally:
                 done.set()
@@ -390,7 +394,8 @@ class Fetcher:
 
     async def _wait_flush(self) -> None:
         if self._flush_done is not None:
-            await self._flush_done.wait()
+            with trio.CancelScope(shield=True):  # the write is shielded; so is waiting for it
+                await self._flush_done.wait()
             self._flush_done = None
         if self._flush_error is not None:
             err, self._flush_error = self._flush_error, None

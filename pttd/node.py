@@ -46,9 +46,9 @@ MAX_PUSHED_BLOCKS = 64
 ANSWER_BYTES = MAX_FRAME - (64 << 10)  # room for the message's own fields
 
 
-def _fit(blocks: list[bytes]) -> list[bytes]:
+def _fit(blocks: list[bytes], missing: list[bytes]) -> list[bytes]:
     """The first blocks that fit in one answer; the asker asks again for the rest."""
-    total = 0
+    total = len(missing) * 34
     for i, b in enumerate(blocks):
         total += len(b) + 5  # msgpack bin header
         if total > ANSWER_BYTES and i:
@@ -306,10 +306,10 @@ class Node:
         try:
             if t == "want":
                 blocks, missing = await self.db(self.store.get_blocks, msg["hashes"])
-                return {"t": "blocks", "id": msg["id"], "blocks": _fit(blocks), "missing": missing}
+                return {"t": "blocks", "id": msg["id"], "blocks": _fit(blocks, missing), "missing": missing}
             if t == "get":
                 blocks, missing = await self.db(self._path_blocks, msg["root"], msg["path"])
-                return {"t": "blocks", "id": msg["id"], "blocks": _fit(blocks), "missing": missing}
+                return {"t": "blocks", "id": msg["id"], "blocks": _fit(blocks, missing), "missing": missing}
             if t == "ping":
                 return {"t": "pong", "id": msg["id"]}
             if t == "sub":

@@ -1,9 +1,9 @@
 """One peer session: a Connection plus who asked what.
 
-Three tasks per session: the reader (routes answers to the requests waiting for them,
-heads to the node, requests to the server task), the server (answers the peer's
-requests one at a time: a bounded queue, so a flooding peer is slowed by TCP rather
-than by our memory), and the keepalive/pusher (pings the peer every ``keepalive`` seconds, sends the newest
+Tasks per session: the reader (routes answers to the requests waiting for them, heads
+to the node, requests to the server tasks; it never blocks, and a peer that queues
+more requests than allowed is closed), the servers (answer the peer's requests in
+order, the next read from the store while the last is sent; subscriptions apart), and the keepalive/pusher (pings the peer every ``keepalive`` seconds, sends the newest
 head of each repository the peer subscribed to, coalescing bursts).
 """
 
@@ -25,9 +25,13 @@ log = logging.getLogger("pttd.peer")
 # Requests of the peer waiting to be answered. Our own requests to one peer are limited
 # to MAX_OUTSTANDING, and an honest peer does the same, so a full queue is a protocol
 # violation; the reader never blocks on it (blocking would also stop it reading
-# answers, and two busy peers could then wait on each other).
-REQUEST_QUEUE = 512
-MAX_OUTSTANDING = 256
+# answers, and two busy peers could then wait on each other). The bound keeps a
+# session's queued requests to a few MB (a want names at most 4096 hashes).
+REQUEST_QUEUE = 64
+MAX_OUTSTANDING = 32
+# Subscriptions are small and come in bursts (one per followed repository when a
+# session starts): their own, longer queue.
+SUB_QUEUE = 8192
 
 
 class PeerGone(Exception):
@@ -80,12 +84,14 @@ class Peer:
     async def run(self) -> None:
         """Serve the session until it ends; returns the reason it ended."""
         requests_send, requests_recv = trio.open_memory_channel(REQUEST_QUEUE)
+        self._subs_send, subs_recv = trio.open_memory_channel(SUB_QUEUE)
         try:
             with trio.CancelScope() as self._scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._keepalive)
                     nursery.start_soon(self._pusher)
                     nursery.start_soon(self._server, requests_recv)
+                    nursery.start_soon(self._sub_server, subs_recv)
                     await self._reader(requests_send)
                     nursery.cancel_scope.cancel()
         except* (WireError, Misbehaved) as group:
@@ -159,11 +165,16 @@ class Peer:
                 # else: the answer to a request that timed out; dropped
             elif t == "head":
                 self.node.on_head(self, msg)
-            elif t in ("want", "get", "ping", "sub", "unsub"):
+            elif t in ("want", "get", "ping"):
                 try:
                     requests.send_nowait(msg)
                 except trio.WouldBlock:
                     raise Misbehaved(f"more than {REQUEST_QUEUE} requests waiting for answers") from None
+            elif t in ("sub", "unsub"):
+                try:
+                    self._subs_send.send_nowait(msg)
+                except trio.WouldBlock:
+                    raise Misbehaved(f"more than {SUB_QUEUE} subscriptions waiting") from None
             elif t == "error":
                 self._peer_said_error = True
                 raise Misbehaved(f"peer closed with error {msg['code']}: {msg['message']}")
@@ -193,6 +204,15 @@ class Peer:
                 except PeerGone:
                     nursery.cancel_scope.cancel()
                     return
+
+    async def _sub_server(self, subs: trio.MemoryReceiveChannel) -> None:
+        async for msg in subs:
+            try:
+                answer = await self.node.answer(self, msg)
+                if answer is not None:
+                    await self.send(answer)
+            except PeerGone:
+                return
 
     async def _keepalive(self) -> None:
         interval = self.node.cfg.wire.keepalive

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import trio
 
+import pttd.fetch
 from tests.netutil import daemons, wait_for
 
 
@@ -102,7 +104,10 @@ async def test_replica_serves_while_owner_is_stopped_and_chain_converges(tmp_pat
             assert (await _tree_of(d, a.id))["/f/chain"] == b"x" * 500
 
 
-async def test_cut_connection_resumes_without_refetching(tmp_path):
+@pytest.mark.parametrize("flush_blocks", [20_000, 150])
+async def test_cut_connection_resumes_without_refetching(tmp_path, monkeypatch, flush_blocks):
+    # With 150, blocks are being written in the background when the cut comes.
+    monkeypatch.setattr(pttd.fetch, "FLUSH_BLOCKS", flush_blocks)
     async with daemons(tmp_path, 2, want_batch=40, window=1) as (a, b):
         await _put_many(a, 2000)
         before, _ = await b.node.db(b.node.store.block_stats)
