@@ -79,17 +79,21 @@ def main() -> None:
 
     # 4. The follower verifies the commit and walks its tree: the root first
     # (pttd/fetch.py, Fetcher._ask builds {t, hashes}; pttd/peer.py, Peer.request adds id).
+    # A first sync walks in fresh mode (Fetcher(fresh=True)): the root is looked up in the
+    # store, the children of blocks that came from the peer are asked for directly.
     want1 = show("want id 1 (the root)", {"t": "want", "hashes": [leaf_addr], "id": 1})
 
-    # 5. The answer (Node.serve_request, want).
+    # 5. The answer (Node.serve_request, want; cut by node._fit if over MAX_FRAME - 64 KiB).
     show("blocks id 1", {"t": "blocks", "id": 1, "blocks": [leaf_block], "missing": []})
 
-    # 6. The leaf names one value block (ext type 1); /a's value is inline.
+    # 6. The leaf names one value block (ext type 1); /a's value is inline. The follower
+    # stores both in the transaction that accepts seq 1 (Store.accept_commit rows).
     show("want id 2 (the value of /b)", {"t": "want", "hashes": [value_addr], "id": 2})
     show("blocks id 2", {"t": "blocks", "id": 2, "blocks": [value_block], "missing": []})
 
     # A live push of the same head carries the blocks the commit added
-    # (Node._head_message(key, with_blocks=True)), so no want is needed.
+    # (Node._head_message(key, with_blocks=True)), so no want (and no store lookup) is
+    # needed: Fetcher._child takes a pushed block as soon as its address is queued.
     show(
         "head (pushed, with blocks)",
         {"t": "head", "repo": repo, "commit": c1.block, "sig": c1.signature, "blocks": [leaf_block, value_block]},
@@ -102,6 +106,9 @@ def main() -> None:
         {"t": "blocks", "id": 3, "blocks": [leaf_block, value_block], "missing": []},
     )
     show("blocks id 4 (a want for a block not held)", {"t": "blocks", "id": 4, "blocks": [], "missing": [value_addr]})
+    # A get for a path that is not valid: no such entry can exist (Node._path_blocks).
+    show("get id 6 (an invalid path)", {"t": "get", "repo": repo, "root": leaf_addr, "path": "/b/", "id": 6})
+    show("blocks id 6 (missing: the root)", {"t": "blocks", "id": 6, "blocks": [], "missing": [leaf_addr]})
 
     show("ping id 5", {"t": "ping", "id": 5})
     show("pong id 5", {"t": "pong", "id": 5})
