@@ -122,17 +122,17 @@ class ControlServer:
     async def dispatch(self, cmd: str, args: dict, send) -> dict:
         node = self.node
         dd = node.dd
-        own = bytes.fromhex(dd.default_repo_id())
+        own = node.id  # the daemon's identity is its own repository's key
         if cmd == "id":
             return (await node.db(commands.repo_id, dd, args.get("repo"))).data
         if cmd == "put":
             res = await node.db(commands.put, dd, args["path"], value=args.get("value"), filename=args.get("filename"))
             if res.data.get("changed"):
-                await node.publish(own)
+                node.publish_soon(own)
             return res.data
         if cmd == "rm":
             res = await node.db(commands.rm, dd, args["path"])
-            await node.publish(own)
+            node.publish_soon(own)
             return res.data
         if cmd == "get":
             return await self._get(args, send)

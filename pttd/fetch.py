@@ -226,6 +226,12 @@ class Fetcher:
 
     async def _classify(self) -> None:
         batch = [self._check.popleft() for _ in range(min(CHECK_BATCH, len(self._check)))]
+        known = self.store.known_complete
+        unknown = [n for n in batch if n.addr not in known]
+        self.stats.skipped += len(batch) - len(unknown)
+        batch = unknown
+        if not batch:  # a small update's untouched neighbours: no store round trip
+            return
         present, partial = await self.db(self.store.classify, [n.addr for n in batch])
         local: list[Need] = []
         for n in batch:

@@ -382,6 +382,11 @@ class Node:
             out.append(b)
         return out
 
+    def publish_soon(self, key: bytes) -> None:
+        """Push a new head without making the caller (a write's answer) wait for it."""
+        if self._nursery is not None and any(key in p.subs for p in self.peers):
+            self._nursery.start_soon(self.publish, key)
+
     async def publish(self, key: bytes) -> None:
         """A repository has a new head: push it to every peer subscribed to it."""
         subscribers = [p for p in self.peers if key in p.subs]
@@ -522,7 +527,11 @@ class Node:
                         break
                     peer, offer = offer_peer
                     del f.offers[peer]
-                    await self._sync_offer(f, peer, offer)
+                    try:
+                        await self._sync_offer(f, peer, offer)
+                    except Exception as exc:  # a bug of ours: this follow waits, the daemon goes on
+                        log.exception("sync of %s from %s failed by an internal error", f.key.hex()[:16], peer.name)
+                        f.state, f.error = "waiting", f"internal error: {exc.__class__.__name__}: {exc}"
                     f.notify()
                 f.notify()
 

@@ -28,7 +28,7 @@ from blake3 import blake3
 from protocol.chunks import ChunkNode, decode_chunk_node
 from protocol.commit import SignedCommit, verify_commit
 from protocol.errors import FormatError, SignatureError
-from protocol.hashing import KIND_CHUNK_NODE, KIND_NODE
+from protocol.hashing import KIND_CHUNK, KIND_CHUNK_NODE, KIND_NODE, KIND_VALUE
 from protocol.tree import Node, decode_node
 
 from .errors import CorruptBlock, DataDirError, ForkDetected, MissingBlock, NotFound, RollbackRefused
@@ -44,6 +44,7 @@ SYNC_MODES = ("FULL", "NORMAL", "EXTRA")
 FLUSH_BLOCKS = 16_000
 FLUSH_BYTES = 16 << 20
 NODE_CACHE = 8192
+COMPLETE_CACHE = 200_000
 WAL_CHECKPOINT_BYTES = 256 << 20
 
 _SCHEMA = """
@@ -214,6 +215,7 @@ class Store:
             if mode.lower() != "wal":
                 raise DataDirError(f"store {path}: could not switch to WAL mode (got {mode})")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            self._synchronous = synchronous.upper()
             self._db.execute("PRAGMA cache_size=-16384")
             # Checkpoints run when we choose (after a write, past WAL_CHECKPOINT_BYTES,
             # and on close), not inside whichever commit crosses 1000 pages: a large
@@ -235,6 +237,11 @@ class Store:
             )
         self._lock = threading.RLock()
         self._nodes: dict[tuple[int, bytes], object] = {}
+        self._commits: dict[bytes, SignedCommit] = {}
+        # Addresses known to be stored with their whole subtree (so a sync skips them
+        # without a query): leaves once stored, interior blocks once their sync's commit
+        # is accepted. Emptied by gc, and when it grows past COMPLETE_CACHE.
+        self.known_complete: set[bytes] = set()
         self._writer: Writer | None = None
         self.blocks_read = 0
 
@@ -271,11 +278,29 @@ class Store:
     # --- transactions -----------------------------------------------------------------
 
     @contextmanager
-    def write(self) -> Iterator[Writer]:
-        """One durable write transaction; blocks go through the yielded Writer."""
+    def write(self, durable: bool = True) -> Iterator[Writer]:
+        """One write transaction; blocks go through the yielded Writer.
+
+        ``durable=False`` (data fetched from peers, which can be fetched again): the
+        transaction survives a crash of the process but is not synced to the disk on
+        its own; the next durable transaction syncs it with its own (WAL order).
+        """
         with self._lock:
             if self._writer is not None:
                 raise RuntimeError("nested write transaction")
+            relaxed = not durable and self._synchronous != "NORMAL"
+            if relaxed:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                with self._transaction() as writer:
+                    yield writer
+            finally:
+                if relaxed:
+                    self._db.execute(f"PRAGMA synchronous={self._synchronous}")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Writer]:
+        with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             writer = self._writer = Writer(self._db)
             try:
@@ -324,7 +349,14 @@ class Store:
                 partial.update(
                     r[0] for r in self._db.execute(f"SELECT hash FROM partial WHERE hash IN ({marks})", part)
                 )
-        return present, partial & present
+        partial &= present
+        self._remember_complete(present - partial)
+        return present, partial
+
+    def _remember_complete(self, addresses) -> None:
+        if len(self.known_complete) > COMPLETE_CACHE:
+            self.known_complete = set()
+        self.known_complete.update(addresses)
 
     def get_blocks(self, addresses: list[bytes]) -> tuple[list[bytes], list[bytes]]:
         """(blocks found, addresses not held), each found block checked against its hash."""
@@ -353,12 +385,13 @@ class Store:
     def put_fetched(self, rows: list[tuple[bytes, bytes]], partial: list[bytes]) -> None:
         """Store blocks received from a peer (already checked against their addresses),
         marking the interior ones ``partial`` until their subtree is complete."""
-        with self.write() as w:
+        with self.write(durable=False) as w:
             for a, b in rows:
                 w.emit(a, b)
             w.flush()
             if partial:
                 self._db.db.executemany("INSERT OR IGNORE INTO partial(hash) VALUES (?)", [(a,) for a in partial])
+        self._remember_complete(a for a, b in rows if b[0] == KIND_VALUE or b[0] == KIND_CHUNK)
 
     def clear_partial(self, addresses: list[bytes]) -> None:
         with self._lock:
@@ -456,6 +489,9 @@ class Store:
         if row is None:
             raise NotFound(f"version {seq} of {repo.key.hex()} is not stored")
         address, block, sig = row
+        cached = self._commits.get(address)
+        if cached is not None and cached.signature == sig and cached.block == block and cached.commit.repo == repo.key:
+            return cached  # checked when first read (an Ed25519 check costs ~0.1 ms)
         if blake3(block).digest() != address:
             raise CorruptBlock(address, f"commit seq {seq} does not match its hash")
         try:
@@ -464,6 +500,9 @@ class Store:
             raise CorruptBlock(address, f"commit seq {seq}: {exc}") from None
         if sc.seq != seq:
             raise CorruptBlock(address, f"commit stored as seq {seq} says seq {sc.seq}")
+        if len(self._commits) > 4096:
+            self._commits.clear()
+        self._commits[address] = sc
         return sc
 
     def commit_seqs(self, repo: RepoRow) -> list[int]:
@@ -497,7 +536,10 @@ class Store:
         """
         sc = verify_commit(block, signature, repo.key)
         fork: str | None = None
-        with self.write() as w:
+        # Not synced to the disk on its own: after a power cut the follower may hold an
+        # older head and fetch this one again (never a torn store: WAL). Local writes
+        # stay durable.
+        with self.write(durable=False) as w:
             if rows:
                 for a, b in rows:
                     w.emit(a, b)
@@ -530,6 +572,8 @@ class Store:
                     self._clear_partial(complete)
         if fork is not None:
             raise ForkDetected(fork)
+        self._remember_complete(complete)
+        self._remember_complete(a for a, b in rows if b[0] == KIND_VALUE or b[0] == KIND_CHUNK)
         return sc
 
     def _commit_row(self, repo: RepoRow, seq: int) -> bytes | None:
@@ -601,6 +645,7 @@ class Store:
             self._db.execute(f"DELETE FROM blocks WHERE id IN ({','.join('?' * len(part))})", part)
         self._db.execute("DELETE FROM partial WHERE hash NOT IN (SELECT hash FROM blocks)")
         self._nodes.clear()
+        self.known_complete = set()
         return len(dead), freed
 
     def vacuum(self) -> None:
