@@ -43,6 +43,7 @@ from .wire import Connection, WireError
 log = logging.getLogger("pttd.node")
 
 MAX_PUSHED_BLOCKS = 64
+CLEAN_ENDS = ("peer closed the connection",)  # not worth a warning
 ANSWER_BYTES = MAX_FRAME - (64 << 10)  # room for the message's own fields
 
 
@@ -284,7 +285,7 @@ class Node:
             for f in self.follows.values():
                 f.offers.pop(peer, None)
                 f.no_head.discard(peer)
-            if peer.reason:
+            if peer.reason and peer.reason not in CLEAN_ENDS:
                 log.warning("peer %s: closed: %s", peer.name, peer.reason)
             else:
                 log.info("peer %s disconnected", peer.name)
