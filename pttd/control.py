@@ -205,10 +205,8 @@ class ControlServer:
         key = _hex_key(args.get("repo"))
         for attempt in range(3):
             try:
-                res = await node.db(
-                    commands.get, node.dd, args["path"], version=args.get("version"), repo=args.get("repo")
-                )
-                first = await node.db(_next_piece, res.stream)
+                # one store round trip for a value up to STREAM_PIECE (most of them)
+                res, first, more = await node.db(_start_get, node.dd, args)
                 break
             except MissingBlock:
                 if key is None or attempt == 2:
@@ -218,8 +216,15 @@ class ControlServer:
         piece = first
         while piece:
             await send({"chunk": piece})
-            piece = await node.db(_next_piece, res.stream)
+            piece = await node.db(_next_piece, res.stream) if more else b""
+            more = len(piece) >= STREAM_PIECE
         return res.data
+
+
+def _start_get(dd, args: dict):
+    res = commands.get(dd, args["path"], version=args.get("version"), repo=args.get("repo"))
+    first = _next_piece(res.stream)
+    return res, first, len(first) >= STREAM_PIECE
 
 
 def _next_piece(stream) -> bytes:

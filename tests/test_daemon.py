@@ -69,6 +69,10 @@ def test_start_on_a_fresh_dir_then_stop_cleanly(tmp_path, sig):
         status = pttctl(d, "--json", "status")
         assert json.loads(status.stdout)["listen"] == info["listen"]
         assert pttctl(d, "get", "/a").stdout == b"through the daemon"
+        big = os.urandom(3 << 20)  # streamed back in several pieces
+        (tmp_path / "big.bin").write_bytes(big)
+        assert pttctl(d, "put", "/big", str(tmp_path / "big.bin")).returncode == 0
+        assert pttctl(d, "get", "/big").stdout == big
         second = start(d)
         _, err = second.communicate(timeout=30)
         assert second.returncode == 1
