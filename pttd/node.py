@@ -644,54 +644,55 @@ class Node:
         its value; a large value's chunks follow in ``want`` batches."""
         root = await self._root(key, version)
         f = self.follows.get(key)
-        candidates = [p for p in self.peers if f is not None and p in f.offers] + [
-            p for p in self.peers if f is None or p not in f.offers
-        ]
-        errors = []
-        for peer in candidates:
-            try:
-                reply = await peer.request({"t": "get", "repo": key, "root": root, "path": path})
-                if reply.get("t") != "blocks":
-                    raise FetchError(f"answered get with {reply.get('t')}", hostile=True)
-                if reply["missing"]:
-                    errors.append(f"{peer.name} does not hold that version")
-                    continue
-                prefetched = {blake3(b).digest(): b for b in reply["blocks"][: tree.MAX_LEVEL + 2]}
-                fetcher = Fetcher(
-                    self.store,
-                    self.db,
-                    peer.request,
-                    prefixes=[path],
-                    prefetched=prefetched,
-                    window=self.cfg.wire.window,
-                    want_batch=self.cfg.wire.want_batch,
-                )
-                async with self.gate.sync():
-                    await fetcher.run([Need(root, KIND_NODE)])
-                    # the blocks on the path stay partial: siblings were not fetched
-                return
-            except PeerGone as exc:
-                errors.append(str(exc))
-            except FetchError as exc:
-                errors.append(f"{peer.name}: {exc}")
-                if exc.hostile:
-                    peer.close(f"sent a bad block for {key.hex()[:16]}: {exc}")
-        detail = "; ".join(errors) if errors else "no peer connected"
-        raise NotFound(f"{path} of {key.hex()} is not stored here and could not be fetched ({detail})")
+        offering = [p for p in self.peers if f is not None and p in f.offers]
+        candidates = offering + [p for p in self.peers if p not in offering]
+
+        async def attempt(peer: Peer) -> str | None:
+            reply = await peer.request({"t": "get", "repo": key, "root": root, "path": path})
+            if reply.get("t") != "blocks":
+                raise FetchError(f"answered get with {reply.get('t')}", hostile=True)
+            if reply["missing"]:
+                return f"{peer.name} does not hold that version"
+            prefetched = {blake3(b).digest(): b for b in reply["blocks"][: tree.MAX_LEVEL + 2]}
+            async with self.gate.sync():
+                # the blocks on the path stay partial: their siblings are not fetched
+                await self._fetcher(peer, [path], prefetched).run([Need(root, KIND_NODE)])
+            return None
+
+        await self._from_peers(key, path, candidates, attempt)
 
     async def fetch_prefix(self, key: bytes, prefix: str, version: int | None = None) -> None:
         """Fetch everything under ``prefix`` of a stored version (default: the head)."""
         root = await self._root(key, version)
+
+        async def attempt(peer: Peer) -> str | None:
+            async with self.gate.sync():
+                await self._fetcher(peer, [prefix]).run([Need(root, KIND_NODE)])
+            return None
+
+        await self._from_peers(key, prefix, list(self.peers), attempt)
+
+    def _fetcher(self, peer: Peer, prefixes: list[str], prefetched: dict | None = None) -> Fetcher:
+        w = self.cfg.wire
+        return Fetcher(
+            self.store,
+            self.db,
+            peer.request,
+            prefixes=prefixes,
+            prefetched=prefetched,
+            window=w.window,
+            want_batch=w.want_batch,
+        )
+
+    async def _from_peers(self, key: bytes, what: str, peers: list[Peer], attempt) -> None:
+        """Run ``attempt(peer)`` on each peer until one succeeds (returns None)."""
         errors = []
-        for peer in list(self.peers):
-            w = self.cfg.wire
-            fetcher = Fetcher(
-                self.store, self.db, peer.request, prefixes=[prefix], window=w.window, want_batch=w.want_batch
-            )
+        for peer in peers:
             try:
-                async with self.gate.sync():
-                    await fetcher.run([Need(root, KIND_NODE)])
-                return
+                problem = await attempt(peer)
+                if problem is None:
+                    return
+                errors.append(problem)
             except PeerGone as exc:
                 errors.append(str(exc))
             except FetchError as exc:
@@ -699,7 +700,7 @@ class Node:
                 if exc.hostile:
                     peer.close(f"sent a bad block for {key.hex()[:16]}: {exc}")
         detail = "; ".join(errors) if errors else "no peer connected"
-        raise NotFound(f"{prefix} of {key.hex()} is not stored here and could not be fetched ({detail})")
+        raise NotFound(f"{what} of {key.hex()} is not stored here and could not be fetched ({detail})")
 
     # --- one-shot sync --------------------------------------------------------------
 
