@@ -41,7 +41,7 @@ from .store import Store
 WANT_BYTES = 2 << 20  # the blocks one want asks for, at most (by their known sizes)
 NODE_ESTIMATE = 4096  # a tree node's size is not known before it arrives
 FLUSH_BLOCKS = 20_000
-FLUSH_BYTES = 24 << 20
+FLUSH_BYTES = 8 << 20
 CHECK_BATCH = 4096
 
 
