@@ -206,14 +206,18 @@ class Fetcher:
 
     def _next_group(self) -> list[Need]:
         group: list[Need] = []
+        append = group.append
+        popleft = self._fetch.popleft
         budget = WANT_BYTES
-        fetch = self._fetch
-        while fetch and len(group) < self.want_batch and budget > 0:
-            n = fetch.popleft()
-            group.append(n)
+        for _ in range(min(self.want_batch, len(self._fetch))):
+            n = popleft()
+            append(n)
             # a value's or chunk's size is its block's; a node's (even a chunk-tree node,
             # whose size says how much value lies under it) is not known yet
-            budget -= n.size if n.kind == KIND_VALUE or n.kind == KIND_CHUNK else NODE_ESTIMATE
+            kind = n.kind
+            budget -= n.size if kind == KIND_VALUE or kind == KIND_CHUNK else NODE_ESTIMATE
+            if budget <= 0:
+                break
         return group
 
     async def _ask(self, group: list[Need], send: trio.MemorySendChannel) -> None:
@@ -279,32 +283,37 @@ class Fetcher:
         blocks = reply["blocks"]
         if not blocks:
             raise FetchError(f"peer answered a want of {len(group)} blocks with none")
-        checked = []
+        # One pass, the bulk of a sync: each block must hash to an address asked for;
+        # a leaf (value or chunk) is then checked by its size and queued for the store,
+        # nodes are taken after the pass. Nothing here reaches the store if a later
+        # block fails (the walk drops unwritten blocks on a hostile error).
+        pop = by_addr.pop
+        rows_append = self._rows.append
+        nodes = []
+        leaves = nbytes = 0
         for block in blocks:
             addr = blake3(block).digest()
-            n = by_addr.pop(addr, None)
+            n = pop(addr, None)
             if n is None:
                 raise FetchError(
                     f"sent a block that was not asked for or does not match its hash ({addr.hex()})", hostile=True
                 )
-            checked.append((n, block))
-        # An answer may stop short (it must fit in one frame): ask again for the rest.
-        self._fetch.extendleft(reversed(list(by_addr.values())))
-        rows = self._rows
-        leaves = nbytes = 0
-        for n, block in checked:
             kind = block[0]
-            if (kind == KIND_VALUE or kind == KIND_CHUNK) and kind == n.kind:
-                # the bulk of a sync: a leaf block, checked by its hash and its size
+            if kind == n.kind and (kind == KIND_VALUE or kind == KIND_CHUNK):
                 if n.size >= 0 and len(block) - 1 != n.size:
                     raise FetchError(
-                        f"block {n.addr.hex()} holds {len(block) - 1} bytes, its reference says {n.size}", hostile=True
+                        f"block {addr.hex()} holds {len(block) - 1} bytes, its reference says {n.size}", hostile=True
                     )
-                rows.append((n.addr, block))
+                rows_append((addr, block))
                 leaves += 1
                 nbytes += len(block)
             else:
-                self._take(n, block, store=True)
+                nodes.append((n, block))
+        # An answer may stop short (it must fit in one frame): ask again for the rest.
+        if by_addr:
+            self._fetch.extendleft(reversed(list(by_addr.values())))
+        for n, block in nodes:
+            self._take(n, block, store=True)
         self.stats.blocks += leaves
         self.stats.bytes += nbytes
         self._rows_bytes += nbytes
