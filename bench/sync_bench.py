@@ -20,9 +20,9 @@ Scenarios (issue 3), each with an owner daemon and a fresh follower daemon:
   full_large   one 100 MiB random value; same figures and ceilings (b with blocks of
                the chunks' mean size).
   incremental  after full_small, the follower follows live; the owner writes one new
-               1 KiB entry (control ``put``): ms until the follower's status shows the
-               new version (from the put's answer, and from before the put), bytes on
-               the wire both ways; median of --inc-reps.
+               1 KiB entry (control ``put``): ms until the follower holds the new version
+               (its ``wait`` answers; from the put's answer, and from before the put),
+               bytes on the wire both ways; median of --inc-reps.
   sparse_one   owner with 1,000,000 x 100 B entries (10 commits); the follower follows
                with prefix /nothing/ (holds only the head), then reads 100 random paths
                with ``get --repo`` (one get round trip each): ms and bytes per read;
@@ -46,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -497,11 +498,24 @@ def scen_incremental(bench: Bench, owner: DaemonProc, fol: DaemonProc, reps: int
         version = follow_info(fol, key)["version"]
         in0, out0 = fol.wire_bytes()
         value = rnd.randbytes(1024)
+        # The follower is told first to answer when it holds the next version (`pttctl
+        # wait`, event-driven: no polling load on it while it works).
+        held: list[float] = []
+
+        def wait_next(v=version, out=held) -> None:
+            fol.call("wait", repo=key, version=v + 1, timeout=10)
+            out.append(time.perf_counter())
+
+        waiter = threading.Thread(target=wait_next)
+        waiter.start()
+        time.sleep(0.02)  # the wait is registered before the write (not measured)
         t0 = time.perf_counter()
         owner.call("put", path=f"/inc/{i:04d}", value=value)
         t1 = time.perf_counter()
-        wait_until(lambda v=version: (follow_info(fol, key) or {}).get("version", -1) > v, 10, "the new version")
-        t2 = time.perf_counter()
+        waiter.join(15)
+        if not held:
+            raise RuntimeError("the follower did not get the new version within 10 s")
+        t2 = held[0]
         in1, out1 = fol.wire_bytes()
         time.sleep(0.1)
         in2, out2 = fol.wire_bytes()

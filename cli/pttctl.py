@@ -69,10 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("key")
     s.add_argument("--peer", action="append", default=[], metavar="HOST:PORT")
     s.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
+    s = sub.add_parser("wait", help="wait until a followed repository holds a version (for scripts)")
+    s.add_argument("key")
+    s.add_argument("version", type=_version)
+    s.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
     return p
 
 
-DAEMON_COMMANDS = ("status", "peers", "follow", "unfollow", "sync")
+DAEMON_COMMANDS = ("status", "peers", "follow", "unfollow", "sync", "wait")
 
 
 def _version(text: str) -> int:
@@ -133,7 +137,7 @@ def _human_daemon(command: str, d: dict, out) -> None:
     elif command == "peers":
         for p in d["peers"]:
             print(f"{p['id'][:16]}  {p['address']:<22} {p['direction']:>3}  {p['mode']}", file=out)
-    elif command in ("follow", "sync"):
+    elif command in ("follow", "sync", "wait"):
         _print_follow(d, out)
     elif command == "unfollow":
         print(f"no longer following {d['repository']}", file=out)
@@ -226,8 +230,10 @@ def _remote(client: ControlClient, args: argparse.Namespace) -> commands.Result:
         a["v1"], a["v2"] = args.v1, args.v2
     elif c == "gc" and args.keep is not None:
         a["keep"] = args.keep
-    elif c in ("follow", "unfollow", "sync"):
+    elif c in ("follow", "unfollow", "sync", "wait"):
         a["repo"] = args.key
+        if c == "wait":
+            a["version"], a["timeout"] = args.version, args.timeout
         if c == "follow":
             a["peers"], a["prefixes"] = args.peer, args.prefix
         if c == "sync":

@@ -125,14 +125,16 @@ class ControlServer:
         own = node.id  # the daemon's identity is its own repository's key
         if cmd == "id":
             return (await node.db(commands.repo_id, dd, args.get("repo"))).data
-        if cmd == "put":
-            res = await node.db(commands.put, dd, args["path"], value=args.get("value"), filename=args.get("filename"))
-            if res.data.get("changed"):
-                node.publish_soon(own)
-            return res.data
-        if cmd == "rm":
-            res = await node.db(commands.rm, dd, args["path"])
-            node.publish_soon(own)
+        if cmd in ("put", "rm"):
+            if cmd == "put":
+                write = (commands.put, dd, args["path"])
+                kwargs = {"value": args.get("value"), "filename": args.get("filename")}
+            else:
+                write, kwargs = (commands.rm, dd, args["path"]), {}
+            res, head = await node.db(node.write_and_head, own, node.has_subscribers(own), *write, **kwargs)
+            if head is not None:
+                # pushed as the answer goes out: the message was built with the write
+                await node.publish(own, head)
             return res.data
         if cmd == "get":
             return await self._get(args, send)
@@ -170,6 +172,10 @@ class ControlServer:
             if not await node.unfollow(key):
                 raise PttError(f"not following {key.hex()}")
             return {"repository": key.hex(), "unfollowed": True}
+        if cmd == "wait":
+            key = _hex_key(args["repo"])
+            f = await node.wait_version(key, int(args["version"]), float(args.get("timeout") or 60))
+            return f.info()
         if cmd == "sync":
             key = _hex_key(args["repo"])
             started = trio.current_time()

@@ -73,6 +73,7 @@ class Follow:
     state: str = "waiting"  # waiting | syncing | synced | forked
     local_seq: int | None = None
     local_hash: bytes | None = None
+    local_root: bytes | None = None
     newest_seen: int | None = None
     last_sync: float | None = None  # unix time
     error: str | None = None
@@ -383,19 +384,24 @@ class Node:
             out.append(b)
         return out
 
-    def publish_soon(self, key: bytes) -> None:
-        """Push a new head without making the caller (a write's answer) wait for it."""
-        if self._nursery is not None and any(key in p.subs for p in self.peers):
-            self._nursery.start_soon(self.publish, key)
+    def has_subscribers(self, key: bytes) -> bool:
+        return any(key in p.subs for p in self.peers)
 
-    async def publish(self, key: bytes) -> None:
+    def write_and_head(self, key: bytes, with_head: bool, write, *args, **kwargs):
+        """On the store thread: run a local write, then (``with_head``: someone follows
+        ``key`` live) build the head message to push, in the same trip to the store."""
+        result = write(*args, **kwargs)
+        return result, self._head_message(key, True) if with_head else None
+
+    async def publish(self, key: bytes, msg: dict | None = None) -> None:
         """A repository has a new head: push it to every peer subscribed to it."""
         subscribers = [p for p in self.peers if key in p.subs]
         if not subscribers:
             return
-        msg = await self.db(self._head_message, key, True)
         if msg is None:
-            return
+            msg = await self.db(self._head_message, key, True)
+            if msg is None:
+                return
         for p in subscribers:
             p.push(key, msg)
 
@@ -435,7 +441,7 @@ class Node:
         seq = await self.db(self.store.head_seq, row)
         if seq is not None:
             sc = await self.db(self.store.load_commit, row, seq)
-            f.local_seq, f.local_hash = seq, sc.address
+            f.local_seq, f.local_hash, f.local_root = seq, sc.address, sc.commit.root
             f.state = "synced"
         forks = await self.db(self.store.forks, row)
         if forks:
@@ -586,10 +592,10 @@ class Node:
                         f.fetched_bytes += fetcher.stats.bytes
                     rows, partial = fetcher.take_rows()
                     await self.db(
-                        self.store.accept_commit, row, sc.block, sc.signature, fetcher.complete, rows, partial
+                        self.store.accept_commit, row, sc.block, sc.signature, fetcher.complete, rows, partial, sc
                     )
                 else:
-                    await self.db(self.store.accept_commit, row, sc.block, sc.signature)
+                    await self.db(self.store.accept_commit, row, sc.block, sc.signature, verified=sc)
         except PeerGone as exc:
             f.state = "waiting"
             f.error = str(exc)
@@ -613,7 +619,7 @@ class Node:
             log.info("peer %s: %s", peer.name, exc)
             f.state = "synced" if f.local_seq is not None else "waiting"
             return
-        f.local_seq, f.local_hash = sc.seq, sc.address
+        f.local_seq, f.local_hash, f.local_root = sc.seq, sc.address, sc.commit.root
         f.state = "synced"
         f.last_sync = time.time()
         st = fetcher.stats if fetcher else FetchStats()
@@ -632,11 +638,17 @@ class Node:
     # --- on-demand reads ------------------------------------------------------------
 
     async def _root(self, key: bytes, version: int | None) -> bytes:
+        f = self.follows.get(key)
+        if version is None and f is not None and f.local_root is not None:
+            return f.local_root
+        return await self.db(self._stored_root, key, version)
+
+    def _stored_root(self, key: bytes, version: int | None) -> bytes:
         row = self.store.find_repo(key)
         seq = self.store.head_seq(row) if row else None
         if seq is None:
             raise NotFound(f"no version of {key.hex()} is stored")
-        return (await self.db(self.store.load_commit, row, seq if version is None else version)).commit.root
+        return self.store.load_commit(row, seq if version is None else version).commit.root
 
     async def fetch_path(self, key: bytes, path: str, version: int | None = None) -> None:
         """Fetch one path of a followed repository that is not stored (outside the
@@ -729,6 +741,21 @@ class Node:
             raise PttError(f"sync of {key.hex()} did not finish within {timeout:g} s ({f.error or f.state})")
         if f.state == "forked":
             raise ForkDetected(f.error or "fork detected")
+        return f
+
+    async def wait_version(self, key: bytes, version: int, timeout: float) -> Follow:
+        """Wait until a followed repository holds ``version`` (or newer)."""
+        f = self.follows.get(key)
+        if f is None:
+            raise NotFound(f"not following {key.hex()}")
+        with trio.move_on_after(timeout):
+            while (f.local_seq is None or f.local_seq < version) and f.state != "forked":
+                await f.changed.wait()
+        if f.state == "forked":
+            raise ForkDetected(f.error or "fork detected")
+        if f.local_seq is None or f.local_seq < version:
+            have = "nothing" if f.local_seq is None else f"version {f.local_seq}"
+            raise PttError(f"{key.hex()} did not reach version {version} within {timeout:g} s (holds {have})")
         return f
 
     def status(self) -> dict:

@@ -524,6 +524,7 @@ class Store:
         complete: list[bytes] | tuple = (),
         rows: list[tuple[bytes, bytes]] | tuple = (),
         partial: list[bytes] | tuple = (),
+        verified: SignedCommit | None = None,
     ) -> SignedCommit:
         """Check a commit received from elsewhere and make it the head if it is newer.
 
@@ -533,8 +534,14 @@ class Store:
         ``complete``: interior blocks whose subtrees the caller fetched, no longer partial
         once the commit is in; ``rows`` and ``partial``: the last fetched blocks, stored
         in the same transaction (one fsync for the end of a sync, not two).
+        ``verified``: this same commit, already checked by the caller.
         """
-        sc = verify_commit(block, signature, repo.key)
+        if verified is not None and verified.block == block and verified.signature == signature:
+            sc = verified  # checked on arrival (pttd.node.on_head) against this repository's key
+        else:
+            sc = verify_commit(block, signature, repo.key)
+        if sc.commit.repo != repo.key:
+            raise SignatureError(f"commit is for repository {sc.commit.repo.hex()}, not {repo.key.hex()}")
         fork: str | None = None
         # Not synced to the disk on its own: after a power cut the follower may hold an
         # older head and fetch this one again (never a torn store: WAL). Local writes
