@@ -209,15 +209,20 @@ class ControlServer:
     async def _get(self, args: dict, send) -> dict:
         node = self.node
         key = _hex_key(args.get("repo"))
-        for attempt in range(3):
-            try:
-                # one store round trip for a value up to STREAM_PIECE (most of them)
-                res, first, more = await node.db(_start_get, node.dd, args)
-                break
-            except MissingBlock:
-                if key is None or attempt == 2:
-                    raise
-                await node.fetch_path(key, args["path"], args.get("version"))
+        fetched = None
+        try:
+            # one store round trip for a value up to STREAM_PIECE (most of them)
+            res, first, more = await node.db(_start_get, node.dd, args)
+        except MissingBlock:
+            if key is None:
+                raise
+            # not stored here (outside a sparse follow's prefixes): fetched, and read in
+            # the same trip to the store as the fetch's last write
+            fetched, (res, first, more) = await node.fetch_path(
+                key, args["path"], args.get("version"), then=lambda: _start_get(node.dd, args)
+            )
+        if fetched is not None:
+            res.data["fetched"] = fetched
         await send({"meta": res.data})
         piece = first
         while piece:

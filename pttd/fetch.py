@@ -94,9 +94,11 @@ class Fetcher:
         want_batch: int = 1024,
         progress: Callable[[FetchStats], None] | None = None,
         fresh: bool = False,
+        run_db_quick: RunDb | None = None,
     ):
         self.store = store
         self.db = run_db
+        self.db_quick = run_db_quick or run_db  # for short store calls (see Node.db_quick)
         self.request = request
         full = not prefixes or "/" in prefixes
         self.prefixes = None if full else [p.encode() for p in prefixes]
@@ -236,7 +238,8 @@ class Fetcher:
         batch = unknown
         if not batch:  # a small update's untouched neighbours: no store round trip
             return
-        present, partial = await self.db(self.store.classify, [n.addr for n in batch])
+        run = self.db_quick if len(batch) <= 64 else self.db
+        present, partial = await run(self.store.classify, [n.addr for n in batch])
         local: list[Need] = []
         for n in batch:
             if n.addr not in present:

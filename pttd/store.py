@@ -236,6 +236,7 @@ class Store:
                 f"store {path} has schema {row[0]}, newer than this pttd understands ({SCHEMA_VERSION}); upgrade pttd"
             )
         self._lock = threading.RLock()
+        self.defer_checkpoints = False  # set while a call runs on the daemon's event loop
         self._nodes: dict[tuple[int, bytes], object] = {}
         self._commits: dict[bytes, SignedCommit] = {}
         # Addresses known to be stored with their whole subtree (so a sync skips them
@@ -244,6 +245,20 @@ class Store:
         self.known_complete: set[bytes] = set()
         self._writer: Writer | None = None
         self.blocks_read = 0
+
+    @contextmanager
+    def idle(self) -> Iterator[bool]:
+        """Whether the store is free right now (no other thread inside it), holding it
+        while true: for a short call made in place instead of on the store thread."""
+        if not self._lock.acquire(blocking=False):
+            yield False
+            return
+        self.defer_checkpoints = True  # a checkpoint can take long: the next write does it
+        try:
+            yield True
+        finally:
+            self.defer_checkpoints = False
+            self._lock.release()
 
     def close(self) -> None:
         with self._lock:
@@ -316,7 +331,7 @@ class Store:
                 raise
             finally:
                 self._writer = None
-            if self.wal_bytes() > WAL_CHECKPOINT_BYTES:
+            if not self.defer_checkpoints and self.wal_bytes() > WAL_CHECKPOINT_BYTES:
                 self.checkpoint()
 
     # --- blocks -----------------------------------------------------------------------
