@@ -211,8 +211,8 @@ class ControlServer:
         key = _hex_key(args.get("repo"))
         fetched = None
         try:
-            # one store round trip for a value up to STREAM_PIECE (most of them)
-            res, first, more = await node.db(_start_get, node.dd, args)
+            # one short store call for a value up to STREAM_PIECE (most of them)
+            res, first, more = await node.db_quick(_start_get, node.dd, args)
         except MissingBlock:
             if key is None:
                 raise

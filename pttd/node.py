@@ -193,7 +193,8 @@ class Node:
             with self.store.idle() as idle:
                 if idle:
                     result = fn(*args, **kwargs)
-                    await trio.lowlevel.checkpoint()
+                    # the call's effects are done: let others run, but never lose its result
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                     return result
         return await self.db(fn, *args, **kwargs)
 
