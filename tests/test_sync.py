@@ -8,6 +8,7 @@ import pytest
 import trio
 
 import pttd.fetch
+from pttd.errors import PttError
 from tests.netutil import daemons, wait_for
 
 
@@ -184,3 +185,22 @@ async def test_bad_get_does_not_hurt_the_daemon(tmp_path, caplog):
             assert answer["t"] == "blocks" and answer["missing"] == [root]
         await conn.aclose()
         assert (await a.call("status"))["node"] == a.id
+
+
+async def test_wait_answers_when_the_version_arrives(tmp_path):
+    async with daemons(tmp_path, 2) as (a, b):
+        await _put_many(a, 3)
+        await b.call("follow", repo=a.id, peers=[a.address])
+        async with trio.open_nursery() as nursery:
+            got = {}
+
+            async def waiter():
+                got["info"] = await b.call("wait", repo=a.id, version=2, timeout=20)
+
+            nursery.start_soon(waiter)
+            await wait_for(lambda: b.node.follows[a.node.id].local_seq == 1)
+            assert "info" not in got  # version 1 is not enough
+            await a.call("put", path="/f/next", value=b"v2")
+        assert got["info"]["version"] == 2
+        with pytest.raises(PttError, match=r"did not reach version 9 within 0.3 s \(holds version 2\)"):
+            await b.call("wait", repo=a.id, version=9, timeout=0.3)
