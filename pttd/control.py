@@ -32,6 +32,7 @@ log = logging.getLogger("pttd.control")
 
 MAX_CONTROL_FRAME = 64 << 20
 STREAM_PIECE = 1 << 20
+FIRST_PIECE = 64 << 10  # read in place when the store is idle: kept short
 MAX_INLINE_VALUE = 16 << 20  # larger stdin values go through a file
 
 
@@ -210,41 +211,54 @@ class ControlServer:
         node = self.node
         key = _hex_key(args.get("repo"))
         fetched = None
-        try:
-            # one short store call for a value up to STREAM_PIECE (most of them)
-            res, first, more = await node.db_quick(_start_get, node.dd, args)
-        except MissingBlock:
-            if key is None:
-                raise
-            # not stored here (outside a sparse follow's prefixes): fetched, and read in
-            # the same trip to the store as the fetch's last write
-            fetched, (res, first, more) = await node.fetch_path(
-                key, args["path"], args.get("version"), then=lambda: _start_get(node.dd, args)
-            )
+        for attempt in range(3):
+            try:
+                # a short store call for the first piece (the whole value, most often)
+                res, first, more = await node.db_quick(_start_get, node.dd, args, FIRST_PIECE)
+                break
+            except MissingBlock:
+                if key is None or attempt == 2:
+                    raise
+            # Not stored here (outside a sparse follow's prefixes): fetched, and read in
+            # the same trip to the store as the fetch's last write, at the version
+            # fetched (a newer head may be accepted meanwhile).
+            at = dict(args)
+            if at.get("version") is None and key in node.follows:
+                at["version"] = node.follows[key].local_seq
+            try:
+                fetched, (res, first, more) = await node.fetch_path(
+                    key, args["path"], at.get("version"), then=lambda at=at: _start_get(node.dd, at, FIRST_PIECE)
+                )
+                break
+            except MissingBlock:  # that version was pruned meanwhile: try again
+                if attempt == 2:
+                    raise
         if fetched is not None:
             res.data["fetched"] = fetched
         await send({"meta": res.data})
         piece = first
         while piece:
             await send({"chunk": piece})
-            piece = await node.db(_next_piece, res.stream) if more else b""
-            more = len(piece) >= STREAM_PIECE
+            if not more:
+                break
+            piece, more = await node.db(_next_piece, res.stream, STREAM_PIECE)
         return res.data
 
 
-def _start_get(dd, args: dict):
+def _start_get(dd, args: dict, limit: int):
     res = commands.get(dd, args["path"], version=args.get("version"), repo=args.get("repo"))
-    first = _next_piece(res.stream)
-    return res, first, len(first) >= STREAM_PIECE
+    first, more = _next_piece(res.stream, limit)
+    return res, first, more
 
 
-def _next_piece(stream) -> bytes:
+def _next_piece(stream, limit: int) -> tuple[bytes, bool]:
+    """Up to about ``limit`` bytes of the value, and whether there may be more."""
     out = bytearray()
     for piece in stream:
         out += piece
-        if len(out) >= STREAM_PIECE:
-            break
-    return bytes(out)
+        if len(out) >= limit:
+            return bytes(out), True
+    return bytes(out), False
 
 
 async def _try_send(send, obj) -> None:

@@ -44,6 +44,7 @@ log = logging.getLogger("pttd.node")
 
 MAX_PUSHED_BLOCKS = 64
 QUICK_ROWS = 64  # a write of at most this many blocks may be made in place (db_quick)
+QUICK_BYTES = 256 << 10  # ... and of at most this many bytes
 CLEAN_ENDS = ("peer closed the connection",)  # not worth a warning
 ANSWER_BYTES = MAX_FRAME - (64 << 10)  # room for the message's own fields
 
@@ -176,6 +177,7 @@ class Node:
         self.listen_addresses: list[str] = []
         self.gate = SyncGate()
         self._db_limiter = trio.CapacityLimiter(1)
+        self._checkpointing = False
         self._dialers: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self._per_address: dict[str, int] = {}
@@ -183,6 +185,12 @@ class Node:
     async def db(self, fn, *args, **kwargs):
         """Run a store call on the store's thread (one at a time)."""
         return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=self._db_limiter)
+
+    async def _checkpoint(self) -> None:
+        try:
+            await self.db(self.store.checkpoint)
+        finally:
+            self._checkpointing = False
 
     async def db_quick(self, fn, *args, **kwargs):
         """A short store call (a few indexed reads, or a small write that is not synced
@@ -193,9 +201,15 @@ class Node:
             with self.store.idle() as idle:
                 if idle:
                     result = fn(*args, **kwargs)
-                    # the call's effects are done: let others run, but never lose its result
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                    return result
+                    checkpoint = self.store.checkpoint_due()
+            if idle:
+                if checkpoint and not self._checkpointing and self._nursery is not None:
+                    # deferred by the call made in place: done on the store thread
+                    self._checkpointing = True
+                    self._nursery.start_soon(self._checkpoint)
+                # the call's effects are done: let others run, but never lose its result
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return result
         return await self.db(fn, *args, **kwargs)
 
     # --- running --------------------------------------------------------------------
@@ -496,6 +510,7 @@ class Node:
         removed = await self.db(self.store.remove_follow, key)
         if f is None:
             return removed
+        f.notify()  # wakes anyone waiting on it (wait_version)
         if f.scope is not None:
             f.scope.cancel()
         for p in list(self.peers):
@@ -618,7 +633,8 @@ class Node:
                         f.fetched_bytes += fetcher.stats.bytes
                     rows, partial = fetcher.take_rows()
                     # a small update's last write is short (and not synced on its own)
-                    accept = self.db_quick if len(rows) <= QUICK_ROWS else self.db
+                    small = len(rows) <= QUICK_ROWS and len(fetcher.complete) <= QUICK_ROWS
+                    accept = self.db_quick if small else self.db
                     await accept(
                         self.store.accept_commit, row, sc.block, sc.signature, fetcher.complete, rows, partial, sc
                     )
@@ -667,7 +683,7 @@ class Node:
 
     async def _root(self, key: bytes, version: int | None) -> bytes:
         f = self.follows.get(key)
-        if version is None and f is not None and f.local_root is not None:
+        if f is not None and f.local_root is not None and version in (None, f.local_seq):
             return f.local_root
         return await self.db(self._stored_root, key, version)
 
@@ -702,7 +718,8 @@ class Node:
                 # the blocks on the path stay partial: their siblings are not fetched
                 await fetcher.run([Need(root, KIND_NODE)], store_last=False)
                 rows, partial = fetcher.take_rows()
-                result = await self.db_quick(_store_then, self.store, rows, partial, then)
+                small = len(rows) <= QUICK_ROWS and sum(len(b) for _, b in rows) <= QUICK_BYTES
+                result = await (self.db_quick if small else self.db)(_store_then, self.store, rows, partial, then)
             info = {
                 "from": peer.name,
                 "ms": round((trio.current_time() - started) * 1000, 3),
@@ -790,6 +807,8 @@ class Node:
         with trio.move_on_after(timeout):
             while (f.local_seq is None or f.local_seq < version) and f.state != "forked":
                 await f.changed.wait()
+                if self.follows.get(key) is not f:
+                    raise PttError(f"no longer following {key.hex()}")
         if f.state == "forked":
             raise ForkDetected(f.error or "fork detected")
         if f.local_seq is None or f.local_seq < version:

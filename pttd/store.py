@@ -274,8 +274,14 @@ class Store:
         except FileNotFoundError:
             return 0
 
-    def checkpoint(self, mode: str = "PASSIVE") -> None:
-        """Copy committed pages from the WAL into the database file."""
+    def checkpoint_due(self) -> bool:
+        return self.wal_bytes() > WAL_CHECKPOINT_BYTES
+
+    def checkpoint(self, mode: str = "TRUNCATE") -> None:
+        """Copy committed pages from the WAL into the database file. TRUNCATE (the
+        default) also empties the WAL file, so its size is again a measure of what has
+        not been copied (PASSIVE leaves the file at its largest, and every later write
+        would then find a checkpoint due)."""
         with self._lock:
             self._db.execute(f"PRAGMA wal_checkpoint({mode})")
 

@@ -8,6 +8,8 @@ import pytest
 import trio
 
 import pttd.fetch
+import pttd.peer
+import pttd.store
 from pttd.errors import PttError
 from tests.netutil import daemons, wait_for
 
@@ -204,3 +206,45 @@ async def test_wait_answers_when_the_version_arrives(tmp_path):
         assert got["info"]["version"] == 2
         with pytest.raises(PttError, match=r"did not reach version 9 within 0.3 s \(holds version 2\)"):
             await b.call("wait", repo=a.id, version=9, timeout=0.3)
+
+
+async def test_on_demand_read_while_the_path_changes(tmp_path, monkeypatch):
+    """A read outside the prefix whose path is rewritten (and synced) while the read's
+    get is on the wire answers from the version it fetched."""
+    async with daemons(tmp_path, 2) as (a, b):
+
+        def work():
+            with a.node.dd.repository().batch() as batch:
+                batch.put("/other/p", b"old" * 300)
+                batch.put("/small/x", b"s" * 100)
+
+        await a.node.db(work)
+        await b.call("follow", repo=a.id, peers=[a.address], prefixes=["/small/"])
+        f = b.node.follows[a.node.id]
+        await wait_for(lambda: f.local_seq == 1)
+        original = pttd.peer.Peer.request
+        fired = []
+
+        async def request(self, msg):
+            if msg.get("t") == "get" and not fired and self.node is b.node:
+                fired.append(1)
+                await a.call("put", path="/other/p", value=b"new" * 300)
+                await wait_for(lambda: f.local_seq == 2)
+            return await original(self, msg)
+
+        monkeypatch.setattr(pttd.peer.Peer, "request", request)
+        got = await b.call("get", path="/other/p", repo=a.id)
+        assert fired and got["version"] == 1 and got["size"] == 900
+
+
+async def test_a_follower_of_small_updates_keeps_its_wal_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(pttd.store, "WAL_CHECKPOINT_BYTES", 1 << 20)
+    async with daemons(tmp_path, 2) as (a, b):
+        await a.call("put", path="/x/0", value=b"v" * 1000)
+        await b.call("follow", repo=a.id, peers=[a.address])
+        f = b.node.follows[a.node.id]
+        await wait_for(lambda: f.local_seq == 1)
+        for i in range(1, 25):  # ~330 KB of WAL each (64 KiB pages)
+            await a.call("put", path=f"/x/{i}", value=os.urandom(20000))
+            await wait_for(lambda i=i: f.local_seq == i + 1)
+        await wait_for(lambda: b.node.store.wal_bytes() <= 1 << 20 and not b.node._checkpointing)
