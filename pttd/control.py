@@ -241,6 +241,8 @@ class ControlServer:
             await send({"chunk": piece})
             if not more:
                 break
+            if fetched is not None:  # the rest is read from the store: it must be there
+                await node.fetched_stored()
             piece, more = await node.db(_next_piece, res.stream, STREAM_PIECE)
         return res.data
 

@@ -178,6 +178,7 @@ class Node:
         self.gate = SyncGate()
         self._db_limiter = trio.CapacityLimiter(1)
         self._checkpointing = False
+        self._unstored: set[trio.Event] = set()  # writes of on-demand reads still to come
         self._dialers: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self._per_address: dict[str, int] = {}
@@ -719,7 +720,16 @@ class Node:
                 await fetcher.run([Need(root, KIND_NODE)], store_last=False)
                 rows, partial = fetcher.take_rows()
                 small = len(rows) <= QUICK_ROWS and sum(len(b) for _, b in rows) <= QUICK_BYTES
-                result = await (self.db_quick if small else self.db)(_store_then, self.store, rows, partial, then)
+                if small and then is not None:
+                    # Answer from the fetched blocks first, store them right after: the
+                    # reader does not wait for the write (~0.7 ms with 64 KiB pages).
+                    result = await self.db_quick(self.store.read_with, dict(rows), then)
+                    if rows:
+                        done = trio.Event()
+                        self._unstored.add(done)
+                        self._nursery.start_soon(self._store_fetched, rows, partial, done)
+                else:
+                    result = await (self.db_quick if small else self.db)(_store_then, self.store, rows, partial, then)
             info = {
                 "from": peer.name,
                 "ms": round((trio.current_time() - started) * 1000, 3),
@@ -729,6 +739,19 @@ class Node:
             return info, result
 
         return await self._from_peers(key, path, candidates, attempt)
+
+    async def _store_fetched(self, rows, partial, done: trio.Event) -> None:
+        try:
+            async with self.gate.sync():
+                await self.db_quick(self.store.put_fetched, rows, partial)
+        finally:
+            self._unstored.discard(done)
+            done.set()
+
+    async def fetched_stored(self) -> None:
+        """Wait until the blocks of on-demand reads answered before being stored are."""
+        for done in list(self._unstored):
+            await done.wait()
 
     async def fetch_prefix(self, key: bytes, prefix: str, version: int | None = None) -> None:
         """Fetch everything under ``prefix`` of a stored version (default: the head)."""

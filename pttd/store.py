@@ -237,6 +237,7 @@ class Store:
             )
         self._lock = threading.RLock()
         self.defer_checkpoints = False  # set while a call runs on the daemon's event loop
+        self._overlay: dict[bytes, bytes] | None = None
         self._nodes: dict[tuple[int, bytes], object] = {}
         self._commits: dict[bytes, SignedCommit] = {}
         # Addresses known to be stored with their whole subtree (so a sync skips them
@@ -345,6 +346,10 @@ class Store:
     def get_block(self, address: bytes) -> bytes:
         """The block's bytes, checked against its address."""
         with self._lock:
+            if self._overlay is not None:
+                block = self._overlay.get(address)
+                if block is not None:  # fetched and checked, about to be stored
+                    return block
             if self._writer is not None:
                 pending = self._writer.get(address)
                 if pending is not None:
@@ -402,6 +407,16 @@ class Store:
             else:
                 out.append(data)
         return out, missing
+
+    def read_with(self, blocks: dict[bytes, bytes], read):
+        """``read()`` seeing ``blocks`` (fetched and checked against their addresses,
+        not yet stored) as if they were stored."""
+        with self._lock:
+            self._overlay = blocks
+            try:
+                return read()
+            finally:
+                self._overlay = None
 
     def put_fetched(self, rows: list[tuple[bytes, bytes]], partial: list[bytes]) -> None:
         """Store blocks received from a peer (already checked against their addresses),

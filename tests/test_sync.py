@@ -248,3 +248,22 @@ async def test_a_follower_of_small_updates_keeps_its_wal_bounded(tmp_path, monke
             await a.call("put", path=f"/x/{i}", value=os.urandom(20000))
             await wait_for(lambda i=i: f.local_seq == i + 1)
         await wait_for(lambda: b.node.store.wal_bytes() <= 1 << 20 and not b.node._checkpointing)
+
+
+async def test_on_demand_read_of_a_value_in_several_pieces(tmp_path):
+    """A value read on demand is answered from the fetched blocks; past the first piece
+    the rest comes from the store, once they are written."""
+    value = os.urandom(200_000)  # chunked; more than the first piece, few enough blocks
+    async with daemons(tmp_path, 2) as (a, b):
+        await a.node.db(lambda: a.node.dd.repository().put("/elsewhere/v", value))
+        await a.call("put", path="/in/x", value=b"x" * 100)
+        await b.call("follow", repo=a.id, peers=[a.address], prefixes=["/in/"])
+        await wait_for(lambda: b.node.follows[a.node.id].local_seq == 2)
+        pieces = []
+        meta = await trio.to_thread.run_sync(
+            lambda: b.client.call("get", {"path": "/elsewhere/v", "repo": a.id}, on_chunk=pieces.append)
+        )
+        assert b"".join(pieces) == value and meta["fetched"]["blocks"] > 20
+        await b.node.fetched_stored()
+        stored = await trio.to_thread.run_sync(lambda: b.node.dd.repository(a.id).get("/elsewhere/v"))
+        assert stored == value
