@@ -98,8 +98,8 @@ class Daemon:
         lock = DataDirLock(dd.path)
         try:
             await trio.to_thread.run_sync(lock.acquire)
-            node_id = dd.default_repo_id()
-            identity = dd.keys.load(node_id)
+            node_id = await trio.to_thread.run_sync(dd.default_repo_id)
+            identity = await trio.to_thread.run_sync(dd.keys.load, node_id)
             node = self.node = Node(dd, self.cfg, identity, self.mode)
             async with trio.open_nursery() as nursery:
                 await nursery.start(node.run)
