@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import getpass
 import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 
 from pttd import commands
@@ -73,10 +75,47 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("key")
     s.add_argument("version", type=_version)
     s.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
+    s = sub.add_parser("user", help="hosted users of a gateway")
+    us = s.add_subparsers(dest="user_command", required=True)
+    ua = us.add_parser("add", help="add a user (asks for a password; --password-stdin for scripts)")
+    ua.add_argument("name")
+    ua.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    ua.add_argument("--no-password", action="store_true", help="no password login (for users of other logins)")
+    ua.add_argument("--profile-name", help="the profile name (default: the user name)")
+    us.add_parser("list", help="list hosted users")
+    sub.add_parser("topics", help="chat: topics this repository posted to")
+    s = sub.add_parser("post", help="chat: post a text message to a topic")
+    s.add_argument("topic")
+    s.add_argument("text")
+    s = sub.add_parser("read", help="chat: messages of a topic in this repository")
+    s.add_argument("topic")
+    s.add_argument("--limit", type=_version, help="the newest N only")
+    s = sub.add_parser("friends", help="chat: list friends, or add one")
+    fs = s.add_subparsers(dest="friends_command")
+    fa = fs.add_parser("add", help="add a friend by repository key")
+    fa.add_argument("key")
+    s = sub.add_parser("dm", help="chat: send an encrypted direct message")
+    s.add_argument("key")
+    s.add_argument("text")
+    sub.add_parser("dms", help="chat: direct-message conversations, opened")
     return p
 
 
-DAEMON_COMMANDS = ("status", "peers", "follow", "unfollow", "sync", "wait")
+DAEMON_COMMANDS = (
+    "status",
+    "peers",
+    "follow",
+    "unfollow",
+    "sync",
+    "wait",
+    "user",
+    "topics",
+    "post",
+    "read",
+    "friends",
+    "dm",
+    "dms",
+)
 
 
 def _version(text: str) -> int:
@@ -141,6 +180,31 @@ def _human_daemon(command: str, d: dict, out) -> None:
         _print_follow(d, out)
     elif command == "unfollow":
         print(f"no longer following {d['repository']}", file=out)
+    elif command == "user":
+        for u in d.get("users", [d]):
+            print(f"{u['key']}  {u['name']}", file=out)
+    elif command == "topics":
+        for t in d["topics"]:
+            print(t, file=out)
+    elif command == "post":
+        print(f"posted {d['post']['id']} to {d['post']['topic']}", file=out)
+    elif command == "read":
+        for m in d["messages"]:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(m["date"] / 1000))
+            value = m["message"]["value"]
+            print(f"{when}  {m['id']}  {value if isinstance(value, str) else json.dumps(value)}", file=out)
+    elif command == "friends":
+        for f in d.get("friends", [d.get("friend")]):
+            print(f"{f['key']}  {f.get('name', '')}".rstrip(), file=out)
+    elif command == "dm":
+        print(f"sent {d['dm']['id']} to {d['dm']['to']}", file=out)
+    elif command == "dms":
+        for c in d["conversations"]:
+            who = c.get("key") or f"channel {c['channel']['name']}"
+            print(f"== {who}", file=out)
+            for m in c["messages"]:
+                value = m["message"]["value"]
+                print(f"  {m['from'][:16]}  {value if isinstance(value, str) else json.dumps(value)}", file=out)
 
 
 def _print_follow(f: dict, out) -> None:
@@ -240,11 +304,41 @@ def _remote(client: ControlClient, args: argparse.Namespace) -> commands.Result:
             a["peers"], a["timeout"] = args.peer, args.timeout
     if c == "get":
         return _remote_get(client, args, a)
+    if c in ("user", "topics", "post", "read", "friends", "dm", "dms"):
+        return commands.Result(_chat_call(client, args))
     progress = _progress_bar if c == "sync" and not args.json and sys.stderr.isatty() else None
     data = client.call(c, a, on_progress=progress)
     if progress:
         print(file=sys.stderr)
     return commands.Result(data, ok=data.get("ok", True) if c == "verify" else True)
+
+
+def _chat_call(client: ControlClient, args: argparse.Namespace) -> dict:
+    c = args.command
+    if c == "user":
+        if args.user_command == "list":
+            return client.call("user_list", {})
+        password = None
+        if args.password_stdin:
+            password = sys.stdin.readline().rstrip("\n")
+        elif not args.no_password:
+            password = getpass.getpass(f"password for {args.name}: ")
+            if getpass.getpass("again: ") != password:
+                raise PttError("the two passwords differ")
+        return client.call("user_add", {"name": args.name, "password": password, "profile_name": args.profile_name})
+    if c == "topics":
+        return client.call("chat_topics", {})
+    if c == "post":
+        return client.call("chat_post", {"topic": args.topic, "text": args.text})
+    if c == "read":
+        return client.call("chat_read", {"topic": args.topic, "limit": args.limit})
+    if c == "friends":
+        if args.friends_command == "add":
+            return client.call("chat_friend_add", {"key": args.key})
+        return client.call("chat_friends", {})
+    if c == "dm":
+        return client.call("chat_dm", {"key": args.key, "text": args.text})
+    return client.call("chat_dms", {})
 
 
 def _put_via_file(client: ControlClient, path: str, value: bytes) -> commands.Result:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from .errors import PttError
 
 DEFAULT_PORT = 9987
+DEFAULT_HTTP_PORT = 9988
 
 
 class ConfigError(PttError):
@@ -39,6 +40,21 @@ class WireConfig:
 
 
 @dataclass
+class GatewayConfig:
+    http: str = f"0.0.0.0:{DEFAULT_HTTP_PORT}"  # the HTTP API (gateway mode)
+    key_file: str = ""  # seals hosted users' secret keys; default <data-dir>/gateway.key
+    passphrase_env: str = "PTTD_GATEWAY_PASSPHRASE"  # if set in the environment: the key comes from it
+    registration: bool = False  # POST /register open to anyone
+    test_login: bool = False  # POST /test-login: log in by a bare id (development only)
+    token_ttl: float = 86400.0  # seconds a login token is valid
+    cors_origins: list[str] = field(default_factory=lambda: ["*"])
+    max_body: int = 1 << 20  # bytes of one request body
+    group_max: int = 256  # writes of many users sharing one store transaction
+    user_cache: int = 4096  # hosted users kept decoded in memory
+    event_retention: int = 100_000  # live-stream events kept for Last-Event-ID
+
+
+@dataclass
 class Config:
     data_dir: str | None = None
     mode: str = "node"
@@ -47,6 +63,7 @@ class Config:
     log_level: str = "INFO"
     peers: list[str] = field(default_factory=list)
     wire: WireConfig = field(default_factory=WireConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
 
 
 # section -> {key: (object path, type)}
@@ -60,9 +77,12 @@ _LAYOUT: dict[str, dict[str, tuple[str, type]]] = {
     "store": {"synchronous": ("synchronous", str)},
     "peers": {"static": ("peers", list)},
     "wire": {},
+    "gateway": {},
 }
 for _f in dataclasses.fields(WireConfig):
     _LAYOUT["wire"][_f.name] = ("wire." + _f.name, type(getattr(WireConfig(), _f.name)))
+for _f in dataclasses.fields(GatewayConfig):
+    _LAYOUT["gateway"][_f.name] = ("gateway." + _f.name, type(getattr(GatewayConfig(), _f.name)))
 
 
 def _set(cfg: Config, dotted: str, value) -> None:
@@ -128,6 +148,13 @@ def validate(cfg: Config, where: str = "settings") -> None:
             raise ConfigError(f"{where}: [wire] {name} must be at least 1")
     if w.want_batch > 4096:
         raise ConfigError(f"{where}: [wire] want_batch must be at most 4096")
+    g = cfg.gateway
+    parse_address(g.http)
+    if g.token_ttl <= 0:
+        raise ConfigError(f"{where}: [gateway] token_ttl must be positive")
+    for name in ("max_body", "group_max", "user_cache", "event_retention"):
+        if getattr(g, name) < 1:
+            raise ConfigError(f"{where}: [gateway] {name} must be at least 1")
 
 
 def parse_address(text: str) -> tuple[str, int]:

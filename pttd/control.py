@@ -60,9 +60,10 @@ def _hex_key(text: str | None) -> bytes | None:
 
 
 class ControlServer:
-    def __init__(self, node, path: str):
+    def __init__(self, node, path: str, gateway=None):
         self.node = node
         self.path = path
+        self.gateway = gateway
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -205,6 +206,8 @@ class ControlServer:
             if f.local_seq is None:
                 raise PttError(f"no peer holds {key.hex()} ({f.error or 'nothing offered'})")
             return info
+        if cmd in ("user_add", "user_list") or cmd.startswith("chat_"):
+            return await chat_command(self.gateway, cmd, args)
         raise PttError(f"unknown command {cmd!r}")
 
     async def _get(self, args: dict, send) -> dict:
@@ -245,6 +248,39 @@ class ControlServer:
                 await node.fetched_stored()
             piece, more = await node.db(_next_piece, res.stream, STREAM_PIECE)
         return res.data
+
+
+async def chat_command(gw, cmd: str, args: dict) -> dict:
+    """Users of a gateway, and the chat actions on the data directory's own repository."""
+    from .gateway import chat
+
+    if gw is None:
+        raise PttError("this daemon runs no chat service")
+    if cmd == "user_add":
+        u = await gw.add_user(args.get("name"), args.get("password"), args.get("profile_name"))
+        return {"name": u.name, "key": u.hex}
+    if cmd == "user_list":
+        return {"users": await gw.list_users()}
+    u = await gw.local_user()
+    if cmd == "chat_topics":
+        return {"topics": await gw.read(chat.topics, u.repo)}
+    if cmd == "chat_post":
+        topic = chat.check_id(args.get("topic"), "topic", topic=True)
+        return {"post": await gw.post(u, topic, args.get("text"))}
+    if cmd == "chat_read":
+        topic = chat.check_id(args.get("topic"), "topic", topic=True)
+        return {"messages": await gw.read(chat.messages, u.repo, topic, None, None, args.get("limit"))}
+    if cmd == "chat_friends":
+        return {"friends": await gw.read(chat.sealed_list, u, "/friends/")}
+    if cmd == "chat_friend_add":
+        return {"friend": await gw.add_friend(u, {"key": args.get("key")})}
+    if cmd == "chat_dm":
+        key = chat.check_key(args.get("key"), "key")
+        msg = chat.check_message(args.get("text"), "text")
+        return {"dm": (await gw.send_dm(u, [key], msg, None))[0]}
+    if cmd == "chat_dms":
+        return {"conversations": await gw.read(gw.dm_channels, u, None, None)}
+    raise PttError(f"unknown command {cmd!r}")
 
 
 def _start_get(dd, args: dict, limit: int):

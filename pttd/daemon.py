@@ -1,8 +1,9 @@
-"""The daemon core: holds a data directory while it runs.
+"""The daemon: holds a data directory while it runs.
 
-This first version opens (or creates) the data directory, locks it against a second
-daemon, announces itself in ``run.json`` and shuts down cleanly on SIGINT/SIGTERM.
-The wire protocol, peers and the other modes are built on this core (issues 3-6).
+It opens (or creates) the data directory, locks it against a second daemon, runs the
+node (wire protocol, sync), the chat service and the control socket, in gateway mode
+also the HTTP API; announces itself in ``run.json`` and shuts down cleanly on
+SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -14,18 +15,37 @@ import logging
 import os
 import signal
 
+import hypercorn.trio
 import trio
+from hypercorn.config import Config as HyperConfig
 
 from .config import Config
 from .control import ControlServer
 from .datadir import DataDir, default_data_dir
-from .errors import DataDirError
+from .errors import DataDirError, PttError
+from .gateway.http import build_app
+from .gateway.keys import GatewayKey
+from .gateway.service import Gateway
 from .node import Node
 
 log = logging.getLogger("pttd.daemon")
 
 MODES = ("node", "gateway", "hub", "replicator")
-IMPLEMENTED_MODES = ("node",)
+IMPLEMENTED_MODES = ("node", "gateway")
+
+
+async def serve_http(app, address: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """The HTTP API on hypercorn's trio worker; started with the real bound addresses."""
+    config = HyperConfig()
+    config.bind = [address]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("pttd.http")
+    config.keep_alive_timeout = 75
+    config.backlog = 1024
+    try:
+        await hypercorn.trio.serve(app, config, task_status=task_status)
+    except OSError as exc:
+        raise PttError(f"cannot serve HTTP on {address}: {exc.strerror or exc}") from None
 
 
 class DataDirLock:
@@ -84,6 +104,7 @@ class Daemon:
         self.ready = trio.Event()
         self.run_file = os.path.join(self.data_dir, "run.json")
         self.node: Node | None = None
+        self.gateway: Gateway | None = None
         self._stop = trio.Event()
 
     def stop(self) -> None:
@@ -91,7 +112,7 @@ class Daemon:
 
     async def run(self) -> None:
         if self.mode not in IMPLEMENTED_MODES:
-            raise DataDirError(f"mode {self.mode!r} is not available in this version of pttd (only: node)")
+            raise DataDirError(f"mode {self.mode!r} is not available in this version of pttd (only: node, gateway)")
         dd, created = await trio.to_thread.run_sync(DataDir.open_or_init, self.data_dir, self.cfg.synchronous)
         if created:
             log.info("created data directory %s", dd.path)
@@ -101,9 +122,17 @@ class Daemon:
             node_id = await trio.to_thread.run_sync(dd.default_repo_id)
             identity = await trio.to_thread.run_sync(dd.keys.load, node_id)
             node = self.node = Node(dd, self.cfg, identity, self.mode)
+            gw_key = None
+            if self.mode == "gateway":
+                g = self.cfg.gateway
+                key_file = os.path.abspath(os.path.expanduser(g.key_file or os.path.join(dd.path, "gateway.key")))
+                passphrase = os.environ.get(g.passphrase_env) if g.passphrase_env else None
+                gw_key = await trio.to_thread.run_sync(GatewayKey.load, dd.store, key_file, passphrase)
+            gateway = self.gateway = Gateway(node, gw_key)
             async with trio.open_nursery() as nursery:
                 await nursery.start(node.run)
-                await nursery.start(ControlServer(node, self.control_path).serve)
+                await nursery.start(gateway.run)
+                await nursery.start(ControlServer(node, self.control_path, gateway).serve)
                 run_info = {
                     "pid": os.getpid(),
                     "mode": self.mode,
@@ -111,6 +140,13 @@ class Daemon:
                     "listen": node.listen_addresses,
                     "control": self.control_path,
                 }
+                if self.mode == "gateway":
+                    run_info["http"] = await nursery.start(serve_http, build_app(gateway), self.cfg.gateway.http)
+                    log.info("HTTP API on %s", ", ".join(run_info["http"]))
+                    if self.cfg.gateway.test_login:
+                        log.warning("POST /test-login is ENABLED: anyone can log in by a bare id (development only)")
+                    else:
+                        log.info("POST /test-login is disabled (enable it only for development: [gateway] test_login)")
                 await trio.to_thread.run_sync(_write_json_atomic, self.run_file, run_info)
                 log.info("ready: mode=%s node=%s data_dir=%s", self.mode, node_id, dd.path)
                 self.ready.set()

@@ -182,6 +182,8 @@ class Node:
         self._dialers: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self._per_address: dict[str, int] = {}
+        # called after a followed repository's new version is stored: (key, old root or None, new root)
+        self.synced_hooks: list = []
 
     async def db(self, fn, *args, **kwargs):
         """Run a store call on the store's thread (one at a time)."""
@@ -664,9 +666,15 @@ class Node:
             log.info("peer %s: %s", peer.name, exc)
             f.state = "synced" if f.local_seq is not None else "waiting"
             return
+        old_root = f.local_root
         f.local_seq, f.local_hash, f.local_root = sc.seq, sc.address, sc.commit.root
         f.state = "synced"
         f.last_sync = time.time()
+        for hook in self.synced_hooks:
+            try:
+                await hook(key, old_root, sc.commit.root)
+            except Exception:
+                log.exception("after the sync of %s: a hook failed", short)
         st = fetcher.stats if fetcher else FetchStats()
         log.info(
             "synced %s seq %d from %s: %d blocks, %d bytes, %d requests in %.3f s",

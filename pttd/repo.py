@@ -63,6 +63,24 @@ class Batch:
     def _exists_before(self, key: bytes) -> bool:
         return tree.lookup(self._head.commit.root, key, self._repo.store.load_node) is not None
 
+    def value(self, path: str) -> bytes | None:
+        """The value at ``path`` as this commit leaves it so far, or None."""
+        key = validate_path(path)
+        ref = (
+            self._changes[key]
+            if key in self._changes
+            else tree.lookup(self._head.commit.root, key, self._repo.store.load_node)
+        )
+        if ref is None:
+            return None
+        return ref if isinstance(ref, bytes) else b"".join(self._repo._read_ref(ref))
+
+    def exists(self, path: str) -> bool:
+        key = validate_path(path)
+        if key in self._changes:
+            return self._changes[key] is not None
+        return self._exists_before(key)
+
     def put(self, path: str, value: bytes) -> None:
         key = validate_path(path)
         if type(value) is not bytes:
@@ -158,7 +176,7 @@ class Repository:
         row = store.find_repo(key) if len(key) == 32 else None
         if row is None:
             raise NotFound(f"no repository {public_hex} in this data directory")
-        sk = keys.load(public_hex) if row.owned else None
+        sk = keys.load(public_hex) if row.owned and keys.has(public_hex) else None
         return cls(store, row, sk)
 
     # --- versions ---------------------------------------------------------------------
@@ -198,21 +216,32 @@ class Repository:
         If the block raises, nothing is stored. If the writes change nothing (same
         values), no commit is made and ``batch.commit`` stays None.
         """
+        self._check_writable()
+        with self.store.write() as w:
+            with self.batch_in(w) as b:
+                yield b
+
+    def _check_writable(self) -> None:
         if self._key is None:
             raise PttError(f"repository {self.id} is read-only here (this data directory holds no key for it)")
-        with self.store.write() as w:
-            head = self.head()
-            b = Batch(self, w, head)
-            yield b
-            if not b._changes:
-                return
-            new_root = tree.mutate(head.commit.root, b._changes, self.store.load_node, w.emit)
-            if new_root == head.commit.root:
-                return
-            commit = Commit(self.key, head.seq + 1, new_root, head.address, max(_now_ms(), head.commit.time))
-            sc = sign_commit(commit, self._key)
-            self.store.insert_commit(self.row, sc)
-            b.commit = sc
+
+    @contextmanager
+    def batch_in(self, w: Writer) -> Iterator[Batch]:
+        """Like ``batch()``, inside a store transaction the caller holds (several
+        repositories' commits in one transaction: a gateway's group commit)."""
+        self._check_writable()
+        head = self.head()
+        b = Batch(self, w, head)
+        yield b
+        if not b._changes:
+            return
+        new_root = tree.mutate(head.commit.root, b._changes, self.store.load_node, w.emit)
+        if new_root == head.commit.root:
+            return
+        commit = Commit(self.key, head.seq + 1, new_root, head.address, max(_now_ms(), head.commit.time))
+        sc = sign_commit(commit, self._key)
+        self.store.insert_commit(self.row, sc)
+        b.commit = sc
 
     def put(self, path: str, value: bytes) -> SignedCommit | None:
         with self.batch() as b:
@@ -291,6 +320,21 @@ class Repository:
         sc = self.commit_at(version)
         for key, ref in tree.iterate(sc.commit.root, p, self.store.load_node):
             yield self._info(key, ref)
+
+    def items(self, prefix: str = "/", version: int | None = None) -> Iterator[tuple[str, bytes]]:
+        """(path, value) under ``prefix`` in path order."""
+        p = validate_prefix(prefix)
+        root = self.commit_at(version).commit.root
+        for key, ref in tree.iterate(root, p, self.store.load_node):
+            yield key_to_path(key), ref if isinstance(ref, bytes) else b"".join(self._read_ref(ref))
+
+    def value(self, path: str, version: int | None = None) -> bytes | None:
+        """The value at ``path``, or None where there is none."""
+        key = validate_path(path)
+        ref = tree.lookup(self.commit_at(version).commit.root, key, self.store.load_node)
+        if ref is None:
+            return None
+        return ref if isinstance(ref, bytes) else b"".join(self._read_ref(ref))
 
     def diff(self, v1: int, v2: int) -> Iterator[Change]:
         """Paths added, changed or removed from version v1 to version v2."""

@@ -35,7 +35,7 @@ from .errors import CorruptBlock, DataDirError, ForkDetected, MissingBlock, NotF
 
 log = logging.getLogger("pttd.store")
 
-SCHEMA_VERSION = 2  # 2: follows and partial (issue 3)
+SCHEMA_VERSION = 3  # 2: follows and partial (issue 3); 3: the gateway's tables (issue 4)
 # 64 KiB: chunks of 4-32 KiB left 16 KiB pages about 64% full (104 MB of pages for a
 # 64 MiB value); 64 KiB pages fill about 90%, which took storing a large value from
 # ~110-170 to ~210-260 MB/s here, with small writes no slower.
@@ -88,6 +88,41 @@ CREATE TABLE IF NOT EXISTS follows(
     peers TEXT NOT NULL,
     added INTEGER NOT NULL
 );
+-- Gateway mode. Hosted users: a login name, the repository, its secret key sealed with
+-- the gateway key (never in the clear), an Argon2id password hash or NULL.
+CREATE TABLE IF NOT EXISTS gw_users(
+    name TEXT PRIMARY KEY,
+    repo BLOB NOT NULL UNIQUE,
+    sealed_key BLOB NOT NULL,
+    password TEXT,
+    created INTEGER NOT NULL
+);
+-- Events for the live streams, written in the transaction of the commit they tell of,
+-- so that a stream resumed with Last-Event-ID misses nothing. A post event is for the
+-- users in its topic; a dm event for its recipient (body: where the envelope is).
+CREATE TABLE IF NOT EXISTS gw_events(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    topic TEXT,
+    user BLOB,
+    body TEXT NOT NULL,
+    time INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS gw_events_user ON gw_events(user, id) WHERE user IS NOT NULL;
+CREATE INDEX IF NOT EXISTS gw_events_topic ON gw_events(topic, id) WHERE topic IS NOT NULL;
+-- Derived indexes, rebuildable from the repositories: which hosted users are in which
+-- topic; which direct-message envelopes each hosted user can open (sent or received);
+-- whose envelopes a hosted user could receive (their friends).
+CREATE TABLE IF NOT EXISTS gw_topics(topic TEXT NOT NULL, repo BLOB NOT NULL, PRIMARY KEY(topic, repo)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS gw_dms(
+    user BLOB NOT NULL,
+    sender BLOB NOT NULL,
+    path TEXT NOT NULL,
+    peer BLOB NOT NULL,
+    date INTEGER NOT NULL,
+    PRIMARY KEY(user, sender, path)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS gw_friends(friend BLOB NOT NULL, user BLOB NOT NULL, PRIMARY KEY(friend, user)) WITHOUT ROWID;
 """
 
 
@@ -296,6 +331,32 @@ class Store:
     def set_meta(self, key: str, value: str) -> None:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    def query(self, sql: str, params=()) -> list[tuple]:
+        """Rows of one SQL statement (for the tables a mode keeps beside the blocks)."""
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    def execute(self, sql: str, params=()) -> int:
+        """One SQL statement; the last inserted row id. Inside ``write()`` it is part of
+        that transaction; outside, a transaction of its own."""
+        with self._lock:
+            return self._db.execute(sql, params).lastrowid
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Inside ``write()``: a part that is undone alone if it raises."""
+        with self._lock:
+            if self._writer is None:
+                raise RuntimeError("savepoint outside a write transaction")
+            self._db.execute("SAVEPOINT part")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK TO part")
+                self._db.execute("RELEASE part")
+                raise
+            self._db.execute("RELEASE part")
 
     # --- transactions -----------------------------------------------------------------
 

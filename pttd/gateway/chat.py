@@ -1,0 +1,439 @@
+"""The chat application's schema over a user's repository (MISSION.md).
+
+Paths: ``/profile.json``; ``/topics/{topic}/{messageID}``; ``/topics/{topic}/moderation/{id}``,
+``/reactions/{id}``, ``/curators/{id}``; ``/topics/__gossiping/{id}`` (direct-message
+envelopes, ``crypto_box`` from the sender to one recipient); ``/friends/{id}`` and
+``/pchannels/{id}`` (sealed to the owner's own key). Values are compact JSON.
+
+Everything a client sends is checked here: ids from a bounded set of characters, keys as
+64 hex digits, values of bounded size and shape. A check that fails raises ``BadInput``
+naming the field; nothing is written.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+
+from blake3 import blake3
+from nacl.exceptions import CryptoError
+from nacl.public import Box, PrivateKey, PublicKey, SealedBox
+from nacl.signing import SigningKey, VerifyKey
+
+from ..errors import Conflict, NotFound, PttError
+from ..repo import Batch, Repository
+
+ID_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}"
+_ID = re.compile(ID_PATTERN)
+_TYPE = re.compile(r"[a-z][a-z0-9_\-]{0,31}")
+GOSSIP = "__gossiping"
+# names inside a topic that are folders, not messages
+RESERVED_IDS = frozenset({"moderation", "reactions", "curators"})
+MAX_VALUE = 64 * 1024  # one message, reaction, profile ... as JSON
+MAX_RECIPIENTS = 64
+
+
+class BadInput(PttError):
+    """A request whose content is refused (HTTP 400), naming the field."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+@dataclass
+class ChatUser:
+    """A repository this daemon can write: its key pair and row."""
+
+    name: str
+    repo: Repository
+
+    @property
+    def key(self) -> bytes:
+        return self.repo.key
+
+    @property
+    def hex(self) -> str:
+        return self.repo.id
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_id() -> str:
+    """Sortable by time, unique without coordination: ``<ms>-<8 hex>``."""
+    return f"{now_ms():013d}-{os.urandom(4).hex()}"
+
+
+def dumps(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode()
+
+
+def loads(raw: bytes, what: str):
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise PttError(f"{what} is not JSON") from None
+
+
+# --- checks ---------------------------------------------------------------------------
+
+
+def check_id(value, field: str, *, topic: bool = False) -> str:
+    if not isinstance(value, str):
+        raise BadInput(field, "must be a string")
+    if not _ID.fullmatch(value) or ".." in value:
+        raise BadInput(
+            field, f"must be 1-64 of A-Z a-z 0-9 _ . - (not starting with . and without ..), not {value!r:.80}"
+        )
+    if topic and value == GOSSIP:
+        raise BadInput(field, f"{GOSSIP} is reserved for direct messages")
+    if not topic and value in RESERVED_IDS:
+        raise BadInput(field, f"{value!r} is reserved")
+    return value
+
+
+def check_key(value, field: str) -> bytes:
+    if not isinstance(value, str) or len(value) != 64:
+        raise BadInput(field, "must be a repository key: 64 hex digits")
+    try:
+        key = bytes.fromhex(value)
+    except ValueError:
+        raise BadInput(field, "must be a repository key: 64 hex digits") from None
+    try:
+        VerifyKey(key).to_curve25519_public_key()
+    except Exception:
+        raise BadInput(field, "is not a valid Ed25519 public key") from None
+    return key
+
+
+def check_text(value, field: str, max_len: int = 256) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise BadInput(field, "must be a non-empty string")
+    if len(value.encode()) > max_len:
+        raise BadInput(field, f"must be at most {max_len} bytes")
+    if any(ord(c) < 32 and c not in "\t\n" for c in value):
+        raise BadInput(field, "must not contain control characters")
+    return value
+
+
+def check_size(obj, field: str) -> bytes:
+    raw = dumps(obj)
+    if len(raw) > MAX_VALUE:
+        raise BadInput(field, f"is {len(raw)} bytes as JSON, at most {MAX_VALUE}")
+    return raw
+
+
+def check_message(data, field: str = "data") -> dict:
+    """A message body: ``"text"``, ``{"type", "value"}`` or ``{"message": one of those}``."""
+    if isinstance(data, dict) and "message" in data:
+        data, field = data["message"], f"{field}.message"
+    if isinstance(data, str):
+        check_text(data, field, MAX_VALUE // 2)
+        return {"type": "text", "value": data}
+    if not isinstance(data, dict):
+        raise BadInput(field, 'must be a text or {"type": ..., "value": ...}')
+    mtype = data.get("type", "text")
+    if not isinstance(mtype, str) or not _TYPE.fullmatch(mtype):
+        raise BadInput(f"{field}.type", "must be a lowercase word such as text, action or file")
+    if "value" not in data:
+        raise BadInput(f"{field}.value", "is missing")
+    value = data["value"]
+    if not isinstance(value, (str, dict, list, int, float)) or isinstance(value, bool):
+        raise BadInput(f"{field}.value", "must be a string, number, object or list")
+    if isinstance(value, str) and mtype == "text":
+        check_text(value, f"{field}.value", MAX_VALUE // 2)
+    msg = {"type": mtype, "value": value}
+    check_size(msg, field)
+    return msg
+
+
+def data_object(data, field: str = "data") -> dict:
+    if not isinstance(data, dict):
+        raise BadInput(field, "must be an object")
+    return data
+
+
+# --- sealing to oneself and boxes between users ---------------------------------------
+
+
+def x25519(sk: SigningKey) -> PrivateKey:
+    return sk.to_curve25519_private_key()
+
+
+def x25519_public(key: bytes) -> PublicKey:
+    return VerifyKey(key).to_curve25519_public_key()
+
+
+def seal_to_self(sk: SigningKey, obj) -> dict:
+    """Encrypted so that only the holder of ``sk`` can read it (a sealed box to its own key)."""
+    cipher = SealedBox(sk.verify_key.to_curve25519_public_key()).encrypt(dumps(obj))
+    return {"cipher": base64.b64encode(cipher).decode()}
+
+
+def open_sealed(sk: SigningKey, stored: bytes, what: str):
+    try:
+        env = loads(stored, what)
+        cipher = base64.b64decode(env["cipher"], validate=True)
+        return json.loads(SealedBox(x25519(sk)).decrypt(cipher))
+    except (KeyError, TypeError, ValueError, CryptoError):
+        raise PttError(f"{what} cannot be opened with this repository's key") from None
+
+
+def private_id(sk: SigningKey, what: bytes) -> str:
+    """An id that does not reveal ``what`` (a friend's key) to readers of the public tree."""
+    return blake3(what, key=blake3(bytes(sk) + b"pttd friend ids").digest()).hexdigest()[:32]
+
+
+def make_envelope(sk: SigningKey, recipient: bytes, plain: dict) -> dict:
+    box = Box(x25519(sk), x25519_public(recipient))
+    sealed = box.encrypt(dumps(plain))
+    return {
+        "id": plain["id"],
+        "nonce": base64.b64encode(sealed.nonce).decode(),
+        "cipher": base64.b64encode(sealed.ciphertext).decode(),
+    }
+
+
+def open_envelope(sk: SigningKey, other: bytes, raw: bytes) -> dict | None:
+    """The plaintext of an envelope between the holder of ``sk`` and ``other`` (either
+    direction), or None when it was not made for that pair."""
+    try:
+        env = json.loads(raw)
+        nonce = base64.b64decode(env["nonce"], validate=True)
+        cipher = base64.b64decode(env["cipher"], validate=True)
+        plain = json.loads(Box(x25519(sk), x25519_public(other)).decrypt(cipher, nonce))
+    except (KeyError, TypeError, ValueError, CryptoError):
+        return None
+    return plain if isinstance(plain, dict) else None
+
+
+# --- reads ----------------------------------------------------------------------------
+
+
+def _is_message(path: str, topic: str) -> bool:
+    rest = path[len(f"/topics/{topic}/") :]
+    return "/" not in rest
+
+
+def topics(repo: Repository) -> list[str]:
+    seen: dict[str, None] = {}
+    for info in repo.list("/topics/"):
+        name = info.path.split("/")[2]
+        if name != GOSSIP:
+            seen[name] = None
+    return list(seen)
+
+
+def messages(repo: Repository, topic: str, since: int | None, before: int | None, limit: int | None) -> list[dict]:
+    out = []
+    for path, raw in repo.items(f"/topics/{topic}/"):
+        if not _is_message(path, topic):
+            continue
+        try:
+            post = json.loads(raw)
+            date = post["date"]
+        except (ValueError, KeyError, TypeError):
+            continue  # not a message of ours: written by another client; skipped, not fatal
+        if not isinstance(date, (int, float)):
+            continue
+        if since is not None and date <= since:
+            continue
+        if before is not None and date >= before:
+            continue
+        out.append(post)
+    out.sort(key=lambda p: (p["date"], str(p.get("id"))))
+    if limit is not None and len(out) > limit:
+        out = out[-limit:]
+    return out
+
+
+def folder(repo: Repository, topic: str, kind: str) -> list[dict]:
+    out = []
+    for _path, raw in repo.items(f"/topics/{topic}/{kind}/"):
+        try:
+            out.append(json.loads(raw))
+        except ValueError:
+            continue
+    return out
+
+
+def profile(repo: Repository, default_name: str) -> dict:
+    raw = repo.value("/profile.json")
+    if raw is None:
+        return {"name": default_name}
+    prof = loads(raw, "/profile.json")
+    return prof if isinstance(prof, dict) else {"name": default_name}
+
+
+def sealed_list(user: ChatUser, prefix: str) -> list[dict]:
+    sk = user.repo._key
+    out = []
+    for path, raw in user.repo.items(prefix):
+        try:
+            out.append(open_sealed(sk, raw, path))
+        except PttError:
+            continue
+    return out
+
+
+# --- writes (inside a batch) ----------------------------------------------------------
+
+
+def create_topic(b: Batch, topic: str) -> dict:
+    post = {
+        "id": new_id(),
+        "topic": topic,
+        "date": now_ms(),
+        "message": {"type": "action", "value": f"created topic {topic}"},
+    }
+    b.put(f"/topics/{topic}/{post['id']}", dumps(post))
+    return post
+
+
+def post_message(b: Batch, topic: str, data) -> dict:
+    msg = check_message(data)
+    post_id = new_id()
+    if isinstance(data, dict) and "id" in data:
+        post_id = check_id(data["id"], "data.id")
+        if b.exists(f"/topics/{topic}/{post_id}"):
+            raise Conflict(f"post {post_id} already exists in topic {topic} (edit it with PUT)")
+    post = {"id": post_id, "topic": topic, "date": now_ms(), "message": msg}
+    b.put(f"/topics/{topic}/{post_id}", dumps(post))
+    return post
+
+
+def edit_message(b: Batch, topic: str, post_id: str, data) -> dict:
+    path = f"/topics/{topic}/{post_id}"
+    raw = b.value(path)
+    if raw is None:
+        raise NotFound(f"no post {post_id} in topic {topic}")
+    old = loads(raw, path)
+    msg = check_message(data)
+    post = {"id": post_id, "topic": topic, "date": old.get("date", now_ms()), "edited": now_ms(), "message": msg}
+    b.put(path, dumps(post))
+    return post
+
+
+def delete_message(b: Batch, topic: str, post_id: str) -> dict:
+    path = f"/topics/{topic}/{post_id}"
+    if not b.exists(path):
+        raise NotFound(f"no post {post_id} in topic {topic}")
+    b.delete(path)
+    return {"id": post_id, "topic": topic, "deleted": True}
+
+
+def add_curator(b: Batch, topic: str, data) -> dict:
+    data = data_object(data)
+    key = check_key(data.get("key"), "data.key")
+    rec = {"id": key.hex(), "key": key.hex(), "topic": topic, "date": now_ms()}
+    b.put(f"/topics/{topic}/curators/{rec['id']}", dumps(rec))
+    return rec
+
+
+def add_moderation(b: Batch, topic: str, data) -> dict:
+    data = data_object(data)
+    msg_id = check_id(data.get("msgID"), "data.msgID")
+    action = data.get("type", "hide")
+    if action not in ("hide", "show"):
+        raise BadInput("data.type", "must be hide or show")
+    rec = {"id": new_id(), "msgID": msg_id, "topic": topic, "type": action, "date": now_ms()}
+    if "author" in data:
+        rec["author"] = check_key(data["author"], "data.author").hex()
+    b.put(f"/topics/{topic}/moderation/{rec['id']}", dumps(rec))
+    return rec
+
+
+def add_reaction(b: Batch, topic: str, data) -> dict:
+    data = data_object(data)
+    msg_id = check_id(data.get("msgID"), "data.msgID")
+    emoji = check_text(data.get("emoji", data.get("value")), "data.emoji", 64)
+    rec = {"id": new_id(), "msgID": msg_id, "topic": topic, "emoji": emoji, "date": now_ms()}
+    if "author" in data:
+        rec["author"] = check_key(data["author"], "data.author").hex()
+    b.put(f"/topics/{topic}/reactions/{rec['id']}", dumps(rec))
+    return rec
+
+
+def set_profile(b: Batch, old: dict, data) -> dict:
+    data = data_object(data)
+    prof = dict(old)
+    for k, v in data.items():
+        if not isinstance(k, str) or not k or len(k) > 64:
+            raise BadInput("data", "profile keys must be strings of 1-64 characters")
+        if v is None:
+            prof.pop(k, None)
+        elif isinstance(v, (str, int, float, bool)):
+            prof[k] = v
+        else:
+            raise BadInput(f"data.{k}", "must be a string, number or boolean (or null to remove it)")
+    if "name" in prof:
+        check_text(prof["name"], "data.name", 128)
+    check_size(prof, "data")
+    b.put("/profile.json", dumps(prof))
+    return prof
+
+
+def add_friend(b: Batch, sk: SigningKey, data) -> dict:
+    if isinstance(data, str):
+        data = {"key": data}
+    data = data_object(data)
+    key = check_key(data.get("key"), "data.key")
+    if key == bytes(sk.verify_key):
+        raise BadInput("data.key", "is your own key")
+    rec = {"key": key.hex()}
+    if "name" in data:
+        rec["name"] = check_text(data["name"], "data.name", 128)
+    rec["id"] = private_id(sk, key)
+    rec["date"] = now_ms()
+    b.put(f"/friends/{rec['id']}", dumps(seal_to_self(sk, rec)))
+    return rec
+
+
+def add_pchannel(b: Batch, sk: SigningKey, data) -> dict:
+    data = data_object(data)
+    members = check_members(data.get("members"), "data.members", sk)
+    name = check_text(data.get("name", "channel"), "data.name", 128)
+    cid = check_id(data["id"], "data.id") if "id" in data else new_id()
+    rec = {"id": cid, "name": name, "type": data.get("type", "group"), "members": [m.hex() for m in members]}
+    if rec["type"] not in ("group", "dm"):
+        raise BadInput("data.type", "must be group or dm")
+    b.put(f"/pchannels/{cid}", dumps(seal_to_self(sk, rec)))
+    return rec
+
+
+def check_members(value, field: str, sk: SigningKey) -> list[bytes]:
+    if not isinstance(value, list) or not value:
+        raise BadInput(field, "must be a non-empty list of repository keys")
+    if len(value) > MAX_RECIPIENTS:
+        raise BadInput(field, f"at most {MAX_RECIPIENTS} members")
+    own = bytes(sk.verify_key)
+    out: dict[bytes, None] = {}
+    for i, v in enumerate(value):
+        k = check_key(v, f"{field}[{i}]")
+        if k != own:
+            out[k] = None
+    if not out:
+        raise BadInput(field, "must name someone besides you")
+    return list(out)
+
+
+def send_envelopes(b: Batch, sk: SigningKey, recipients: list[bytes], msg: dict, channel: dict | None) -> list[tuple]:
+    """One envelope per recipient under ``/topics/__gossiping/``; [(recipient, path, plain)]."""
+    out = []
+    date = now_ms()
+    sender = bytes(sk.verify_key).hex()
+    for r in recipients:
+        plain = {"id": new_id(), "from": sender, "to": r.hex(), "date": date, "message": msg}
+        if channel is not None:
+            plain["channel"] = channel
+        env = make_envelope(sk, r, plain)
+        path = f"/topics/{GOSSIP}/{plain['id']}"
+        b.put(path, dumps(env))
+        out.append((r, path, plain))
+    return out

@@ -1,0 +1,672 @@
+"""The gateway's HTTP API: an ASGI app (Starlette) served by hypercorn's trio worker.
+
+Every route is declared once with ``@route``: method, path, what it reads and answers;
+the same declarations route the requests and make the OpenAPI description served at
+``/openapi.json``, so the two cannot drift apart.
+
+Shapes (those of the earlier system's clients): a token as ``?token=`` or
+``Authorization: Bearer``; request bodies ``{"data": ...}``; answers ``{"result": ...}``,
+or ``{"error": "..."}`` with a 4xx/5xx status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from protocol.errors import FormatError, PathError
+
+from .. import __version__
+from ..errors import USER_ERRORS, Conflict, NotFound, PttError
+from . import chat
+from .chat import BadInput, ChatUser
+from .service import Forbidden, Gateway, Unauthorized
+
+log = logging.getLogger("pttd.http")
+
+KEEPALIVE = 15.0  # seconds between comment lines on a quiet event stream
+MAX_LIMIT = 10_000
+
+
+class TooLarge(PttError):
+    pass
+
+
+def _status(exc: BaseException) -> int:
+    if isinstance(exc, (BadInput, PathError, FormatError)):
+        return 400
+    if isinstance(exc, Unauthorized):
+        return 401
+    if isinstance(exc, Forbidden):
+        return 403
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, Conflict):
+        return 409
+    if isinstance(exc, TooLarge):
+        return 413
+    return 400
+
+
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+# --- schemas for the OpenAPI description -------------------------------------------------
+
+KEY = {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "a repository key: 64 hex digits"}
+ID = {"type": "string", "pattern": "^" + chat.ID_PATTERN + "$", "maxLength": 64}
+MESSAGE = {
+    "type": "object",
+    "required": ["type", "value"],
+    "properties": {"type": {"type": "string"}, "value": {}},
+}
+MESSAGE_IN = {
+    "oneOf": [
+        {"type": "string", "minLength": 1},
+        MESSAGE,
+        {"type": "object", "required": ["message"], "properties": {"message": {}, "id": ID}},
+    ]
+}
+POST = {
+    "type": "object",
+    "required": ["id", "topic", "date", "message"],
+    "properties": {
+        "id": {"type": "string"},
+        "topic": {"type": "string"},
+        "date": {"type": "integer"},
+        "edited": {"type": "integer"},
+        "message": MESSAGE,
+    },
+}
+DELETED = {
+    "type": "object",
+    "required": ["id", "topic", "deleted"],
+    "properties": {"id": {"type": "string"}, "topic": {"type": "string"}, "deleted": {"type": "boolean"}},
+}
+LOGIN = {
+    "type": "object",
+    "required": ["key", "token"],
+    "properties": {"key": KEY, "token": {"type": "string"}},
+}
+CREDENTIALS = {
+    "type": "object",
+    "required": ["username", "password"],
+    "properties": {"username": {"type": "string"}, "password": {"type": "string"}, "friend": KEY},
+}
+RECORD = {"type": "object", "description": "a stored record (curator, moderation, reaction)"}
+FRIEND = {
+    "type": "object",
+    "required": ["id", "key"],
+    "properties": {"id": {"type": "string"}, "key": KEY, "name": {"type": "string"}, "date": {"type": "integer"}},
+}
+PCHANNEL = {
+    "type": "object",
+    "required": ["id", "name", "type", "members"],
+    "properties": {
+        "id": {"type": "string"},
+        "name": {"type": "string"},
+        "type": {"type": "string", "enum": ["group", "dm"]},
+        "members": {"type": "array", "items": KEY},
+    },
+}
+DM = {
+    "type": "object",
+    "required": ["id", "from", "to", "date", "message"],
+    "properties": {
+        "id": {"type": "string"},
+        "from": KEY,
+        "to": KEY,
+        "date": {"type": "integer"},
+        "message": MESSAGE,
+        "channel": PCHANNEL,
+    },
+}
+CONVERSATION = {
+    "type": "object",
+    "required": ["messages"],
+    "properties": {"key": KEY, "channel": PCHANNEL, "messages": {"type": "array", "items": DM}},
+}
+PROFILE = {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]}}
+TOPIC_PARAM = {"name": "topic", "in": "path", "required": True, "schema": ID}
+POST_PARAM = {"name": "post", "in": "path", "required": True, "schema": ID}
+
+
+def _list(item) -> dict:
+    return {"type": "array", "items": item}
+
+
+# --- routes ------------------------------------------------------------------------
+
+
+@dataclass
+class Op:
+    method: str
+    path: str
+    handler: Callable[..., Awaitable]
+    summary: str
+    result: dict | None
+    body: dict | None = None
+    auth: bool = True
+    query: list[dict] = field(default_factory=list)
+    stream: bool = False
+
+
+OPS: list[Op] = []
+
+
+def route(method: str, path: str, summary: str, result: dict | None, **kw):
+    def deco(fn):
+        OPS.append(Op(method, path, fn, summary, result, **kw))
+        return fn
+
+    return deco
+
+
+def _int_param(request: Request, name: str, low: int = 0, high: int | None = None) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        raise BadInput(name, f"must be an integer, not {raw!r:.40}") from None
+    if n < low or (high is not None and n > high):
+        raise BadInput(name, f"must be between {low} and {high}" if high is not None else f"must be at least {low}")
+    return n
+
+
+@route("POST", "/login", "Log in with a local account", LOGIN, body=CREDENTIALS, auth=False)
+async def login(gw: Gateway, request: Request, data, user):
+    data = chat.data_object(data)
+    if "id_token" in data:
+        raise Forbidden("OpenID Connect login is not configured on this gateway")
+    u = await gw.login(data.get("username"), data.get("password"))
+    return await _logged_in(gw, u, data)
+
+
+async def _logged_in(gw: Gateway, u: ChatUser, data: dict) -> dict:
+    if data.get("friend") is not None:
+        await gw.add_friend(u, {"key": data["friend"]})
+    return {"key": u.hex, "token": gw.issue_token(u)}
+
+
+@route("POST", "/register", "Create a local account (when registration is open)", LOGIN, body=CREDENTIALS, auth=False)
+async def register(gw: Gateway, request: Request, data, user):
+    if not gw.cfg.registration:
+        raise Forbidden("registration is closed on this gateway (an operator adds users: pttctl user add)")
+    data = chat.data_object(data)
+    u = await gw.add_user(data.get("username"), data.get("password"))
+    return await _logged_in(gw, u, data)
+
+
+@route(
+    "POST",
+    "/test-login",
+    "Log in by a bare id (development only; off unless enabled)",
+    LOGIN,
+    body={"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}, "friend": KEY}},
+    auth=False,
+)
+async def test_login(gw: Gateway, request: Request, data, user):
+    if not gw.cfg.test_login:
+        raise NotFound("POST /test-login is not enabled on this gateway")
+    data = chat.data_object(data)
+    u = await gw.test_login(data.get("id"))
+    return await _logged_in(gw, u, data)
+
+
+@route("GET", "/me", "The user's repository key", KEY)
+async def me(gw: Gateway, request: Request, data, user: ChatUser):
+    return user.hex
+
+
+@route("GET", "/topics", "Topics the user posted to", _list({"type": "string"}))
+async def list_topics(gw: Gateway, request: Request, data, user: ChatUser):
+    return await gw.read(chat.topics, user.repo)
+
+
+@route(
+    "POST",
+    "/topics",
+    "Create a topic (its first message is an action: created topic)",
+    {"type": "object", "required": ["id", "post"], "properties": {"id": {"type": "string"}, "post": POST}},
+    body={"oneOf": [ID, {"type": "object", "properties": {"name": ID, "id": ID, "topic": ID}}]},
+)
+async def create_topic(gw: Gateway, request: Request, data, user: ChatUser):
+    if isinstance(data, dict):
+        name = data.get("name", data.get("id", data.get("topic")))
+    else:
+        name = data
+    topic = chat.check_id(name, "data.name", topic=True)
+    return await gw.create_topic(user, topic)
+
+
+TOPIC_QUERY = [
+    {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0}, "description": "date > since (ms)"},
+    {"name": "before", "in": "query", "schema": {"type": "integer", "minimum": 0}, "description": "date < before"},
+    {
+        "name": "limit",
+        "in": "query",
+        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
+        "description": "at most this many, the newest",
+    },
+]
+
+
+@route("GET", "/topics/{topic}", "Messages of a topic, oldest first", _list(POST), query=TOPIC_QUERY)
+async def read_topic(gw: Gateway, request: Request, data, user: ChatUser, topic: str):
+    since = _int_param(request, "since")
+    before = _int_param(request, "before")
+    limit = _int_param(request, "limit", 1, MAX_LIMIT)
+    return await gw.read(chat.messages, user.repo, topic, since, before, limit)
+
+
+@route("POST", "/topics/{topic}", "Post a message", POST, body=MESSAGE_IN)
+async def post_message(gw: Gateway, request: Request, data, user: ChatUser, topic: str):
+    return await gw.post(user, topic, data)
+
+
+@route("GET", "/topics/{topic}/{post}", "One message", POST)
+async def read_post(gw: Gateway, request: Request, data, user: ChatUser, topic: str, post: str):
+    raw = await gw.read(user.repo.value, f"/topics/{topic}/{post}")
+    if raw is None:
+        raise NotFound(f"no post {post} in topic {topic}")
+    return json.loads(raw)
+
+
+@route("PUT", "/topics/{topic}/{post}", "Edit a message (it must exist)", POST, body=MESSAGE_IN)
+async def edit_message(gw: Gateway, request: Request, data, user: ChatUser, topic: str, post: str):
+    return await gw.edit(user, topic, post, data)
+
+
+@route("DELETE", "/topics/{topic}/{post}", "Delete a message", DELETED)
+async def delete_message(gw: Gateway, request: Request, data, user: ChatUser, topic: str, post: str):
+    return await gw.delete(user, topic, post)
+
+
+def _folder_routes(kind: str, body: dict, writer) -> None:
+    async def read(gw: Gateway, request: Request, data, user: ChatUser, topic: str):
+        return await gw.read(chat.folder, user.repo, topic, kind)
+
+    async def write(gw: Gateway, request: Request, data, user: ChatUser, topic: str):
+        return await gw.write(user, lambda b, tx: writer(b, topic, data))
+
+    route("GET", f"/topics/{{topic}}/{kind}", f"The user's {kind} of a topic", _list(RECORD))(read)
+    route("POST", f"/topics/{{topic}}/{kind}", f"Add to the {kind} of a topic", RECORD, body=body)(write)
+
+
+_folder_routes("curators", {"type": "object", "required": ["key"], "properties": {"key": KEY}}, chat.add_curator)
+_folder_routes(
+    "moderation",
+    {
+        "type": "object",
+        "required": ["msgID"],
+        "properties": {"msgID": ID, "type": {"type": "string", "enum": ["hide", "show"]}, "author": KEY},
+    },
+    chat.add_moderation,
+)
+_folder_routes(
+    "reactions",
+    {
+        "type": "object",
+        "required": ["msgID", "emoji"],
+        "properties": {"msgID": ID, "emoji": {"type": "string", "minLength": 1}, "author": KEY},
+    },
+    chat.add_reaction,
+)
+
+
+@route("GET", "/friends", "The user's friends (stored sealed to the user's key)", _list(FRIEND))
+async def list_friends(gw: Gateway, request: Request, data, user: ChatUser):
+    return await gw.read(chat.sealed_list, user, "/friends/")
+
+
+@route(
+    "POST",
+    "/friends",
+    "Add a friend by key",
+    FRIEND,
+    body={
+        "oneOf": [KEY, {"type": "object", "required": ["key"], "properties": {"key": KEY, "name": {"type": "string"}}}]
+    },
+)
+async def add_friend(gw: Gateway, request: Request, data, user: ChatUser):
+    return await gw.add_friend(user, data)
+
+
+DM_IN = {
+    "type": "object",
+    "required": ["key", "message"],
+    "properties": {"key": KEY, "message": MESSAGE_IN},
+}
+
+
+@route("POST", "/dm", "Send an encrypted direct message to one key", DM, body=DM_IN)
+async def send_dm(gw: Gateway, request: Request, data, user: ChatUser):
+    data = chat.data_object(data)
+    key = chat.check_key(data.get("key", data.get("to")), "data.key")
+    if key == user.key:
+        raise BadInput("data.key", "is your own key")
+    if "message" not in data:
+        raise BadInput("data.message", "is missing")
+    msg = chat.check_message(data["message"], "data.message")
+    return (await gw.send_dm(user, [key], msg, None))[0]
+
+
+@route(
+    "GET",
+    "/dm",
+    "The user's direct-message conversations, messages opened, newest conversation first",
+    _list(CONVERSATION),
+    query=[
+        {"name": "key", "in": "query", "schema": KEY, "description": "only the conversation with this key"},
+        {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+    ],
+)
+async def list_dms(gw: Gateway, request: Request, data, user: ChatUser):
+    peer = request.query_params.get("key")
+    key = chat.check_key(peer, "key") if peer is not None else None
+    return await gw.read(gw.dm_channels, user, key, _int_param(request, "since"))
+
+
+DMS_IN = {
+    "type": "object",
+    "required": ["members", "message"],
+    "properties": {
+        "members": {"type": "array", "items": KEY, "minItems": 1},
+        "message": MESSAGE_IN,
+        "channel": ID,
+        "name": {"type": "string"},
+    },
+}
+
+
+@route("POST", "/dms", "Send an encrypted message to several keys (a private channel)", _list(DM), body=DMS_IN)
+async def send_dms(gw: Gateway, request: Request, data, user: ChatUser):
+    data = chat.data_object(data)
+    members = chat.check_members(data.get("members", data.get("keys")), "data.members", user.repo._key)
+    if "message" not in data:
+        raise BadInput("data.message", "is missing")
+    msg = chat.check_message(data["message"], "data.message")
+    cid = chat.check_id(data["channel"], "data.channel") if "channel" in data else chat.new_id()
+    name = chat.check_text(data.get("name", "channel"), "data.name", 128)
+    channel = {"id": cid, "name": name, "type": "group", "members": sorted([user.hex] + [m.hex() for m in members])}
+    return await gw.send_dm(user, members, msg, channel)
+
+
+@route("GET", "/pchannels", "The user's private channels (stored sealed to the user's key)", _list(PCHANNEL))
+async def list_pchannels(gw: Gateway, request: Request, data, user: ChatUser):
+    return await gw.read(chat.sealed_list, user, "/pchannels/")
+
+
+@route(
+    "POST",
+    "/pchannels",
+    "Create a private channel",
+    PCHANNEL,
+    body={
+        "type": "object",
+        "required": ["members"],
+        "properties": {"members": {"type": "array", "items": KEY}, "name": {"type": "string"}, "id": ID},
+    },
+)
+async def add_pchannel(gw: Gateway, request: Request, data, user: ChatUser):
+    return await gw.write(user, lambda b, tx: chat.add_pchannel(b, user.repo._key, data))
+
+
+@route("GET", "/profile", "The user's profile", PROFILE)
+async def get_profile(gw: Gateway, request: Request, data, user: ChatUser):
+    return await gw.read(chat.profile, user.repo, user.name)
+
+
+@route("POST", "/profile", "Update the profile (keys given replace, null removes)", PROFILE, body=PROFILE)
+async def set_profile(gw: Gateway, request: Request, data, user: ChatUser):
+    def fn(b, tx):
+        return chat.set_profile(b, chat.profile(user.repo, user.name), data)
+
+    return await gw.write(user, fn)
+
+
+@route(
+    "GET",
+    "/events",
+    "Live events as Server-Sent Events: dm (a direct message arrived), post (in a topic of the user's)",
+    None,
+    stream=True,
+    query=[{"name": "lastEventId", "in": "query", "schema": {"type": "integer", "minimum": 0}}],
+)
+async def events(gw: Gateway, request: Request, data, user: ChatUser):
+    raw = request.headers.get("last-event-id") or request.query_params.get("lastEventId")
+    after = None
+    if raw:
+        try:
+            after = int(raw)
+        except ValueError:
+            raise BadInput("Last-Event-ID", "must be an integer") from None
+    stream = await gw.open_stream(user)
+    if after is None:
+        after = await gw.read(gw.last_event_id)
+    backlog, lost = await gw.read(gw.backlog, user, after)
+
+    async def body():
+        try:
+            yield "retry: 1000\n\n"
+            if lost:
+                yield _sse(None, "reset", {"reason": "events after your Last-Event-ID were dropped: reload"})
+            last = after
+            for ev in backlog:
+                payload = await gw.read(gw.event_payload, user, ev) if ev.kind == "dm" else ev.body
+                if payload is not None:
+                    yield _sse(ev.id, ev.kind, payload)
+                last = ev.id
+            while True:
+                with trio.move_on_after(KEEPALIVE) as idle:
+                    try:
+                        ev = await stream.receive.receive()
+                    except trio.EndOfChannel:
+                        return  # too far behind: the client reconnects with its Last-Event-ID
+                if idle.cancelled_caught:
+                    yield ": keepalive\n\n"
+                    continue
+                if ev.id <= last:
+                    continue
+                payload = gw.event_payload(user, ev) if ev.plain is not None or ev.kind != "dm" else None
+                if payload is None:
+                    payload = await gw.read(gw.event_payload, user, ev)
+                if payload is not None:
+                    yield _sse(ev.id, ev.kind, payload)
+                last = ev.id
+        finally:
+            gw.close_stream(stream)
+
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    )
+
+
+def _sse(eid: int | None, kind: str, payload) -> str:
+    head = f"id: {eid}\n" if eid is not None else ""
+    return f"{head}event: {kind}\ndata: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+@route("GET", "/health", "Liveness: answers at once, does no work", {"type": "string"}, auth=False)
+async def health(gw: Gateway, request: Request, data, user):
+    return "ok"
+
+
+# --- plumbing ----------------------------------------------------------------------------
+
+
+async def _read_body(request: Request, limit: int):
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            if int(length) > limit:
+                raise TooLarge(f"the request body is larger than {limit} bytes")
+        except ValueError:
+            raise BadInput("Content-Length", "is not a number") from None
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise TooLarge(f"the request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise BadInput("body", 'is empty: send {"data": ...}')
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise BadInput("body", "is not JSON") from None
+    if not isinstance(body, dict) or "data" not in body:
+        raise BadInput("body", 'must be an object {"data": ...}')
+    return body["data"]
+
+
+def _token(request: Request) -> str | None:
+    auth = request.headers.get("authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    return request.query_params.get("token")
+
+
+def _endpoint(gw: Gateway, ops: dict[str, Op]):
+    async def endpoint(request: Request) -> Response:
+        op = ops.get(request.method)
+        if op is None:
+            return error(405, f"{request.method} is not allowed here", {"Allow": ", ".join(sorted(ops))})
+        try:
+            user = await gw.authenticate(_token(request)) if op.auth else None
+            data = await _read_body(request, gw.cfg.max_body) if op.body is not None else None
+            params = dict(request.path_params)
+            if "topic" in params:
+                params["topic"] = chat.check_id(params["topic"], "topic", topic=True)
+            if "post" in params:
+                params["post"] = chat.check_id(params["post"], "post")
+            result = await op.handler(gw, request, data, user, **params)
+        except USER_ERRORS as exc:
+            status = _status(exc)
+            if status >= 500:
+                log.error("%s %s: %s", request.method, request.url.path, exc)
+            return error(status, str(exc))
+        except Exception:
+            log.exception("%s %s failed", request.method, request.url.path)
+            return error(500, "internal error (logged by the gateway)")
+        if isinstance(result, Response):
+            return result
+        return JSONResponse({"result": result})
+
+    return endpoint
+
+
+def openapi() -> dict:
+    err = {
+        "description": "failure",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+    paths: dict[str, dict] = {}
+    for op in OPS:
+        params = list(op.query)
+        if "{topic}" in op.path:
+            params.insert(0, TOPIC_PARAM)
+        if "{post}" in op.path:
+            params.insert(1, POST_PARAM)
+        responses: dict = {}
+        if op.stream:
+            responses["200"] = {
+                "description": "an event stream",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            }
+        else:
+            schema = {"type": "object", "required": ["result"], "properties": {"result": op.result}}
+            responses["200"] = {"description": "done", "content": {"application/json": {"schema": schema}}}
+        codes = ["400", "404", "405"]
+        if op.auth:
+            codes.append("401")
+        if op.body is not None:
+            codes += ["403", "409", "413"]
+        elif op.method != "GET":
+            codes += ["409"]
+        for c in sorted(set(codes)):
+            responses[c] = err
+        if not op.body and op.path in ("/register",):
+            responses["403"] = err
+        item = {
+            "summary": op.summary,
+            "operationId": f"{op.method.lower()}{op.path.replace('/', '_').replace('{', '').replace('}', '')}",
+            "responses": responses,
+        }
+        if params:
+            item["parameters"] = params
+        if op.auth:
+            item["security"] = [{"bearer": []}, {"token": []}]
+        if op.body is not None:
+            item["requestBody"] = {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {"type": "object", "required": ["data"], "properties": {"data": op.body}}
+                    }
+                },
+            }
+        paths.setdefault(op.path, {})[op.method.lower()] = item
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "pttd gateway", "version": __version__, "description": "See docs/http-api.md."},
+        "paths": paths,
+        "components": {
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+            },
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "token": {"type": "apiKey", "in": "query", "name": "token"},
+            },
+        },
+    }
+
+
+def build_app(gw: Gateway) -> Starlette:
+    by_path: dict[str, dict[str, Op]] = {}
+    for op in OPS:
+        by_path.setdefault(op.path, {})[op.method] = op
+    # fixed segments before parameters: /topics/x/curators is not the post "curators"
+    order = sorted(by_path, key=lambda p: (p.count("/"), p.count("{")))
+    routes = [Route(p, _endpoint(gw, by_path[p]), methods=sorted(by_path[p]) + ["OPTIONS"]) for p in order]
+    spec = openapi()
+
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(spec)
+
+    routes.append(Route("/openapi.json", openapi_json, methods=["GET"]))
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 404:
+            return error(404, f"no such route: {request.method} {request.url.path}")
+        return error(exc.status_code, exc.detail or "request refused", getattr(exc, "headers", None))
+
+    middleware = []
+    if gw.cfg.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=gw.cfg.cors_origins,
+                allow_methods=["GET", "POST", "PUT", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+            )
+        )
+    return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: http_error})

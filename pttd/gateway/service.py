@@ -1,0 +1,586 @@
+"""The chat service over hosted repositories: users, logins, group commit, live events.
+
+Writes: every call that changes a repository is a ``WriteRequest`` handed to one writer
+task. The writer takes every request waiting (up to ``group_max``) and applies them in
+one store transaction, each inside a savepoint (one request that fails is undone alone),
+then commits once: one sync to the disk for the whole group. Each caller gets its answer
+only after that commit, so an answered write is durable. Writes to one repository are
+serialized by the same order; writes of many users share the sync.
+
+Events: a write may record events (a post in a topic, a direct message for a hosted
+user) in the same transaction, so a live stream resumed with ``Last-Event-ID`` finds
+exactly what was committed. After the commit they are handed to the open streams.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import jwt
+import trio
+from nacl import pwhash
+from nacl.exceptions import InvalidkeyError
+from nacl.signing import SigningKey
+
+from protocol import tree
+from protocol.commit import Commit, sign_commit
+
+from ..errors import USER_ERRORS, Conflict, PttError
+from ..repo import Batch, Repository
+from . import chat
+from .chat import GOSSIP, BadInput, ChatUser
+from .keys import GatewayKey
+
+log = logging.getLogger("pttd.gateway")
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@\-]{0,63}")
+MIN_PASSWORD = 8
+MAX_PASSWORD = 1024
+STREAM_BUFFER = 1024  # events queued for one slow stream before it is closed (it resumes)
+
+
+class Unauthorized(PttError):
+    """A missing, expired or forged token, or wrong credentials (HTTP 401)."""
+
+
+class Forbidden(PttError):
+    """A call this gateway does not allow (HTTP 403)."""
+
+
+@dataclass
+class Event:
+    id: int
+    kind: str  # "post" or "dm"
+    topic: str | None
+    user: bytes | None
+    body: dict
+    plain: dict | None = None  # a dm's opened message, when known at once
+
+
+@dataclass
+class Tx:
+    """What a write may do besides its commit, inside the same transaction."""
+
+    gw: Gateway
+    events: list[Event] = field(default_factory=list)
+    follows: list[bytes] = field(default_factory=list)
+
+    def event(self, kind: str, topic: str | None, user: bytes | None, body: dict, plain: dict | None = None) -> None:
+        eid = self.gw.store.execute(
+            "INSERT INTO gw_events(kind, topic, user, body, time) VALUES (?, ?, ?, ?, ?)",
+            (kind, topic, user, json.dumps(body, separators=(",", ":")), int(time.time())),
+        )
+        self.events.append(Event(eid, kind, topic, user, body, plain))
+
+    def sql(self, query: str, params=()) -> int:
+        return self.gw.store.execute(query, params)
+
+    def rows(self, query: str, params=()) -> list[tuple]:
+        return self.gw.store.query(query, params)
+
+
+@dataclass
+class WriteRequest:
+    user: ChatUser
+    fn: Callable[[Batch, Tx], object]
+    done: trio.Event = field(default_factory=trio.Event)
+    result: object = None
+    error: BaseException | None = None
+    tx: Tx | None = None
+    committed: bool = False
+
+
+class Stream:
+    """One open live stream (``GET /events``) of one user."""
+
+    def __init__(self, user: ChatUser, topics: set[str]):
+        self.user = user
+        self.topics = topics
+        self.send, self.receive = trio.open_memory_channel[Event](STREAM_BUFFER)
+        self.overflowed = False
+
+    def offer(self, ev: Event) -> None:
+        try:
+            self.send.send_nowait(ev)
+        except trio.WouldBlock:
+            self.overflowed = True  # the client resumes from its Last-Event-ID
+            self.send.close()
+        except trio.ClosedResourceError:
+            pass
+
+
+class Gateway:
+    def __init__(self, node, key: GatewayKey | None):
+        self.node = node
+        self.store = node.store
+        self.cfg = node.cfg.gateway
+        self.key = key
+        self._send, self._recv = trio.open_memory_channel[WriteRequest](self.cfg.group_max * 4)
+        self._users: OrderedDict[bytes, ChatUser] = OrderedDict()
+        self._streams: dict[bytes, set[Stream]] = {}
+        self._by_topic: dict[str, set[Stream]] = {}
+        self._hash_limiter = trio.CapacityLimiter(2)  # Argon2id: 64 MiB and ~0.1 s each
+        self._dummy_hash: bytes | None = None
+        self.groups = 0  # transactions the writer made (for the bench and status)
+        self.writes = 0
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.node.synced_hooks.append(self._on_synced)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._writer)
+            task_status.started()
+
+    # --- users ------------------------------------------------------------------------
+
+    def _own_user(self) -> ChatUser:
+        repo = self.node.dd.repository()
+        return ChatUser("local", repo)
+
+    async def local_user(self) -> ChatUser:
+        """The data directory's own repository (for pttctl's chat actions)."""
+        u = self._users.get(self.node.id)
+        if u is None:
+            u = await self.node.db(self._own_user)
+            self._remember(u)
+        return u
+
+    def _remember(self, u: ChatUser) -> None:
+        self._users[u.key] = u
+        self._users.move_to_end(u.key)
+        while len(self._users) > self.cfg.user_cache:
+            self._users.popitem(last=False)
+
+    def _load_user(self, key: bytes) -> ChatUser | None:
+        rows = self.store.query("SELECT name, sealed_key FROM gw_users WHERE repo=?", (key,))
+        if not rows:
+            return None
+        name, sealed = rows[0]
+        sk = self.key.unseal(sealed)
+        row = self.store.find_repo(key)
+        if row is None:
+            raise PttError(f"hosted user {name}: repository {key.hex()} is missing from the store")
+        return ChatUser(name, Repository(self.store, row, sk))
+
+    async def user(self, key: bytes) -> ChatUser | None:
+        u = self._users.get(key)
+        if u is not None:
+            self._users.move_to_end(key)
+            return u
+        if key == self.node.id:
+            return await self.local_user()
+        if self.key is None:
+            return None
+        u = await self.node.db(self._load_user, key)
+        if u is not None:
+            self._remember(u)
+        return u
+
+    def _create_user(self, name: str, password_hash: str | None, profile_name: str) -> ChatUser:
+        sk = SigningKey.generate()
+        key = bytes(sk.verify_key)
+        with self.store.write() as w:
+            if self.store.query("SELECT 1 FROM gw_users WHERE name=?", (name,)):
+                raise Conflict(f"user {name!r} already exists")
+            row = self.store.add_repo(key, owned=True)
+            root = tree.empty_tree(w.emit)
+            self.store.insert_commit(row, sign_commit(Commit(key, 0, root, None, chat.now_ms()), sk))
+            repo = Repository(self.store, row, sk)
+            with repo.batch_in(w) as b:
+                b.put("/profile.json", chat.dumps({"name": profile_name}))
+            self.store.execute(
+                "INSERT INTO gw_users(name, repo, sealed_key, password, created) VALUES (?, ?, ?, ?, ?)",
+                (name, key, self.key.seal(sk), password_hash, int(time.time())),
+            )
+        return ChatUser(name, repo)
+
+    def _check_name(self, name, field: str = "data.username") -> str:
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise BadInput(field, "must be 1-64 of A-Z a-z 0-9 _ . @ - (not starting with . @ -)")
+        return name
+
+    def _check_password(self, password, field: str = "data.password") -> bytes:
+        if not isinstance(password, str) or not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+            raise BadInput(field, f"must be a string of {MIN_PASSWORD}-{MAX_PASSWORD} characters")
+        return password.encode()
+
+    async def _hash(self, password: bytes) -> str:
+        async with self._hash_limiter:
+            h = await trio.to_thread.run_sync(pwhash.argon2id.str, password)
+        return h.decode()
+
+    async def add_user(self, name, password, profile_name: str | None = None) -> ChatUser:
+        name = self._check_name(name)
+        pw = None if password is None else await self._hash(self._check_password(password))
+        self._require_key()
+        u = await self.node.db(self._create_user, name, pw, profile_name or name)
+        self._remember(u)
+        log.info("created hosted user %s, repository %s", name, u.hex)
+        return u
+
+    def _require_key(self) -> None:
+        if self.key is None:
+            raise Forbidden("this daemon hosts no users (start it with --mode gateway)")
+
+    async def login(self, name, password) -> ChatUser:
+        name = self._check_name(name)
+        pw = self._check_password(password)
+        rows = await self.node.db(self.store.query, "SELECT repo, password FROM gw_users WHERE name=?", (name,))
+        stored = rows[0][1].encode() if rows and rows[0][1] else None
+        if stored is None:
+            # the same work as a real check, so that timing does not tell which names exist
+            if self._dummy_hash is None:
+                self._dummy_hash = (await self._hash(os.urandom(16))).encode()
+            stored = self._dummy_hash
+        async with self._hash_limiter:
+            try:
+                ok = await trio.to_thread.run_sync(pwhash.verify, stored, pw)
+            except InvalidkeyError:
+                ok = False
+        if not ok or not rows or not rows[0][1]:
+            raise Unauthorized("wrong username or password")
+        u = await self.user(rows[0][0])
+        if u is None:
+            raise Unauthorized("wrong username or password")
+        return u
+
+    async def test_login(self, ident) -> ChatUser:
+        if not isinstance(ident, str) or not _NAME.fullmatch(ident):
+            raise BadInput("data.id", "must be 1-64 of A-Z a-z 0-9 _ . @ -")
+        name = f"test:{ident}"
+        rows = await self.node.db(self.store.query, "SELECT repo FROM gw_users WHERE name=?", (name,))
+        if rows:
+            return await self.user(rows[0][0])
+        self._require_key()
+        try:
+            u = await self.node.db(self._create_user, name, None, ident)
+        except Conflict:  # created by a concurrent call
+            rows = await self.node.db(self.store.query, "SELECT repo FROM gw_users WHERE name=?", (name,))
+            return await self.user(rows[0][0])
+        self._remember(u)
+        return u
+
+    async def list_users(self) -> list[dict]:
+        rows = await self.node.db(self.store.query, "SELECT name, repo, password IS NOT NULL, created FROM gw_users")
+        return [{"name": n, "key": k.hex(), "password": bool(p), "created": c} for n, k, p, c in rows]
+
+    # --- tokens -----------------------------------------------------------------------
+
+    def issue_token(self, u: ChatUser) -> str:
+        now = int(time.time())
+        claims = {"sub": u.hex, "name": u.name, "iat": now, "exp": now + int(self.cfg.token_ttl)}
+        return jwt.encode(claims, self.key.token_secret, algorithm="HS256")
+
+    async def authenticate(self, token: str | None) -> ChatUser:
+        if not token:
+            raise Unauthorized("a login token is required (?token= or Authorization: Bearer)")
+        if self.key is None:
+            raise Unauthorized("this daemon hosts no users")
+        try:
+            claims = jwt.decode(
+                token, self.key.token_secret, algorithms=["HS256"], options={"require": ["exp", "sub"]}, leeway=5
+            )
+            key = bytes.fromhex(claims["sub"])
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized("the login token has expired: log in again") from None
+        except (jwt.InvalidTokenError, ValueError, TypeError):
+            raise Unauthorized("the login token is not valid") from None
+        u = await self.user(key)
+        if u is None:
+            raise Unauthorized("the login token names no user of this gateway")
+        return u
+
+    # --- writes -----------------------------------------------------------------------
+
+    async def write(self, user: ChatUser, fn: Callable[[Batch, Tx], object]):
+        """Apply ``fn(batch, tx)`` to the user's repository as one commit; its result,
+        once durable (shared with the writes that arrived together)."""
+        req = WriteRequest(user, fn)
+        await self._send.send(req)
+        await req.done.wait()
+        if req.error is not None:
+            raise req.error
+        return req.result
+
+    async def _writer(self) -> None:
+        while True:
+            reqs = [await self._recv.receive()]
+            while len(reqs) < self.cfg.group_max:
+                try:
+                    reqs.append(self._recv.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            try:
+                await self.node.db(self._apply, reqs)
+            except Exception as exc:  # the transaction itself failed (disk full, I/O error)
+                log.error("a group of %d writes failed: %s", len(reqs), exc)
+                for r in reqs:
+                    r.error, r.committed = PttError(f"the store could not write: {exc}"), False
+            self.groups += 1
+            self.writes += len(reqs)
+            changed: dict[bytes, None] = {}
+            for r in reqs:
+                if r.error is None and r.committed:
+                    changed[r.user.key] = None
+                r.done.set()
+            for r in reqs:
+                if r.error is None and r.tx is not None:
+                    self._dispatch(r.tx.events)
+                    for k in r.tx.follows:
+                        await self._follow_gossip(k)
+            for key in changed:
+                await self.node.publish(key)
+
+    def _apply(self, reqs: list[WriteRequest]) -> None:
+        with self.store.write() as w:
+            for r in reqs:
+                tx = Tx(self)
+                try:
+                    with self.store.savepoint():
+                        with r.user.repo.batch_in(w) as b:
+                            r.result = r.fn(b, tx)
+                    r.tx, r.committed = tx, b.commit is not None
+                except USER_ERRORS as exc:
+                    r.error = exc
+                except Exception as exc:
+                    log.exception("a write of %s failed", r.user.hex[:16])
+                    r.error = PttError(f"internal error: {exc.__class__.__name__}")
+            self._trim_events()
+
+    def _trim_events(self) -> None:
+        keep = self.cfg.event_retention
+        rows = self.store.query("SELECT max(id) FROM gw_events")
+        top = rows[0][0] or 0
+        if top > keep and top % 256 == 0:
+            self.store.execute("DELETE FROM gw_events WHERE id <= ?", (top - keep,))
+
+    async def read(self, fn, *args):
+        return await self.node.db(fn, *args)
+
+    # --- the chat calls ---------------------------------------------------------------
+
+    def is_hosted(self, key: bytes) -> bool:
+        return bool(self.store.query("SELECT 1 FROM gw_users WHERE repo=?", (key,)))
+
+    async def post(self, u: ChatUser, topic: str, data):
+        def fn(b: Batch, tx: Tx):
+            post = chat.post_message(b, topic, data)
+            self._post_event(tx, u, topic, "new", post)
+            return post
+
+        return await self.write(u, fn)
+
+    async def create_topic(self, u: ChatUser, topic: str):
+        def fn(b: Batch, tx: Tx):
+            post = chat.create_topic(b, topic)
+            self._post_event(tx, u, topic, "new", post)
+            return {"id": topic, "post": post}
+
+        return await self.write(u, fn)
+
+    async def edit(self, u: ChatUser, topic: str, post_id: str, data):
+        def fn(b: Batch, tx: Tx):
+            post = chat.edit_message(b, topic, post_id, data)
+            self._post_event(tx, u, topic, "edit", post)
+            return post
+
+        return await self.write(u, fn)
+
+    async def delete(self, u: ChatUser, topic: str, post_id: str):
+        def fn(b: Batch, tx: Tx):
+            res = chat.delete_message(b, topic, post_id)
+            self._post_event(tx, u, topic, "delete", res)
+            return res
+
+        return await self.write(u, fn)
+
+    def _post_event(self, tx: Tx, u: ChatUser, topic: str, action: str, post: dict) -> None:
+        tx.sql("INSERT OR IGNORE INTO gw_topics(topic, repo) VALUES (?, ?)", (topic, u.key))
+        tx.event("post", topic, None, {"action": action, "author": u.hex, "topic": topic, "post": post})
+
+    async def add_friend(self, u: ChatUser, data):
+        def fn(b: Batch, tx: Tx):
+            rec = chat.add_friend(b, u.repo._key, data)
+            friend = bytes.fromhex(rec["key"])
+            tx.sql("INSERT OR IGNORE INTO gw_friends(friend, user) VALUES (?, ?)", (friend, u.key))
+            if not self.is_hosted(friend):
+                tx.follows.append(friend)
+            return rec
+
+        return await self.write(u, fn)
+
+    async def _follow_gossip(self, key: bytes) -> None:
+        """Follow a friend's direct-message envelopes (hosted elsewhere) from any peer."""
+        f = self.node.follows.get(key)
+        prefix = f"/topics/{GOSSIP}/"
+        if f is not None and f.persistent and any(prefix.startswith(p) for p in f.prefixes):
+            return
+        prefixes = sorted(set((f.prefixes if f is not None and f.persistent else []) + [prefix]))
+        try:
+            await self.node.follow(key, prefixes, [])
+        except PttError as exc:
+            log.warning("cannot follow %s for its direct messages: %s", key.hex()[:16], exc)
+
+    async def send_dm(self, u: ChatUser, recipients: list[bytes], msg: dict, channel: dict | None):
+        def fn(b: Batch, tx: Tx):
+            sent = chat.send_envelopes(b, u.repo._key, recipients, msg, channel)
+            for i, (r, path, plain) in enumerate(sent):
+                if i == 0:  # the sender's own index: one entry per message, not per recipient
+                    tx.sql(
+                        "INSERT OR IGNORE INTO gw_dms(user, sender, path, peer, date) VALUES (?, ?, ?, ?, ?)",
+                        (u.key, u.key, path, r, plain["date"]),
+                    )
+                if self.is_hosted(r) or r == self.node.id:
+                    tx.sql(
+                        "INSERT OR IGNORE INTO gw_dms(user, sender, path, peer, date) VALUES (?, ?, ?, ?, ?)",
+                        (r, u.key, path, u.key, plain["date"]),
+                    )
+                    tx.event("dm", None, r, {"sender": u.hex, "path": path}, plain)
+            return [p for _r, _path, p in sent]
+
+        return await self.write(u, fn)
+
+    def dm_channels(self, u: ChatUser, peer: bytes | None, since: int | None) -> list[dict]:
+        """The user's direct-message conversations with their opened messages."""
+        q = "SELECT sender, path, peer, date FROM gw_dms WHERE user=?"
+        params: list = [u.key]
+        if peer is not None:
+            q += " AND peer=?"
+            params.append(peer)
+        if since is not None:
+            q += " AND date>?"
+            params.append(since)
+        q += " ORDER BY date"
+        convs: dict[str, dict] = {}
+        sk = u.repo._key
+        for sender, path, other, _date in self.store.query(q, params):
+            plain = self._open(sk, sender, path, other)
+            if plain is None:
+                continue
+            ch = plain.get("channel")
+            if isinstance(ch, dict) and isinstance(ch.get("id"), str):
+                cid = "channel:" + ch["id"]
+                conv = convs.setdefault(cid, {"channel": ch, "messages": []})
+            else:
+                cid = "key:" + other.hex()
+                conv = convs.setdefault(cid, {"key": other.hex(), "messages": []})
+            conv["messages"].append(plain)
+        return sorted(convs.values(), key=lambda c: c["messages"][-1]["date"], reverse=True)
+
+    def _open(self, sk: SigningKey, sender: bytes, path: str, other: bytes) -> dict | None:
+        row = self.store.find_repo(sender)
+        if row is None:
+            return None
+        try:
+            raw = Repository(self.store, row, None).value(path)
+        except USER_ERRORS:
+            return None
+        return None if raw is None else chat.open_envelope(sk, other, raw)
+
+    # --- envelopes arriving by sync ---------------------------------------------------
+
+    async def _on_synced(self, key: bytes, old_root: bytes | None, new_root: bytes) -> None:
+        if self.key is None:
+            return
+        users = await self.node.db(self.store.query, "SELECT user FROM gw_friends WHERE friend=?", (key,))
+        if not users:
+            return
+        candidates = [u for u in [await self.user(r[0]) for r in users] if u is not None]
+        events = await self.node.db(self._receive_envelopes, key, old_root, new_root, candidates)
+        self._dispatch(events)
+
+    def _receive_envelopes(self, sender: bytes, old_root, new_root, candidates: list[ChatUser]) -> list[Event]:
+        prefix = f"/topics/{GOSSIP}/".encode()
+        load = self.store.load_node
+        try:
+            old = set() if old_root is None else {k for k, _ in tree.iterate(old_root, prefix, load)}
+            new = [(k, v) for k, v in tree.iterate(new_root, prefix, load) if k not in old]
+        except USER_ERRORS as exc:
+            log.info("envelopes of %s not readable yet: %s", sender.hex()[:16], exc)
+            return []
+        if not new:
+            return []
+        row = self.store.find_repo(sender)
+        repo = Repository(self.store, row, None)
+        tx = Tx(self)
+        with self.store.write():
+            for k, ref in new:
+                path = k.decode()
+                try:
+                    raw = ref if isinstance(ref, bytes) else b"".join(repo._read_ref(ref))
+                except USER_ERRORS:
+                    continue
+                for u in candidates:
+                    plain = chat.open_envelope(u.repo._key, sender, raw)
+                    if plain is None:
+                        continue
+                    date = plain.get("date") if isinstance(plain.get("date"), int) else chat.now_ms()
+                    before = self.store.query(
+                        "SELECT 1 FROM gw_dms WHERE user=? AND sender=? AND path=?", (u.key, sender, path)
+                    )
+                    if before:
+                        continue  # never delivered twice
+                    tx.sql(
+                        "INSERT INTO gw_dms(user, sender, path, peer, date) VALUES (?, ?, ?, ?, ?)",
+                        (u.key, sender, path, sender, date),
+                    )
+                    tx.event("dm", None, u.key, {"sender": sender.hex(), "path": path}, plain)
+        return tx.events
+
+    # --- live streams -----------------------------------------------------------------
+
+    async def open_stream(self, u: ChatUser) -> Stream:
+        rows = await self.node.db(self.store.query, "SELECT topic FROM gw_topics WHERE repo=?", (u.key,))
+        s = Stream(u, {r[0] for r in rows})
+        self._streams.setdefault(u.key, set()).add(s)
+        for t in s.topics:
+            self._by_topic.setdefault(t, set()).add(s)
+        return s
+
+    def close_stream(self, s: Stream) -> None:
+        self._streams.get(s.user.key, set()).discard(s)
+        for t in s.topics:
+            self._by_topic.get(t, set()).discard(s)
+
+    def _dispatch(self, events: list[Event]) -> None:
+        for ev in events:
+            if ev.kind == "dm":
+                for s in list(self._streams.get(ev.user, ())):
+                    s.offer(ev)
+            elif ev.kind == "post":
+                author = bytes.fromhex(ev.body["author"])
+                for s in self._streams.get(author, ()):
+                    if ev.topic not in s.topics:
+                        s.topics.add(ev.topic)
+                        self._by_topic.setdefault(ev.topic, set()).add(s)
+                for s in list(self._by_topic.get(ev.topic, ())):
+                    s.offer(ev)
+
+    def backlog(self, u: ChatUser, after: int) -> tuple[list[Event], bool]:
+        """Events for ``u`` after id ``after``; and whether some were already dropped."""
+        oldest = self.store.query("SELECT min(id) FROM gw_events")[0][0]
+        rows = self.store.query(
+            "SELECT id, kind, topic, user, body FROM gw_events WHERE id > ? AND (user = ? OR topic IN "
+            "(SELECT topic FROM gw_topics WHERE repo = ?)) ORDER BY id LIMIT 10000",
+            (after, u.key, u.key),
+        )
+        lost = oldest is not None and after + 1 < oldest
+        return [Event(i, k, t, usr, json.loads(b)) for i, k, t, usr, b in rows], lost
+
+    def last_event_id(self) -> int:
+        return self.store.query("SELECT coalesce(max(id), 0) FROM gw_events")[0][0]
+
+    def event_payload(self, u: ChatUser, ev: Event) -> dict | None:
+        """What the stream sends for ``ev`` (a dm opened for its recipient)."""
+        if ev.kind != "dm":
+            return ev.body
+        if ev.plain is not None:
+            return ev.plain
+        sender = bytes.fromhex(ev.body["sender"])
+        return self._open(u.repo._key, sender, ev.body["path"], sender)
