@@ -105,6 +105,7 @@ class Daemon:
         self.run_file = os.path.join(self.data_dir, "run.json")
         self.node: Node | None = None
         self.gateway: Gateway | None = None
+        self.http_addresses: list[str] = []  # http://host:port, once serving
         self._stop = trio.Event()
 
     def stop(self) -> None:
@@ -141,7 +142,8 @@ class Daemon:
                     "control": self.control_path,
                 }
                 if self.mode == "gateway":
-                    run_info["http"] = await nursery.start(serve_http, build_app(gateway), self.cfg.gateway.http)
+                    self.http_addresses = await nursery.start(serve_http, build_app(gateway), self.cfg.gateway.http)
+                    run_info["http"] = self.http_addresses
                     log.info("HTTP API on %s", ", ".join(run_info["http"]))
                     if self.cfg.gateway.test_login:
                         log.warning("POST /test-login is ENABLED: anyone can log in by a bare id (development only)")

@@ -13,9 +13,12 @@ from pttd.control import ControlClient
 from pttd.daemon import Daemon
 
 
-def fast_config(data_dir: str, **wire) -> Config:
-    cfg = Config(data_dir=data_dir, synchronous="NORMAL")
+def fast_config(data_dir: str, mode: str = "node", gateway: dict | None = None, peers=(), **wire) -> Config:
+    cfg = Config(data_dir=data_dir, synchronous="NORMAL", mode=mode, peers=list(peers))
     cfg.wire.listen = "127.0.0.1:0"
+    cfg.gateway.http = "127.0.0.1:0"
+    for k, v in (gateway or {}).items():
+        setattr(cfg.gateway, k, v)
     cfg.wire.reconnect_min = 0.05
     cfg.wire.reconnect_max = 0.5
     for k, v in wire.items():
@@ -30,6 +33,8 @@ class Running:
         self.address = daemon.node.listen_addresses[0]
         self.id = daemon.node.id.hex()
         self.client = ControlClient(daemon.control_path)
+        self.http = daemon.http_addresses[0] if daemon.http_addresses else None
+        self.gateway = daemon.gateway
 
     async def call(self, cmd: str, **args):
         return await trio.to_thread.run_sync(lambda: self.client.call(cmd, args))
@@ -52,8 +57,8 @@ async def daemons(tmp_path, n: int, **wire):
             r.daemon.stop()
 
 
-async def start_daemon(nursery, data_dir: str, **wire) -> Running:
-    daemon = Daemon(fast_config(data_dir, **wire))
+async def start_daemon(nursery, data_dir: str, **options) -> Running:
+    daemon = Daemon(fast_config(data_dir, **options))
     stopped = trio.Event()
 
     async def run() -> None:

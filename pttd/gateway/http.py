@@ -37,6 +37,7 @@ log = logging.getLogger("pttd.http")
 
 KEEPALIVE = 15.0  # seconds between comment lines on a quiet event stream
 MAX_LIMIT = 10_000
+MAX_INT = 2**53  # dates and ids in JSON: what every client's numbers hold exactly
 
 
 class TooLarge(PttError):
@@ -103,7 +104,11 @@ LOGIN = {
 CREDENTIALS = {
     "type": "object",
     "required": ["username", "password"],
-    "properties": {"username": {"type": "string"}, "password": {"type": "string"}, "friend": KEY},
+    "properties": {
+        "username": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$"},
+        "password": {"type": "string", "minLength": 8, "maxLength": 1024},
+        "friend": KEY,
+    },
 }
 RECORD = {"type": "object", "description": "a stored record (curator, moderation, reaction)"}
 FRIEND = {
@@ -139,6 +144,11 @@ CONVERSATION = {
     "properties": {"key": KEY, "channel": PCHANNEL, "messages": {"type": "array", "items": DM}},
 }
 PROFILE = {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]}}
+PROFILE_IN = {
+    "type": "object",
+    "additionalProperties": {"type": ["string", "number", "boolean", "null"]},
+    "description": "keys given replace, a null removes one",
+}
 TOPIC_PARAM = {"name": "topic", "in": "path", "required": True, "schema": ID}
 POST_PARAM = {"name": "post", "in": "path", "required": True, "schema": ID}
 
@@ -161,6 +171,7 @@ class Op:
     auth: bool = True
     query: list[dict] = field(default_factory=list)
     stream: bool = False
+    errors: tuple[str, ...] = ()  # statuses besides those every call of its kind may answer
 
 
 OPS: list[Op] = []
@@ -174,7 +185,7 @@ def route(method: str, path: str, summary: str, result: dict | None, **kw):
     return deco
 
 
-def _int_param(request: Request, name: str, low: int = 0, high: int | None = None) -> int | None:
+def _int_param(request: Request, name: str, low: int = 0, high: int = MAX_INT) -> int | None:
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return None
@@ -182,12 +193,12 @@ def _int_param(request: Request, name: str, low: int = 0, high: int | None = Non
         n = int(raw)
     except ValueError:
         raise BadInput(name, f"must be an integer, not {raw!r:.40}") from None
-    if n < low or (high is not None and n > high):
-        raise BadInput(name, f"must be between {low} and {high}" if high is not None else f"must be at least {low}")
+    if not low <= n <= high:
+        raise BadInput(name, f"must be between {low} and {high}")
     return n
 
 
-@route("POST", "/login", "Log in with a local account", LOGIN, body=CREDENTIALS, auth=False)
+@route("POST", "/login", "Log in with a local account", LOGIN, body=CREDENTIALS, auth=False, errors=("401",))
 async def login(gw: Gateway, request: Request, data, user):
     data = chat.data_object(data)
     if "id_token" in data:
@@ -197,7 +208,8 @@ async def login(gw: Gateway, request: Request, data, user):
 
 
 async def _logged_in(gw: Gateway, u: ChatUser, data: dict) -> dict:
-    if data.get("friend") is not None:
+    if "friend" in data:
+        chat.check_key(data["friend"], "data.friend")
         await gw.add_friend(u, {"key": data["friend"]})
     return {"key": u.hex, "token": gw.issue_token(u)}
 
@@ -216,7 +228,11 @@ async def register(gw: Gateway, request: Request, data, user):
     "/test-login",
     "Log in by a bare id (development only; off unless enabled)",
     LOGIN,
-    body={"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}, "friend": KEY}},
+    body={
+        "type": "object",
+        "required": ["id"],
+        "properties": {"id": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$"}, "friend": KEY},
+    },
     auth=False,
 )
 async def test_login(gw: Gateway, request: Request, data, user):
@@ -242,20 +258,35 @@ async def list_topics(gw: Gateway, request: Request, data, user: ChatUser):
     "/topics",
     "Create a topic (its first message is an action: created topic)",
     {"type": "object", "required": ["id", "post"], "properties": {"id": {"type": "string"}, "post": POST}},
-    body={"oneOf": [ID, {"type": "object", "properties": {"name": ID, "id": ID, "topic": ID}}]},
+    body={"oneOf": [ID, {"type": "object", "minProperties": 1, "properties": {"name": ID, "id": ID, "topic": ID}}]},
 )
 async def create_topic(gw: Gateway, request: Request, data, user: ChatUser):
     if isinstance(data, dict):
-        name = data.get("name", data.get("id", data.get("topic")))
+        given = [(f, data[f]) for f in ("name", "id", "topic") if f in data]
+        if not given:
+            raise BadInput("data.name", "is missing")
+        for f, value in given:  # each name given must be valid; the first is used
+            chat.check_id(value, f"data.{f}", topic=True)
+        name = given[0][1]
     else:
         name = data
-    topic = chat.check_id(name, "data.name", topic=True)
+    topic = chat.check_id(name, "data", topic=True)
     return await gw.create_topic(user, topic)
 
 
 TOPIC_QUERY = [
-    {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0}, "description": "date > since (ms)"},
-    {"name": "before", "in": "query", "schema": {"type": "integer", "minimum": 0}, "description": "date < before"},
+    {
+        "name": "since",
+        "in": "query",
+        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_INT},
+        "description": "date > since (ms)",
+    },
+    {
+        "name": "before",
+        "in": "query",
+        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_INT},
+        "description": "date < before",
+    },
     {
         "name": "limit",
         "in": "query",
@@ -372,7 +403,7 @@ async def send_dm(gw: Gateway, request: Request, data, user: ChatUser):
     _list(CONVERSATION),
     query=[
         {"name": "key", "in": "query", "schema": KEY, "description": "only the conversation with this key"},
-        {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+        {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": MAX_INT}},
     ],
 )
 async def list_dms(gw: Gateway, request: Request, data, user: ChatUser):
@@ -431,7 +462,7 @@ async def get_profile(gw: Gateway, request: Request, data, user: ChatUser):
     return await gw.read(chat.profile, user.repo, user.name)
 
 
-@route("POST", "/profile", "Update the profile (keys given replace, null removes)", PROFILE, body=PROFILE)
+@route("POST", "/profile", "Update the profile (keys given replace, null removes)", PROFILE, body=PROFILE_IN)
 async def set_profile(gw: Gateway, request: Request, data, user: ChatUser):
     def fn(b, tx):
         return chat.set_profile(b, chat.profile(user.repo, user.name), data)
@@ -445,7 +476,7 @@ async def set_profile(gw: Gateway, request: Request, data, user: ChatUser):
     "Live events as Server-Sent Events: dm (a direct message arrived), post (in a topic of the user's)",
     None,
     stream=True,
-    query=[{"name": "lastEventId", "in": "query", "schema": {"type": "integer", "minimum": 0}}],
+    query=[{"name": "lastEventId", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": MAX_INT}}],
 )
 async def events(gw: Gateway, request: Request, data, user: ChatUser):
     raw = request.headers.get("last-event-id") or request.query_params.get("lastEventId")
@@ -454,7 +485,9 @@ async def events(gw: Gateway, request: Request, data, user: ChatUser):
         try:
             after = int(raw)
         except ValueError:
-            raise BadInput("Last-Event-ID", "must be an integer") from None
+            after = -1
+        if not 0 <= after <= MAX_INT:
+            raise BadInput("Last-Event-ID", f"must be an integer between 0 and {MAX_INT}")
     stream = await gw.open_stream(user)
     if after is None:
         after = await gw.read(gw.last_event_id)
@@ -601,10 +634,8 @@ def openapi() -> dict:
             codes += ["403", "409", "413"]
         elif op.method != "GET":
             codes += ["409"]
-        for c in sorted(set(codes)):
+        for c in sorted(set(codes) | set(op.errors)):
             responses[c] = err
-        if not op.body and op.path in ("/register",):
-            responses["403"] = err
         item = {
             "summary": op.summary,
             "operationId": f"{op.method.lower()}{op.path.replace('/', '_').replace('{', '').replace('}', '')}",
@@ -625,7 +656,7 @@ def openapi() -> dict:
             }
         paths.setdefault(op.path, {})[op.method.lower()] = item
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "pttd gateway", "version": __version__, "description": "See docs/http-api.md."},
         "paths": paths,
         "components": {

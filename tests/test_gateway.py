@@ -1,0 +1,389 @@
+"""The gateway's HTTP API through a real server: every call, its errors, logins, DMs, events."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from urllib.parse import quote
+
+import jwt
+import trio
+
+from tests.gwutil import SSE, gateway, login, result
+from tests.netutil import start_daemon, wait_for
+
+TEXT = "hello, world"
+
+
+async def test_register_login_and_tokens(tmp_path):
+    async with gateway(tmp_path, registration=False, test_login=False) as g:
+        http = g.web
+        creds = {"data": {"username": "alice", "password": "correct horse"}}
+        assert "closed" in result(await http.post("/register", json=creds), 403)
+        assert "not enabled" in result(await http.post("/test-login", json={"data": {"id": "x"}}), 404)
+        g.gateway.cfg.registration = True
+        reg = result(await http.post("/register", json=creds))
+        assert len(reg["key"]) == 64
+        assert "already exists" in result(await http.post("/register", json=creds), 409)
+        bad = {"data": {"username": "alice", "password": "wrong password"}}
+        assert "wrong username or password" in result(await http.post("/login", json=bad), 401)
+        nobody = {"data": {"username": "nobody", "password": "whatever1"}}
+        assert "wrong username or password" in result(await http.post("/login", json=nobody), 401)
+        short = {"data": {"username": "bob", "password": "short"}}
+        assert "data.password" in result(await http.post("/register", json=short), 400)
+        res = result(await http.post("/login", json=creds))
+        assert res["key"] == reg["key"]
+        token = res["token"]
+        assert result(await http.get("/me", params={"token": token})) == reg["key"]
+        assert result(await http.get("/me", headers={"Authorization": f"Bearer {token}"})) == reg["key"]
+        assert "required" in result(await http.get("/me"), 401)
+        forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+        assert "not valid" in result(await http.get("/me", params={"token": forged}), 401)
+        secret = g.gateway.key.token_secret
+        expired = jwt.encode({"sub": reg["key"], "exp": int(time.time()) - 60}, secret, algorithm="HS256")
+        assert "expired" in result(await http.get("/me", params={"token": expired}), 401)
+        other = jwt.encode({"sub": reg["key"], "exp": int(time.time()) + 60}, b"x" * 32, algorithm="HS256")
+        assert "not valid" in result(await http.get("/me", params={"token": other}), 401)
+        unsigned = jwt.encode({"sub": reg["key"], "exp": int(time.time()) + 60}, None, algorithm="none")
+        assert "not valid" in result(await http.get("/me", params={"token": unsigned}), 401)
+        assert "OpenID" in result(await http.post("/login", json={"data": {"id_token": "x.y.z"}}), 403)
+
+
+async def test_topics_and_posts(tmp_path):
+    async with gateway(tmp_path) as g:
+        http = g.web
+        _key, h = await login(http, "alice")
+        created = result(await http.post("/topics", json={"data": "general"}, headers=h))
+        assert created["id"] == "general" and created["post"]["message"]["type"] == "action"
+        assert result(await http.get("/topics", headers=h)) == ["general"]
+        posts = []
+        for i in range(5):
+            p = result(await http.post("/topics/general", json={"data": f"message {i}"}, headers=h))
+            assert p["topic"] == "general" and p["message"] == {"type": "text", "value": f"message {i}"}
+            posts.append(p)
+        shaped = result(
+            await http.post("/topics/general", json={"data": {"type": "file", "value": {"n": 1}}}, headers=h)
+        )
+        assert shaped["message"]["type"] == "file"
+        msgs = result(await http.get("/topics/general", headers=h))
+        assert [m["id"] for m in msgs] == [created["post"]["id"]] + [p["id"] for p in posts] + [shaped["id"]]
+        assert [m["id"] for m in result(await http.get("/topics/general?limit=2", headers=h))] == [
+            posts[4]["id"],
+            shaped["id"],
+        ]
+        since = result(await http.get(f"/topics/general?since={posts[2]['date']}", headers=h))
+        assert all(m["date"] > posts[2]["date"] for m in since) and shaped["id"] in [m["id"] for m in since]
+        before = result(await http.get(f"/topics/general?before={posts[0]['date']}", headers=h))
+        assert all(m["date"] < posts[0]["date"] for m in before)
+        assert "limit" in result(await http.get("/topics/general?limit=0", headers=h), 400)
+        assert "since" in result(await http.get("/topics/general?since=abc", headers=h), 400)
+
+        pid = posts[1]["id"]
+        assert result(await http.get(f"/topics/general/{pid}", headers=h))["id"] == pid
+        edited = result(await http.put(f"/topics/general/{pid}", json={"data": "changed"}, headers=h))
+        assert edited["message"]["value"] == "changed" and edited["date"] == posts[1]["date"] and "edited" in edited
+        assert result(await http.get(f"/topics/general/{pid}", headers=h))["message"]["value"] == "changed"
+        assert "no post" in result(await http.put("/topics/general/nope", json={"data": "x"}, headers=h), 404)
+        assert result(await http.delete(f"/topics/general/{pid}", headers=h)) == {
+            "id": pid,
+            "topic": "general",
+            "deleted": True,
+        }
+        assert "no post" in result(await http.delete(f"/topics/general/{pid}", headers=h), 404)
+        assert "no post" in result(await http.get(f"/topics/general/{pid}", headers=h), 404)
+        assert pid not in [m["id"] for m in result(await http.get("/topics/general", headers=h))]
+        own = result(await http.post("/topics/general", json={"data": {"id": "mine", "message": "x"}}, headers=h))
+        assert own["id"] == "mine"
+        dup = {"data": {"id": "mine", "message": "y"}}
+        assert "already exists" in result(await http.post("/topics/general", json=dup, headers=h), 409)
+        assert result(await http.get("/topics/empty", headers=h)) == []
+
+
+async def test_curators_moderation_reactions_profile(tmp_path):
+    async with gateway(tmp_path) as g:
+        http = g.web
+        bob, _ = await login(http, "bob")
+        _alice, h = await login(http, "alice")
+        p = result(await http.post("/topics/general", json={"data": TEXT}, headers=h))
+        cur = result(await http.post("/topics/general/curators", json={"data": {"key": bob}}, headers=h))
+        assert cur["key"] == bob
+        assert [c["key"] for c in result(await http.get("/topics/general/curators", headers=h))] == [bob]
+        assert "data.key" in result(
+            await http.post("/topics/general/curators", json={"data": {"key": "ab"}}, headers=h), 400
+        )
+        mod = result(await http.post("/topics/general/moderation", json={"data": {"msgID": p["id"]}}, headers=h))
+        assert mod["msgID"] == p["id"] and mod["type"] == "hide"
+        assert len(result(await http.get("/topics/general/moderation", headers=h))) == 1
+        r = {"data": {"msgID": p["id"], "emoji": "👍"}}
+        reaction = result(await http.post("/topics/general/reactions", json=r, headers=h))
+        assert reaction["emoji"] == "👍" and reaction["msgID"] == p["id"]
+        assert result(await http.get("/topics/general/reactions", headers=h))[0]["id"] == reaction["id"]
+        assert "data.msgID" in result(await http.post("/topics/general/reactions", json={"data": {}}, headers=h), 400)
+        # the folders are not messages
+        assert [m["id"] for m in result(await http.get("/topics/general", headers=h))] == [p["id"]]
+
+        assert result(await http.get("/profile", headers=h)) == {"name": "alice"}
+        prof = result(await http.post("/profile", json={"data": {"name": "Alice A.", "color": "blue"}}, headers=h))
+        assert prof == {"name": "Alice A.", "color": "blue"}
+        assert result(await http.post("/profile", json={"data": {"color": None}}, headers=h)) == {"name": "Alice A."}
+        assert result(await http.get("/profile", headers=h)) == {"name": "Alice A."}
+        assert "data.x" in result(await http.post("/profile", json={"data": {"x": [1]}}, headers=h), 400)
+
+
+async def test_friends_and_channels_are_sealed_to_the_owner(tmp_path):
+    async with gateway(tmp_path) as g:
+        http = g.web
+        bob, _ = await login(http, "bob")
+        carol, _ = await login(http, "carol")
+        alice, h = await login(http, "alice")
+        f = result(await http.post("/friends", json={"data": {"key": bob, "name": "Bob"}}, headers=h))
+        assert f["key"] == bob and f["name"] == "Bob"
+        result(await http.post("/friends", json={"data": carol}, headers=h))
+        assert sorted(x["key"] for x in result(await http.get("/friends", headers=h))) == sorted([bob, carol])
+        assert "own key" in result(await http.post("/friends", json={"data": alice}, headers=h), 400)
+        ch = result(await http.post("/pchannels", json={"data": {"name": "team", "members": [bob, carol]}}, headers=h))
+        assert ch["name"] == "team" and sorted(ch["members"]) == sorted([bob, carol])
+        assert result(await http.get("/pchannels", headers=h)) == [ch]
+        # what a peer syncing alice's repository sees: neither bob's key nor the channel's name
+        repo = await g.node.db(g.node.dd.repository, alice)
+        stored = dict(await g.node.db(lambda: list(repo.items("/"))))
+        paths = [p for p in stored if p.startswith(("/friends/", "/pchannels/"))]
+        assert len(paths) == 3
+        for p in paths:
+            assert bob not in p and bob.encode() not in stored[p] and b"team" not in stored[p]
+        # another user's token reads only their own (empty) lists
+        _, hb = await login(http, "bob")
+        assert result(await http.get("/friends", headers=hb)) == []
+
+
+async def test_direct_messages_between_two_users_on_one_gateway(tmp_path):
+    async with gateway(tmp_path) as g:
+        http = g.web
+        alice, ha = await login(http, "alice")
+        bob, hb = await login(http, "bob")
+        _carol, hc = await login(http, "carol")
+        async with http.stream("GET", "/events", headers=hb) as stream:
+            assert stream.status_code == 200
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            events = SSE(stream)
+            sent = result(await http.post("/dm", json={"data": {"key": bob, "message": "psst, bob"}}, headers=ha))
+            assert sent["from"] == alice and sent["to"] == bob
+            ev = await events.next()
+            assert ev["event"] == "dm" and ev["data"]["message"]["value"] == "psst, bob"
+            assert ev["data"]["from"] == alice and ev["data"]["id"] == sent["id"]
+        convs = result(await http.get("/dm", headers=hb))
+        assert len(convs) == 1 and convs[0]["key"] == alice
+        assert [m["message"]["value"] for m in convs[0]["messages"]] == ["psst, bob"]
+        result(await http.post("/dm", json={"data": {"key": alice, "message": "hi alice"}}, headers=hb))
+        convs = result(await http.get("/dm", headers=ha))
+        assert [m["message"]["value"] for m in convs[0]["messages"]] == ["psst, bob", "hi alice"]
+        assert result(await http.get(f"/dm?key={bob}", headers=ha))[0]["key"] == bob
+        assert result(await http.get("/dm", headers=hc)) == []
+        # the envelope in alice's public tree is ciphertext
+        repo = await g.node.db(g.node.dd.repository, alice)
+        envs = await g.node.db(lambda: list(repo.items("/topics/__gossiping/")))
+        assert len(envs) == 1 and b"psst" not in envs[0][1]
+        assert set(json.loads(envs[0][1])) == {"id", "nonce", "cipher"}
+        # a channel of three: each member reads it, grouped as one channel
+        carol = (await login(http, "carol"))[0]
+        res = result(
+            await http.post(
+                "/dms", json={"data": {"members": [bob, carol], "message": "all of us", "name": "trio"}}, headers=ha
+            )
+        )
+        assert len(res) == 2 and {m["to"] for m in res} == {bob, carol}
+        for h in (hb, hc):
+            chans = [c for c in result(await http.get("/dm", headers=h)) if "channel" in c]
+            assert chans[0]["channel"]["name"] == "trio" and chans[0]["messages"][0]["message"]["value"] == "all of us"
+        chans = [c for c in result(await http.get("/dm", headers=ha)) if "channel" in c]
+        assert len(chans) == 1 and len(chans[0]["messages"]) == 1
+        assert "own key" in result(
+            await http.post("/dm", json={"data": {"key": alice, "message": "x"}}, headers=ha), 400
+        )
+        assert "data.key" in result(
+            await http.post("/dm", json={"data": {"key": "00" * 32, "message": "x"}}, headers=ha), 400
+        )
+
+
+async def test_event_stream_resumes_from_last_event_id(tmp_path):
+    async with gateway(tmp_path) as g:
+        http = g.web
+        _a, ha = await login(http, "alice")
+        _b, hb = await login(http, "bob")
+        result(await http.post("/topics/general", json={"data": "bob is in general"}, headers=hb))
+        async with http.stream("GET", "/events", headers=hb) as stream:
+            events = SSE(stream)
+            result(await http.post("/topics/general", json={"data": "one"}, headers=ha))
+            result(await http.post("/topics/elsewhere", json={"data": "not for bob"}, headers=ha))
+            result(await http.post("/topics/general", json={"data": "two"}, headers=ha))
+            first = await events.next()
+            assert first["event"] == "post" and first["data"]["post"]["message"]["value"] == "one"
+            assert first["data"]["action"] == "new" and first["data"]["topic"] == "general"
+        # while bob is away: two more posts in general, one elsewhere
+        for text in ("three", "four"):
+            result(await http.post("/topics/general", json={"data": text}, headers=ha))
+        result(await http.post("/topics/elsewhere", json={"data": "still not"}, headers=ha))
+        headers = dict(hb, **{"Last-Event-ID": str(first["id"])})
+        async with http.stream("GET", "/events", headers=headers) as stream:
+            events = SSE(stream)
+            got = [await events.next() for _ in range(3)]
+            assert [e["data"]["post"]["message"]["value"] for e in got] == ["two", "three", "four"]
+            assert [e["id"] for e in got] == sorted(e["id"] for e in got)
+            pid = got[0]["data"]["post"]["id"]
+            result(await http.delete(f"/topics/general/{pid}", headers=ha))
+            deleted = await events.next()
+            assert deleted["data"]["action"] == "delete" and deleted["data"]["post"]["id"] == pid
+        assert "Last-Event-ID" in result(await http.get("/events", headers=dict(hb, **{"Last-Event-ID": "x"})), 400)
+
+
+async def test_bad_input_is_refused_and_changes_nothing(tmp_path):
+    async with gateway(tmp_path, max_body=4096) as g:
+        http = g.web
+        key, h = await login(http, "alice")
+        result(await http.post("/topics/general", json={"data": "first"}, headers=h))
+        repo = await g.node.db(g.node.dd.repository, key)
+        before = (await g.node.db(repo.head)).seq
+        for bad in ("a b", "x" * 65, "semi;colon", "..", ".hidden", "tab\tx", "__gossiping", "é", "nul\x00"):
+            raw = "%2E%2E" if bad == ".." else quote(bad, safe="")
+            assert "topic" in result(await http.post(f"/topics/{raw}", json={"data": "x"}, headers=h), 400), bad
+            if bad != "__gossiping":  # reserved as a topic only
+                put = await http.put(f"/topics/general/{raw}", json={"data": "x"}, headers=h)
+                assert "post" in result(put, 400), bad
+        assert "topic" in result(await http.post("/topics/a%20b", json={"data": "x"}, headers=h), 400)
+        assert "topic" in result(await http.post("/topics/a%00b", json={"data": "x"}, headers=h), 400)
+        assert "reserved" in result(await http.post("/topics/__gossiping", json={"data": "x"}, headers=h), 400)
+        assert "reserved" in result(await http.put("/topics/general/curators", json={"data": "x"}, headers=h), 400)
+        assert result(await http.post("/topics/a%2F..%2Fb", json={"data": "x"}, headers=h), 404)
+        assert "larger than" in result(await http.post("/topics/general", content=b"x" * 5000, headers=h), 413)
+        big = {"data": "y" * 5000}
+        assert "larger than" in result(await http.post("/topics/general", json=big, headers=h), 413)
+        assert "not JSON" in result(await http.post("/topics/general", content=b"{nope", headers=h), 400)
+        assert '"data"' in result(await http.post("/topics/general", json={"text": "x"}, headers=h), 400)
+        assert "empty" in result(await http.post("/topics/general", content=b"", headers=h), 400)
+        assert "data" in result(await http.post("/topics/general", json={"data": 5}, headers=h), 400)
+        assert "data.type" in result(
+            await http.post("/topics/general", json={"data": {"type": "A B", "value": 1}}, headers=h), 400
+        )
+        assert "data.value" in result(
+            await http.post("/topics/general", json={"data": {"type": "text"}}, headers=h), 400
+        )
+        assert "control" in result(await http.post("/topics/general", json={"data": "bell\x07"}, headers=h), 400)
+        assert "data.name" in result(await http.post("/topics", json={"data": {"name": "../etc"}}, headers=h), 400)
+        assert "no such route" in result(await http.get("/nope", headers=h), 404)
+        assert "no such route" in result(await http.get("/topics/a/b/c/d", headers=h), 404)
+        r = await http.patch("/topics/general", headers=h)
+        assert r.status_code == 405 and "error" in r.json() and "POST" in r.headers["allow"]
+        assert (await g.node.db(repo.head)).seq == before
+        assert [m["message"]["value"] for m in result(await http.get("/topics/general", headers=h))] == ["first"]
+
+
+async def test_cors_answers_browsers(tmp_path):
+    async with gateway(tmp_path, cors_origins=["https://chat.example"]) as g:
+        r = await g.web.options(
+            "/topics", headers={"Origin": "https://chat.example", "Access-Control-Request-Method": "POST"}
+        )
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://chat.example"
+        r = await g.web.options(
+            "/topics", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+        )
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+
+
+async def test_concurrent_writes_of_many_users_share_transactions(tmp_path):
+    async with gateway(tmp_path) as g:
+        http = g.web
+        users = [await login(http, f"u{i}") for i in range(40)]
+        groups_before, writes_before = g.gateway.groups, g.gateway.writes
+        answers: dict[int, dict] = {}
+
+        async def post(i: int, h: dict) -> None:
+            for n in range(3):
+                p = result(await http.post("/topics/load", json={"data": f"{i}-{n}"}, headers=h))
+                answers[i * 10 + n] = p
+
+        async with trio.open_nursery() as nursery:
+            for i, (_k, h) in enumerate(users):
+                nursery.start_soon(post, i, h)
+        assert len(answers) == 120
+        writes = g.gateway.writes - writes_before
+        groups = g.gateway.groups - groups_before
+        assert writes == 120 and groups < writes, (groups, writes)
+        for i, (_k, h) in enumerate(users[:5]):
+            got = [m["message"]["value"] for m in result(await http.get("/topics/load", headers=h))]
+            assert got == [f"{i}-{n}" for n in range(3)]
+
+
+async def test_keys_at_rest_are_sealed(tmp_path):
+    async with gateway(tmp_path) as g:
+        http = g.web
+        keys = [(await login(http, f"user{i}"))[0] for i in range(3)]
+        users = [await g.gateway.user(bytes.fromhex(k)) for k in keys]
+        secrets = [bytes(u.repo._key) for u in users]
+        path = os.path.join(g.node.dd.path, "gateway.key")
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        db_path = g.node.store.path
+    raw = b""
+    for suffix in ("", "-wal"):
+        if os.path.exists(db_path + suffix):
+            with open(db_path + suffix, "rb") as f:
+                raw += f.read()
+    for s in secrets:
+        assert s not in raw and s.hex().encode() not in raw
+    assert not any(name.startswith(tuple(keys)) for name in os.listdir(os.path.join(g.node.dd.path, "keys")))
+    db = sqlite3.connect(db_path)
+    assert db.execute("SELECT count(*) FROM gw_users").fetchone()[0] == 3
+    db.close()
+    # a wrong gateway key is refused at start, naming the problem
+    with open(path, "w") as f:
+        f.write("11" * 32 + "\n")
+    from pttd.daemon import Daemon
+    from tests.netutil import fast_config
+
+    d = Daemon(fast_config(str(tmp_path / "gw"), mode="gateway"))
+    try:
+        await d.run()
+    except Exception as exc:
+        assert "does not open" in str(exc)
+    else:
+        raise AssertionError("a daemon with the wrong gateway key started")
+
+
+async def test_a_plain_node_syncs_a_hosted_user_over_the_wire(tmp_path):
+    async with gateway(tmp_path) as g:
+        key, h = await login(g.web, "alice")
+        async with trio.open_nursery() as nursery:
+            node = await start_daemon(nursery, str(tmp_path / "node"))
+            await node.call("follow", repo=key, peers=[g.address], prefixes=["/topics/"])
+            p = result(await g.web.post("/topics/general", json={"data": "over the wire"}, headers=h))
+            repo = await g.node.db(g.node.dd.repository, key)
+            seq = (await g.node.db(repo.head)).seq
+            await node.call("wait", repo=key, version=seq, timeout=10)
+            got = await node.call("ls", repo=key, prefix="/topics/general/")
+            assert [e["path"] for e in got["entries"]] == [f"/topics/general/{p['id']}"]
+            # live: the next post is pushed to the follower
+            p2 = result(await g.web.post("/topics/general", json={"data": "live"}, headers=h))
+            await node.call("wait", repo=key, version=seq + 1, timeout=10)
+            got = await node.call("ls", repo=key, prefix="/topics/general/")
+            assert f"/topics/general/{p2['id']}" in [e["path"] for e in got["entries"]]
+            node.daemon.stop()
+
+
+async def test_a_direct_message_reaches_a_friend_on_another_gateway(tmp_path):
+    async with gateway(tmp_path, "gw1") as g1:
+        async with gateway(tmp_path, "gw2", peers=[g1.address]) as g2:
+            alice, ha = await login(g1.web, "alice")
+            bob, hb = await login(g2.web, "bob")
+            result(await g2.web.post("/friends", json={"data": {"key": alice}}, headers=hb))
+            async with g2.web.stream("GET", "/events", headers=hb) as stream:
+                events = SSE(stream)
+                result(await g1.web.post("/dm", json={"data": {"key": bob, "message": "across"}}, headers=ha))
+                ev = await events.next(timeout=10)
+                assert ev["event"] == "dm" and ev["data"]["message"]["value"] == "across"
+            convs = result(await g2.web.get("/dm", headers=hb))
+            assert convs[0]["key"] == alice and [m["message"]["value"] for m in convs[0]["messages"]] == ["across"]
+            # only the envelopes were synced: not alice's topics
+            f = g2.node.follows[bytes.fromhex(alice)]
+            assert f.prefixes == ["/topics/__gossiping/"]
+            await wait_for(lambda: f.state == "synced")
