@@ -32,6 +32,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 
 from blake3 import blake3
 from msgpack import ExtType
@@ -55,6 +56,7 @@ Emit = Callable[[bytes, bytes], None]
 _LEVEL_PREFIX = b"\x10"
 
 
+@lru_cache(maxsize=1 << 16)  # a write recomputes the levels of its nodes' neighbours
 def key_level(key: bytes) -> int:
     x = int.from_bytes(blake3(_LEVEL_PREFIX + key).digest()[:8], "big")
     return (64 - x.bit_length()) // FANOUT_BITS
@@ -384,11 +386,13 @@ class _Level:
         return node, last
 
 
-def mutate(root: bytes, changes: dict[bytes, ValueRef | None], load: Load, emit: Emit) -> bytes:
+def mutate(root: bytes, changes: dict[bytes, ValueRef | None], load: Load, emit: Emit, remember=None) -> bytes:
     """Apply ``changes`` (key -> new value, or None to delete) and return the new root.
 
     Work is proportional to the number of changes times the tree depth: only the nodes
     on the changed paths (and a neighbour where a cut disappears) are rebuilt.
+    ``remember(address, node)``, if given, receives each new node (a cache of decoded
+    nodes: the next write to the tree starts from them without decoding).
     """
     if not changes:
         return root
@@ -473,6 +477,9 @@ def mutate(root: bytes, changes: dict[bytes, ValueRef | None], load: Load, emit:
     while node.level > 0 and len(node.keys) == 1:  # the tree got shallower
         new_root = node.vals[0]
         node = new_nodes.get(new_root) or load(new_root)
+    if remember is not None:
+        for h, n in new_nodes.items():
+            remember(h, n)
     return new_root
 
 

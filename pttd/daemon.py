@@ -15,14 +15,13 @@ import logging
 import os
 import signal
 
-import hypercorn.trio
 import trio
-from hypercorn.config import Config as HyperConfig
 
-from .config import Config
+from .config import Config, parse_address
 from .control import ControlServer
 from .datadir import DataDir, default_data_dir
 from .errors import DataDirError, PttError
+from .gateway import server as http_server
 from .gateway.http import build_app
 from .gateway.keys import GatewayKey
 from .gateway.service import Gateway
@@ -35,17 +34,13 @@ IMPLEMENTED_MODES = ("node", "gateway")
 
 
 async def serve_http(app, address: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """The HTTP API on hypercorn's trio worker; started with the real bound addresses."""
-    config = HyperConfig()
-    config.bind = [address]
-    config.accesslog = None
-    config.errorlog = logging.getLogger("pttd.http")
-    config.keep_alive_timeout = 75
-    config.backlog = 1024
+    """The HTTP API (pttd.gateway.server); started with the real bound addresses."""
+    host, port = parse_address(address)
     try:
-        await hypercorn.trio.serve(app, config, task_status=task_status)
+        listeners = await trio.open_tcp_listeners(port, host=host or None)
     except OSError as exc:
         raise PttError(f"cannot serve HTTP on {address}: {exc.strerror or exc}") from None
+    await http_server.serve(app, listeners, task_status=task_status)
 
 
 class DataDirLock:

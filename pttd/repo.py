@@ -182,10 +182,10 @@ class Repository:
     # --- versions ---------------------------------------------------------------------
 
     def head(self) -> SignedCommit:
-        seq = self.store.head_seq(self.row)
-        if seq is None:
+        sc = self.store.head_commit(self.row)
+        if sc is None:
             raise NotFound(f"repository {self.id} has no version yet")
-        return self.store.load_commit(self.row, seq)
+        return sc
 
     def commit_at(self, version: int | None) -> SignedCommit:
         if version is None:
@@ -235,7 +235,9 @@ class Repository:
         yield b
         if not b._changes:
             return
-        new_root = tree.mutate(head.commit.root, b._changes, self.store.load_node, w.emit)
+        # a small commit keeps its new nodes decoded: the next write to this tree starts there
+        remember = self.store.remember_node if len(b._changes) <= 64 else None
+        new_root = tree.mutate(head.commit.root, b._changes, self.store.load_node, w.emit, remember)
         if new_root == head.commit.root:
             return
         commit = Commit(self.key, head.seq + 1, new_root, head.address, max(_now_ms(), head.commit.time))

@@ -520,6 +520,13 @@ class Store:
         self._nodes[(kind, address)] = node
         return node
 
+    def remember_node(self, address: bytes, node: Node) -> None:
+        """A node this process just made (and is storing): kept decoded for the next read."""
+        if len(self._nodes) >= NODE_CACHE:
+            for k in list(self._nodes)[: NODE_CACHE // 4]:
+                del self._nodes[k]
+        self._nodes[(KIND_NODE, address)] = node
+
     def load_node(self, address: bytes) -> Node:
         return self._decoded(address, KIND_NODE, decode_node)
 
@@ -581,11 +588,22 @@ class Store:
         """The commit at ``seq``, its address and signature checked."""
         with self._lock:
             row = self._db.execute(
-                "SELECT hash, block, sig FROM commits WHERE repo=? AND seq=?", (repo.id, seq)
+                "SELECT hash, block, sig, seq FROM commits WHERE repo=? AND seq=?", (repo.id, seq)
             ).fetchone()
         if row is None:
             raise NotFound(f"version {seq} of {repo.key.hex()} is not stored")
-        address, block, sig = row
+        return self._checked_commit(repo, row)
+
+    def head_commit(self, repo: RepoRow) -> SignedCommit | None:
+        """The newest commit (one query), checked; None for a repository with none."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT hash, block, sig, seq FROM commits WHERE repo=? ORDER BY seq DESC LIMIT 1", (repo.id,)
+            ).fetchone()
+        return None if row is None else self._checked_commit(repo, row)
+
+    def _checked_commit(self, repo: RepoRow, row) -> SignedCommit:
+        address, block, sig, seq = row
         cached = self._commits.get(address)
         if cached is not None and cached.signature == sig and cached.block == block and cached.commit.repo == repo.key:
             return cached  # checked when first read (an Ed25519 check costs ~0.1 ms)
@@ -612,6 +630,11 @@ class Store:
             "INSERT INTO commits(repo, seq, hash, block, sig) VALUES (?, ?, ?, ?, ?)",
             (repo.id, sc.seq, sc.address, sc.block, sc.signature),
         )
+        # made or checked by the caller: its next read needs no signature check (a
+        # rolled-back insert leaves an entry no stored row will match)
+        if len(self._commits) > 4096:
+            self._commits.clear()
+        self._commits[sc.address] = sc
 
     def accept_commit(
         self,

@@ -43,6 +43,7 @@ log = logging.getLogger("pttd.gateway")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@\-]{0,63}")
 MIN_PASSWORD = 8
 MAX_PASSWORD = 1024
+TOKEN_CACHE = 65536
 STREAM_BUFFER = 1024  # events queued for one slow stream before it is closed (it resumes)
 
 
@@ -71,6 +72,7 @@ class Tx:
     gw: Gateway
     events: list[Event] = field(default_factory=list)
     follows: list[bytes] = field(default_factory=list)
+    in_topic: list[tuple[str, bytes]] = field(default_factory=list)
 
     def event(self, kind: str, topic: str | None, user: bytes | None, body: dict, plain: dict | None = None) -> None:
         eid = self.gw.store.execute(
@@ -128,6 +130,8 @@ class Gateway:
         self._by_topic: dict[str, set[Stream]] = {}
         self._hash_limiter = trio.CapacityLimiter(2)  # Argon2id: 64 MiB and ~0.1 s each
         self._dummy_hash: bytes | None = None
+        self._tokens: dict[str, tuple[bytes, float]] = {}  # verified token -> (user, expiry)
+        self._in_topic: set[tuple[str, bytes]] = set()  # (topic, user) known in gw_topics
         self.groups = 0  # transactions the writer made (for the bench and status)
         self.writes = 0
 
@@ -183,22 +187,7 @@ class Gateway:
         return u
 
     def _create_user(self, name: str, password_hash: str | None, profile_name: str) -> ChatUser:
-        sk = SigningKey.generate()
-        key = bytes(sk.verify_key)
-        with self.store.write() as w:
-            if self.store.query("SELECT 1 FROM gw_users WHERE name=?", (name,)):
-                raise Conflict(f"user {name!r} already exists")
-            row = self.store.add_repo(key, owned=True)
-            root = tree.empty_tree(w.emit)
-            self.store.insert_commit(row, sign_commit(Commit(key, 0, root, None, chat.now_ms()), sk))
-            repo = Repository(self.store, row, sk)
-            with repo.batch_in(w) as b:
-                b.put("/profile.json", chat.dumps({"name": profile_name}))
-            self.store.execute(
-                "INSERT INTO gw_users(name, repo, sealed_key, password, created) VALUES (?, ?, ?, ?, ?)",
-                (name, key, self.key.seal(sk), password_hash, int(time.time())),
-            )
-        return ChatUser(name, repo)
+        return create_users(self.store, self.key, [(name, password_hash, profile_name)])[0]
 
     def _check_name(self, name, field: str = "data.username") -> str:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -282,6 +271,11 @@ class Gateway:
             raise Unauthorized("a login token is required (?token= or Authorization: Bearer)")
         if self.key is None:
             raise Unauthorized("this daemon hosts no users")
+        known = self._tokens.get(token)
+        if known is not None and known[1] > time.time():
+            u = await self.user(known[0])
+            if u is not None:
+                return u
         try:
             claims = jwt.decode(
                 token, self.key.token_secret, algorithms=["HS256"], options={"require": ["exp", "sub"]}, leeway=5
@@ -294,6 +288,10 @@ class Gateway:
         u = await self.user(key)
         if u is None:
             raise Unauthorized("the login token names no user of this gateway")
+        # checked once: later calls with it cost a lookup (until it expires)
+        if len(self._tokens) >= TOKEN_CACHE:
+            self._tokens.clear()
+        self._tokens[token] = (key, claims["exp"])
         return u
 
     # --- writes -----------------------------------------------------------------------
@@ -331,6 +329,9 @@ class Gateway:
                 r.done.set()
             for r in reqs:
                 if r.error is None and r.tx is not None:
+                    if len(self._in_topic) > 200_000:
+                        self._in_topic.clear()
+                    self._in_topic.update(r.tx.in_topic)
                     self._dispatch(r.tx.events)
                     for k in r.tx.follows:
                         await self._follow_gossip(k)
@@ -401,7 +402,9 @@ class Gateway:
         return await self.write(u, fn)
 
     def _post_event(self, tx: Tx, u: ChatUser, topic: str, action: str, post: dict) -> None:
-        tx.sql("INSERT OR IGNORE INTO gw_topics(topic, repo) VALUES (?, ?)", (topic, u.key))
+        if (topic, u.key) not in self._in_topic:
+            tx.sql("INSERT OR IGNORE INTO gw_topics(topic, repo) VALUES (?, ?)", (topic, u.key))
+            tx.in_topic.append((topic, u.key))
         tx.event("post", topic, None, {"action": action, "author": u.hex, "topic": topic, "post": post})
 
     async def add_friend(self, u: ChatUser, data):
@@ -584,3 +587,28 @@ class Gateway:
             return ev.plain
         sender = bytes.fromhex(ev.body["sender"])
         return self._open(u.repo._key, sender, ev.body["path"], sender)
+
+
+def create_users(store, key: GatewayKey, users: list[tuple[str, str | None, str]]) -> list[ChatUser]:
+    """Hosted users made in one transaction: (login name, password hash or None, profile
+    name) each. A new key pair, sealed with the gateway key; the repository's first
+    version empty, its second holding /profile.json."""
+    made = []
+    with store.write() as w:
+        for name, password_hash, profile_name in users:
+            if store.query("SELECT 1 FROM gw_users WHERE name=?", (name,)):
+                raise Conflict(f"user {name!r} already exists")
+            sk = SigningKey.generate()
+            pub = bytes(sk.verify_key)
+            row = store.add_repo(pub, owned=True)
+            root = tree.empty_tree(w.emit)
+            store.insert_commit(row, sign_commit(Commit(pub, 0, root, None, chat.now_ms()), sk))
+            repo = Repository(store, row, sk)
+            with repo.batch_in(w) as b:
+                b.put("/profile.json", chat.dumps({"name": profile_name}))
+            store.execute(
+                "INSERT INTO gw_users(name, repo, sealed_key, password, created) VALUES (?, ?, ?, ?, ?)",
+                (name, pub, key.seal(sk), password_hash, int(time.time())),
+            )
+            made.append(ChatUser(name, repo))
+    return made

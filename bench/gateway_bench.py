@@ -1,0 +1,303 @@
+"""Gateway benchmark: posts/s and latency through the HTTP API, beside the same-run rate of
+a bare route of the same HTTP stack (its ceiling); and start-up with many hosted users.
+
+    python bench/gateway_bench.py                  # 1,000 users, 1 and 64 clients; 10,000-user start-up
+    python bench/gateway_bench.py --quick          # shorter runs, 2,000-user start-up
+    python bench/gateway_bench.py --seconds 10 --concurrency 1,16,64
+
+The gateway runs as its own process (``pttd start --mode gateway``, the default store
+settings: synchronous=FULL, so every answered post is on the disk). The clients run in
+this process: raw HTTP/1.1 keep-alive connections on trio, each sending one request and
+reading its answer before the next, so the client side costs little CPU. Progress on
+stderr; one JSON object on stdout.
+
+Figures, per number of concurrent clients:
+  ceiling  GET /health (no auth, no work): requests/s, p50/p99 ms
+  posts    POST /topics/bench as that client's user (users spread over the 1,000 hosted):
+           posts/s, p50/p99 ms, and posts/s as a fraction of the ceiling
+  startup  seconds from exec to the first answer of /health with N hosted users, and the
+           resident memory (VmRSS) then and after N/100 users have each posted once
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jwt  # noqa: E402
+import trio  # noqa: E402
+
+from pttd.datadir import DataDir  # noqa: E402
+from pttd.gateway.keys import GatewayKey  # noqa: E402
+from pttd.gateway.service import create_users  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def prepare(data_dir: str, users: int) -> list[tuple[str, str]]:
+    """A gateway data directory with ``users`` hosted users; [(key hex, token)]."""
+    dd = DataDir.init(data_dir)
+    try:
+        key = GatewayKey.load(dd.store, os.path.join(dd.path, "gateway.key"), None)
+        out = []
+        for start in range(0, users, 1000):
+            names = [(f"user{i}", None, f"User {i}") for i in range(start, min(users, start + 1000))]
+            for u in create_users(dd.store, key, names):
+                now = int(time.time())
+                claims = {"sub": u.hex, "name": u.name, "iat": now, "exp": now + 86400}
+                out.append((u.hex, jwt.encode(claims, key.token_secret, algorithm="HS256")))
+        return out
+    finally:
+        dd.close()
+
+
+class Daemon:
+    def __init__(self, data_dir: str):
+        self.data_dir = data_dir
+        self.started = time.monotonic()
+        self.errlog = open(os.path.join(os.path.dirname(data_dir), os.path.basename(data_dir) + ".log"), "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cli.pttd_main", "start", "--mode", "gateway", "--data-dir", data_dir]
+            + ["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--log-level", "WARNING"],
+            cwd=ROOT,
+            stderr=self.errlog,
+        )
+
+    def address(self, timeout: float = 60.0) -> tuple[str, int]:
+        run = os.path.join(self.data_dir, "run.json")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"pttd exited with {self.proc.returncode}")
+            try:
+                info = json.load(open(run))
+                host, port = info["http"][0].removeprefix("http://").rsplit(":", 1)
+                return host, int(port)
+            except (FileNotFoundError, ValueError, KeyError):
+                time.sleep(0.005)
+        raise SystemExit("pttd did not start")
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+        self.errlog.close()
+
+
+class Conn:
+    """One HTTP/1.1 keep-alive connection: a request, then its whole answer."""
+
+    def __init__(self, stream: trio.SocketStream):
+        self.stream = stream
+        self.buf = b""
+
+    async def call(self, request: bytes) -> tuple[int, bytes]:
+        await self.stream.send_all(request)
+        while b"\r\n\r\n" not in self.buf:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise ConnectionError("the gateway closed the connection")
+            self.buf += data
+        head, _, rest = self.buf.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(rest) < length:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise ConnectionError("the gateway closed the connection")
+            rest += data
+        self.buf = rest[length:]
+        return status, rest[:length]
+
+
+def request(method: str, path: str, token: str | None = None, body: bytes | None = None) -> bytes:
+    head = [f"{method} {path} HTTP/1.1", "Host: bench"]
+    if token:
+        head.append(f"Authorization: Bearer {token}")
+    if body is not None:
+        head += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + (body or b"")
+
+
+async def load(host: str, port: int, requests: list[bytes], seconds: float, warmup: float = 0.5) -> dict:
+    """Each request of ``requests`` is one client, repeating it for ``seconds``."""
+    latencies: list[float] = []
+    errors = 0
+    done = 0
+    measuring = False
+
+    async def client(req: bytes) -> None:
+        while True:  # the server closes a keep-alive connection after many requests
+            stream = await trio.open_tcp_stream(host, port)
+            async with stream:
+                try:
+                    await requests_on(Conn(stream), req)
+                except (ConnectionError, trio.BrokenResourceError):
+                    continue
+
+    async def requests_on(conn: Conn, req: bytes) -> None:
+        nonlocal errors, done
+        while True:
+            t0 = time.perf_counter()
+            status, body = await conn.call(req)
+            dt = time.perf_counter() - t0
+            if status != 200:
+                errors += 1
+                if errors < 5:
+                    log(f"  answer {status}: {body[:200]!r}")
+            if measuring:
+                latencies.append(dt)
+                done += 1
+
+    async with trio.open_nursery() as nursery:
+        for req in requests:
+            nursery.start_soon(client, req)
+        await trio.sleep(warmup)
+        measuring = True
+        t0 = time.perf_counter()
+        await trio.sleep(seconds)
+        measuring = False
+        elapsed = time.perf_counter() - t0
+        nursery.cancel_scope.cancel()
+    latencies.sort()
+    return {
+        "requests": done,
+        "per_s": round(done / elapsed, 1),
+        "p50_ms": round(statistics.median(latencies) * 1000, 2) if latencies else None,
+        "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 2) if latencies else None,
+        "errors": errors,
+    }
+
+
+def run_load(host: str, port: int, users: list[tuple[str, str]], concurrency: list[int], seconds: float) -> dict:
+    out = {}
+    health = request("GET", "/health")
+    for c in concurrency:
+        log(f"{c} clients: ceiling (GET /health) ...")
+        ceiling = trio.run(load, host, port, [health] * c, seconds)
+        step = max(1, len(users) // c)
+        posts = [
+            request("POST", "/topics/bench", users[(i * step) % len(users)][1], b'{"data":"a benchmark message"}')
+            for i in range(c)
+        ]
+        log(f"{c} clients: posts ...")
+        post = trio.run(load, host, port, posts, seconds)
+        log(f"  ceiling {ceiling['per_s']}/s, posts {post['per_s']}/s, p99 {post['p99_ms']} ms")
+        out[str(c)] = {
+            "ceiling": ceiling,
+            "posts": post,
+            "posts_vs_ceiling": round(post["per_s"] / ceiling["per_s"], 3) if ceiling["per_s"] else None,
+        }
+    return out
+
+
+def startup(base: str, users: int) -> dict:
+    d = os.path.join(base, "startup")
+    log(f"start-up: creating {users} hosted users ...")
+    t0 = time.perf_counter()
+    tokens = prepare(d, users)
+    created = time.perf_counter() - t0
+    daemon = Daemon(d)
+    try:
+        host, port = daemon.address()
+
+        async def first_answer() -> None:
+            while True:
+                try:
+                    stream = await trio.open_tcp_stream(host, port)
+                    break
+                except OSError:
+                    await trio.sleep(0.005)
+            async with stream:
+                status, _ = await Conn(stream).call(request("GET", "/health"))
+                assert status == 200
+
+        trio.run(first_answer)
+        ready = time.monotonic() - daemon.started
+        rss_ready = daemon.rss_mb()
+        some = tokens[:: max(1, users // (users // 100))][: users // 100]
+        posts = [request("POST", "/topics/hello", t, b'{"data":"hi"}') for _k, t in some]
+
+        async def post_all() -> None:
+            stream = await trio.open_tcp_stream(host, port)
+            conn = Conn(stream)
+            async with stream:
+                for p in posts:
+                    status, body = await conn.call(p)
+                    assert status == 200, body
+
+        trio.run(post_all)
+        return {
+            "hosted_users": users,
+            "create_seconds": round(created, 2),
+            "ready_seconds": round(ready, 3),
+            "rss_mb_ready": round(rss_ready, 1),
+            "users_posted": len(posts),
+            "rss_mb_after_posts": round(daemon.rss_mb(), 1),
+        }
+    finally:
+        daemon.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--users", type=int, default=1000)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--concurrency", default="1,64")
+    ap.add_argument("--startup-users", type=int, default=10_000)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.seconds, args.startup_users = 2.0, 2000
+    base = tempfile.mkdtemp(prefix="pttd-gw-bench-")
+    try:
+        d = os.path.join(base, "gw")
+        log(f"creating {args.users} hosted users ...")
+        users = prepare(d, args.users)
+        daemon = Daemon(d)
+        try:
+            host, port = daemon.address()
+            results = run_load(host, port, users, [int(c) for c in args.concurrency.split(",")], args.seconds)
+            rss = daemon.rss_mb()
+        finally:
+            daemon.stop()
+        out = {
+            "machine": {"cpus": os.cpu_count()},
+            "store": "synchronous=FULL (every answered post is on the disk)",
+            "hosted_users": args.users,
+            "seconds_per_run": args.seconds,
+            "load": results,
+            "rss_mb_after_load": round(rss, 1),
+            "startup": startup(base, args.startup_users),
+        }
+        print(json.dumps(out, indent=2))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
