@@ -22,6 +22,8 @@ async def test_register_login_and_tokens(tmp_path):
         http = g.web
         creds = {"data": {"username": "alice", "password": "correct horse"}}
         assert "closed" in result(await http.post("/register", json=creds), 403)
+        r = await http.patch("/register", json=creds)
+        assert r.status_code == 405 and r.headers["allow"] == "POST" and "error" in r.json()
         assert "not enabled" in result(await http.post("/test-login", json={"data": {"id": "x"}}), 404)
         g.gateway.cfg.registration = True
         reg = result(await http.post("/register", json=creds))
@@ -33,6 +35,11 @@ async def test_register_login_and_tokens(tmp_path):
         assert "wrong username or password" in result(await http.post("/login", json=nobody), 401)
         short = {"data": {"username": "bob", "password": "short"}}
         assert "data.password" in result(await http.post("/register", json=short), 400)
+        assert "data.password" in result(await http.post("/register", json={"data": {"username": "bob"}}), 400)
+        bad_friend = {"data": {"username": "bob", "password": "long enough", "friend": "xx"}}
+        assert "data.friend" in result(await http.post("/register", json=bad_friend), 400)
+        # nothing was created by the refused calls: bob can still register
+        assert result(await http.post("/register", json={"data": {"username": "bob", "password": "long enough"}}))
         res = result(await http.post("/login", json=creds))
         assert res["key"] == reg["key"]
         token = res["token"]
@@ -73,10 +80,12 @@ async def test_topics_and_posts(tmp_path):
             posts[4]["id"],
             shaped["id"],
         ]
+        # since and before are inclusive: a page boundary loses nothing (ids tell repeats)
         since = result(await http.get(f"/topics/general?since={posts[2]['date']}", headers=h))
-        assert all(m["date"] > posts[2]["date"] for m in since) and shaped["id"] in [m["id"] for m in since]
+        assert all(m["date"] >= posts[2]["date"] for m in since)
+        assert {posts[2]["id"], posts[3]["id"], shaped["id"]} <= {m["id"] for m in since}
         before = result(await http.get(f"/topics/general?before={posts[0]['date']}", headers=h))
-        assert all(m["date"] < posts[0]["date"] for m in before)
+        assert all(m["date"] <= posts[0]["date"] for m in before) and posts[0]["id"] in [m["id"] for m in before]
         assert "limit" in result(await http.get("/topics/general?limit=0", headers=h), 400)
         assert "since" in result(await http.get("/topics/general?since=abc", headers=h), 400)
 
@@ -128,6 +137,7 @@ async def test_curators_moderation_reactions_profile(tmp_path):
         prof = result(await http.post("/profile", json={"data": {"name": "Alice A.", "color": "blue"}}, headers=h))
         assert prof == {"name": "Alice A.", "color": "blue"}
         assert result(await http.post("/profile", json={"data": {"color": None}}, headers=h)) == {"name": "Alice A."}
+        assert "cannot be removed" in result(await http.post("/profile", json={"data": {"name": None}}, headers=h), 400)
         assert result(await http.get("/profile", headers=h)) == {"name": "Alice A."}
         assert "data.x" in result(await http.post("/profile", json={"data": {"x": [1]}}, headers=h), 400)
 
@@ -144,7 +154,7 @@ async def test_friends_and_channels_are_sealed_to_the_owner(tmp_path):
         assert sorted(x["key"] for x in result(await http.get("/friends", headers=h))) == sorted([bob, carol])
         assert "own key" in result(await http.post("/friends", json={"data": alice}, headers=h), 400)
         ch = result(await http.post("/pchannels", json={"data": {"name": "team", "members": [bob, carol]}}, headers=h))
-        assert ch["name"] == "team" and sorted(ch["members"]) == sorted([bob, carol])
+        assert ch["name"] == "team" and ch["members"] == sorted([alice, bob, carol])
         assert result(await http.get("/pchannels", headers=h)) == [ch]
         # what a peer syncing alice's repository sees: neither bob's key nor the channel's name
         repo = await g.node.db(g.node.dd.repository, alice)
@@ -199,6 +209,8 @@ async def test_direct_messages_between_two_users_on_one_gateway(tmp_path):
             assert chans[0]["channel"]["name"] == "trio" and chans[0]["messages"][0]["message"]["value"] == "all of us"
         chans = [c for c in result(await http.get("/dm", headers=ha)) if "channel" in c]
         assert len(chans) == 1 and len(chans[0]["messages"]) == 1
+        for member in (bob, carol):  # the channel is found by any of its members
+            assert [c for c in result(await http.get(f"/dm?key={member}", headers=ha)) if "channel" in c] == chans
         assert "own key" in result(
             await http.post("/dm", json={"data": {"key": alice, "message": "x"}}, headers=ha), 400
         )
@@ -254,7 +266,11 @@ async def test_bad_input_is_refused_and_changes_nothing(tmp_path):
         assert "topic" in result(await http.post("/topics/a%20b", json={"data": "x"}, headers=h), 400)
         assert "topic" in result(await http.post("/topics/a%00b", json={"data": "x"}, headers=h), 400)
         assert "reserved" in result(await http.post("/topics/__gossiping", json={"data": "x"}, headers=h), 400)
-        assert "reserved" in result(await http.put("/topics/general/curators", json={"data": "x"}, headers=h), 400)
+        r = await http.put("/topics/general/curators", json={"data": "x"}, headers=h)
+        assert r.status_code == 405 and r.headers["allow"] == "GET, POST"  # a folder, not a post
+        assert "reserved" in result(
+            await http.post("/topics/general", json={"data": {"id": "reactions", "message": "x"}}, headers=h), 400
+        )
         assert result(await http.post("/topics/a%2F..%2Fb", json={"data": "x"}, headers=h), 404)
         assert "larger than" in result(await http.post("/topics/general", content=b"x" * 5000, headers=h), 413)
         big = {"data": "y" * 5000}
@@ -387,3 +403,33 @@ async def test_a_direct_message_reaches_a_friend_on_another_gateway(tmp_path):
             f = g2.node.follows[bytes.fromhex(alice)]
             assert f.prefixes == ["/topics/__gossiping/"]
             await wait_for(lambda: f.state == "synced")
+
+
+async def test_envelopes_synced_from_a_plain_node_must_say_truly_who_sent_them(tmp_path):
+    from pttd.gateway import chat
+
+    async with trio.open_nursery() as nursery:
+        node = await start_daemon(nursery, str(tmp_path / "carol"))
+        async with gateway(tmp_path, peers=[node.address]) as g:
+            bob, hb = await login(g.web, "bob")
+            alice, _ = await login(g.web, "alice")
+            carol_sk = node.node.identity
+            carol = node.id
+            result(await g.web.post("/friends", json={"data": carol}, headers=hb))
+            now = chat.now_ms()
+            msg = {"type": "text", "value": "hi"}
+            forged = chat.make_envelope(
+                carol_sk, bytes.fromhex(bob), {"id": "f1", "from": alice, "to": bob, "date": now, "message": msg}
+            )
+            real = chat.make_envelope(
+                carol_sk, bytes.fromhex(bob), {"id": "g1", "from": carol, "to": bob, "date": now, "message": msg}
+            )
+            async with g.web.stream("GET", "/events", headers=hb) as stream:
+                events = SSE(stream)
+                await node.call("put", path="/topics/__gossiping/f1", value=chat.dumps(forged))
+                await node.call("put", path="/topics/__gossiping/g1", value=chat.dumps(real))
+                ev = await events.next(timeout=10)
+                assert ev["event"] == "dm" and ev["data"]["id"] == "g1" and ev["data"]["from"] == carol
+            convs = result(await g.web.get("/dm", headers=hb))
+            assert [(c["key"], [m["id"] for m in c["messages"]]) for c in convs] == [(carol, ["g1"])]
+        node.daemon.stop()

@@ -200,9 +200,10 @@ def make_envelope(sk: SigningKey, recipient: bytes, plain: dict) -> dict:
     }
 
 
-def open_envelope(sk: SigningKey, other: bytes, raw: bytes) -> dict | None:
+def open_envelope(sk: SigningKey, other: bytes, raw: bytes, sender: bytes, recipient: bytes) -> dict | None:
     """The plaintext of an envelope between the holder of ``sk`` and ``other`` (either
-    direction), or None when it was not made for that pair."""
+    direction), or None when it was not made for that pair or does not say truthfully
+    who sent it to whom (``sender``: whose repository holds it; ``recipient``)."""
     try:
         env = json.loads(raw)
         nonce = base64.b64decode(env["nonce"], validate=True)
@@ -210,7 +211,32 @@ def open_envelope(sk: SigningKey, other: bytes, raw: bytes) -> dict | None:
         plain = json.loads(Box(x25519(sk), x25519_public(other)).decrypt(cipher, nonce))
     except (KeyError, TypeError, ValueError, CryptoError):
         return None
-    return plain if isinstance(plain, dict) else None
+    return plain if _well_formed_dm(plain, sender.hex(), recipient.hex()) else None
+
+
+def _well_formed_dm(plain, sender: str, recipient: str) -> bool:
+    if not isinstance(plain, dict) or plain.get("from") != sender or plain.get("to") != recipient:
+        return False
+    if not isinstance(plain.get("id"), str) or type(plain.get("date")) is not int:
+        return False
+    msg = plain.get("message")
+    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str) or "value" not in msg:
+        return False
+    ch = plain.get("channel")
+    if ch is None:
+        return True
+    if not isinstance(ch, dict) or not isinstance(ch.get("id"), str) or not isinstance(ch.get("name"), str):
+        return False
+    members = ch.get("members")
+    # a channel message names its members, the sender and this recipient among them
+    return isinstance(members, list) and sender in members and recipient in members
+
+
+def conversation_key(plain: dict, other: bytes) -> str:
+    ch = plain.get("channel")
+    if ch is not None:
+        return "channel:" + ch["id"] + ":" + ",".join(sorted(ch["members"]))
+    return "key:" + other.hex()
 
 
 # --- reads ----------------------------------------------------------------------------
@@ -242,9 +268,10 @@ def messages(repo: Repository, topic: str, since: int | None, before: int | None
             continue  # not a message of ours: written by another client; skipped, not fatal
         if not isinstance(date, (int, float)):
             continue
-        if since is not None and date <= since:
+        # inclusive: a page boundary never loses a post with the same date (ids tell repeats)
+        if since is not None and date < since:
             continue
-        if before is not None and date >= before:
+        if before is not None and date > before:
             continue
         out.append(post)
     out.sort(key=lambda p: (p["date"], str(p.get("id"))))
@@ -352,7 +379,7 @@ def add_moderation(b: Batch, topic: str, data) -> dict:
 def add_reaction(b: Batch, topic: str, data) -> dict:
     data = data_object(data)
     msg_id = check_id(data.get("msgID"), "data.msgID")
-    emoji = check_text(data.get("emoji", data.get("value")), "data.emoji", 64)
+    emoji = check_text(data.get("emoji"), "data.emoji", 64)
     rec = {"id": new_id(), "msgID": msg_id, "topic": topic, "emoji": emoji, "date": now_ms()}
     if "author" in data:
         rec["author"] = check_key(data["author"], "data.author").hex()
@@ -367,6 +394,8 @@ def set_profile(b: Batch, old: dict, data) -> dict:
         if not isinstance(k, str) or not k or len(k) > 64:
             raise BadInput("data", "profile keys must be strings of 1-64 characters")
         if v is None:
+            if k == "name":
+                raise BadInput("data.name", "cannot be removed (a profile always has a name)")
             prof.pop(k, None)
         elif isinstance(v, (str, int, float, bool)):
             prof[k] = v
@@ -400,7 +429,13 @@ def add_pchannel(b: Batch, sk: SigningKey, data) -> dict:
     members = check_members(data.get("members"), "data.members", sk)
     name = check_text(data.get("name", "channel"), "data.name", 128)
     cid = check_id(data["id"], "data.id") if "id" in data else new_id()
-    rec = {"id": cid, "name": name, "type": data.get("type", "group"), "members": [m.hex() for m in members]}
+    own = bytes(sk.verify_key).hex()
+    rec = {
+        "id": cid,
+        "name": name,
+        "type": data.get("type", "group"),
+        "members": sorted([own] + [m.hex() for m in members]),
+    }
     if rec["type"] not in ("group", "dm"):
         raise BadInput("data.type", "must be group or dm")
     b.put(f"/pchannels/{cid}", dumps(seal_to_self(sk, rec)))

@@ -31,7 +31,7 @@ from .. import __version__
 from ..errors import USER_ERRORS, Conflict, NotFound, PttError
 from . import chat
 from .chat import BadInput, ChatUser
-from .service import Forbidden, Gateway, Unauthorized
+from .service import BACKLOG_PAGE, Forbidden, Gateway, ServerError, Unauthorized
 
 log = logging.getLogger("pttd.http")
 
@@ -57,6 +57,8 @@ def _status(exc: BaseException) -> int:
         return 409
     if isinstance(exc, TooLarge):
         return 413
+    if isinstance(exc, ServerError):
+        return 500
     return 400
 
 
@@ -76,7 +78,11 @@ MESSAGE = {
 MESSAGE_IN = {
     "oneOf": [
         {"type": "string", "minLength": 1},
-        MESSAGE,
+        {
+            "type": "object",
+            "required": ["value"],
+            "properties": {"type": {"type": "string", "description": "default text"}, "value": {}},
+        },
         {"type": "object", "required": ["message"], "properties": {"message": {}, "id": ID}},
     ]
 }
@@ -219,6 +225,9 @@ async def register(gw: Gateway, request: Request, data, user):
     if not gw.cfg.registration:
         raise Forbidden("registration is closed on this gateway (an operator adds users: pttctl user add)")
     data = chat.data_object(data)
+    gw.check_password(data.get("password"))  # everything checked before the account is made
+    if "friend" in data:
+        chat.check_key(data["friend"], "data.friend")
     u = await gw.add_user(data.get("username"), data.get("password"))
     return await _logged_in(gw, u, data)
 
@@ -387,7 +396,7 @@ DM_IN = {
 @route("POST", "/dm", "Send an encrypted direct message to one key", DM, body=DM_IN)
 async def send_dm(gw: Gateway, request: Request, data, user: ChatUser):
     data = chat.data_object(data)
-    key = chat.check_key(data.get("key", data.get("to")), "data.key")
+    key = chat.check_key(data.get("key"), "data.key")
     if key == user.key:
         raise BadInput("data.key", "is your own key")
     if "message" not in data:
@@ -427,7 +436,7 @@ DMS_IN = {
 @route("POST", "/dms", "Send an encrypted message to several keys (a private channel)", _list(DM), body=DMS_IN)
 async def send_dms(gw: Gateway, request: Request, data, user: ChatUser):
     data = chat.data_object(data)
-    members = chat.check_members(data.get("members", data.get("keys")), "data.members", user.repo._key)
+    members = chat.check_members(data.get("members"), "data.members", user.repo._key)
     if "message" not in data:
         raise BadInput("data.message", "is missing")
     msg = chat.check_message(data["message"], "data.message")
@@ -450,7 +459,12 @@ async def list_pchannels(gw: Gateway, request: Request, data, user: ChatUser):
     body={
         "type": "object",
         "required": ["members"],
-        "properties": {"members": {"type": "array", "items": KEY}, "name": {"type": "string"}, "id": ID},
+        "properties": {
+            "members": {"type": "array", "items": KEY},
+            "name": {"type": "string"},
+            "id": ID,
+            "type": {"type": "string", "enum": ["group", "dm"]},
+        },
     },
 )
 async def add_pchannel(gw: Gateway, request: Request, data, user: ChatUser):
@@ -499,11 +513,16 @@ async def events(gw: Gateway, request: Request, data, user: ChatUser):
             if lost:
                 yield _sse(None, "reset", {"reason": "events after your Last-Event-ID were dropped: reload"})
             last = after
-            for ev in backlog:
-                payload = await gw.read(gw.event_payload, user, ev) if ev.kind == "dm" else ev.body
-                if payload is not None:
-                    yield _sse(ev.id, ev.kind, payload)
-                last = ev.id
+            page = backlog
+            while True:
+                for ev in page:
+                    payload = await gw.read(gw.event_payload, user, ev) if ev.kind == "dm" else ev.body
+                    if payload is not None:
+                        yield _sse(ev.id, ev.kind, payload)
+                    last = ev.id
+                if len(page) < BACKLOG_PAGE:
+                    break
+                page, _ = await gw.read(gw.backlog, user, last)
             while True:
                 with trio.move_on_after(KEEPALIVE) as idle:
                     try:
@@ -606,6 +625,15 @@ def _endpoint(gw: Gateway, ops: dict[str, Op]):
     return endpoint
 
 
+class _AsgiEndpoint:
+    def __init__(self, handler):
+        self.handler = handler
+
+    async def __call__(self, scope, receive, send) -> None:
+        response = await self.handler(Request(scope, receive))
+        await response(scope, receive, send)
+
+
 def openapi() -> dict:
     err = {
         "description": "failure",
@@ -677,7 +705,8 @@ def build_app(gw: Gateway) -> Starlette:
         by_path.setdefault(op.path, {})[op.method] = op
     # fixed segments before parameters: /topics/x/curators is not the post "curators"
     order = sorted(by_path, key=lambda p: (p.count("/"), p.count("{")))
-    routes = [Route(p, _endpoint(gw, by_path[p]), methods=sorted(by_path[p]) + ["OPTIONS"]) for p in order]
+    # an ASGI endpoint gets every method: it answers 405 naming the methods it has
+    routes = [Route(p, _AsgiEndpoint(_endpoint(gw, by_path[p]))) for p in order]
     spec = openapi()
 
     async def openapi_json(request: Request) -> Response:

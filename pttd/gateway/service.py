@@ -44,6 +44,8 @@ _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@\-]{0,63}")
 MIN_PASSWORD = 8
 MAX_PASSWORD = 1024
 TOKEN_CACHE = 65536
+TRIM_EVERY = 1024
+BACKLOG_PAGE = 1000
 STREAM_BUFFER = 1024  # events queued for one slow stream before it is closed (it resumes)
 
 
@@ -53,6 +55,10 @@ class Unauthorized(PttError):
 
 class Forbidden(PttError):
     """A call this gateway does not allow (HTTP 403)."""
+
+
+class ServerError(PttError):
+    """A failure of the gateway, not of the request (HTTP 500)."""
 
 
 @dataclass
@@ -80,6 +86,7 @@ class Tx:
             (kind, topic, user, json.dumps(body, separators=(",", ":")), int(time.time())),
         )
         self.events.append(Event(eid, kind, topic, user, body, plain))
+        self.gw._events_added += 1
 
     def sql(self, query: str, params=()) -> int:
         return self.gw.store.execute(query, params)
@@ -130,6 +137,7 @@ class Gateway:
         self._by_topic: dict[str, set[Stream]] = {}
         self._hash_limiter = trio.CapacityLimiter(2)  # Argon2id: 64 MiB and ~0.1 s each
         self._dummy_hash: bytes | None = None
+        self._events_added = 0
         self._tokens: dict[str, tuple[bytes, float]] = {}  # verified token -> (user, expiry)
         self._in_topic: set[tuple[str, bytes]] = set()  # (topic, user) known in gw_topics
         self.groups = 0  # transactions the writer made (for the bench and status)
@@ -194,7 +202,7 @@ class Gateway:
             raise BadInput(field, "must be 1-64 of A-Z a-z 0-9 _ . @ - (not starting with . @ -)")
         return name
 
-    def _check_password(self, password, field: str = "data.password") -> bytes:
+    def check_password(self, password, field: str = "data.password") -> bytes:
         if not isinstance(password, str) or not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
             raise BadInput(field, f"must be a string of {MIN_PASSWORD}-{MAX_PASSWORD} characters")
         return password.encode()
@@ -206,7 +214,7 @@ class Gateway:
 
     async def add_user(self, name, password, profile_name: str | None = None) -> ChatUser:
         name = self._check_name(name)
-        pw = None if password is None else await self._hash(self._check_password(password))
+        pw = None if password is None else await self._hash(self.check_password(password))
         self._require_key()
         u = await self.node.db(self._create_user, name, pw, profile_name or name)
         self._remember(u)
@@ -219,7 +227,7 @@ class Gateway:
 
     async def login(self, name, password) -> ChatUser:
         name = self._check_name(name)
-        pw = self._check_password(password)
+        pw = self.check_password(password)
         rows = await self.node.db(self.store.query, "SELECT repo, password FROM gw_users WHERE name=?", (name,))
         stored = rows[0][1].encode() if rows and rows[0][1] else None
         if stored is None:
@@ -319,7 +327,7 @@ class Gateway:
             except Exception as exc:  # the transaction itself failed (disk full, I/O error)
                 log.error("a group of %d writes failed: %s", len(reqs), exc)
                 for r in reqs:
-                    r.error, r.committed = PttError(f"the store could not write: {exc}"), False
+                    r.error, r.committed = ServerError(f"the store could not write: {exc}"), False
             self.groups += 1
             self.writes += len(reqs)
             changed: dict[bytes, None] = {}
@@ -351,15 +359,18 @@ class Gateway:
                     r.error = exc
                 except Exception as exc:
                     log.exception("a write of %s failed", r.user.hex[:16])
-                    r.error = PttError(f"internal error: {exc.__class__.__name__}")
+                    r.error = ServerError(f"internal error: {exc.__class__.__name__}")
             self._trim_events()
 
     def _trim_events(self) -> None:
-        keep = self.cfg.event_retention
-        rows = self.store.query("SELECT max(id) FROM gw_events")
-        top = rows[0][0] or 0
-        if top > keep and top % 256 == 0:
-            self.store.execute("DELETE FROM gw_events WHERE id <= ?", (top - keep,))
+        """Inside a write: drop the events older than the newest ``event_retention``
+        (checked every TRIM_EVERY events, so the DELETE is rare and short)."""
+        if self._events_added < TRIM_EVERY:
+            return
+        self._events_added = 0
+        top = self.store.query("SELECT coalesce(max(id), 0) FROM gw_events")[0][0]
+        if top > self.cfg.event_retention:
+            self.store.execute("DELETE FROM gw_events WHERE id <= ?", (top - self.cfg.event_retention,))
 
     async def read(self, fn, *args):
         return await self.node.db(fn, *args)
@@ -450,33 +461,32 @@ class Gateway:
         return await self.write(u, fn)
 
     def dm_channels(self, u: ChatUser, peer: bytes | None, since: int | None) -> list[dict]:
-        """The user's direct-message conversations with their opened messages."""
+        """The user's direct-message conversations with their opened messages (``peer``:
+        only those with that key: the direct one and channels it is a member of)."""
         q = "SELECT sender, path, peer, date FROM gw_dms WHERE user=?"
         params: list = [u.key]
-        if peer is not None:
-            q += " AND peer=?"
-            params.append(peer)
         if since is not None:
-            q += " AND date>?"
+            q += " AND date>=?"
             params.append(since)
         q += " ORDER BY date"
         convs: dict[str, dict] = {}
-        sk = u.repo._key
         for sender, path, other, _date in self.store.query(q, params):
-            plain = self._open(sk, sender, path, other)
+            plain = self._open(u, sender, path, other)
             if plain is None:
                 continue
             ch = plain.get("channel")
-            if isinstance(ch, dict) and isinstance(ch.get("id"), str):
-                cid = "channel:" + ch["id"]
-                conv = convs.setdefault(cid, {"channel": ch, "messages": []})
+            if peer is not None and other != peer and (ch is None or peer.hex() not in ch["members"]):
+                continue
+            ckey = chat.conversation_key(plain, other)
+            if ch is not None:
+                conv = convs.setdefault(ckey, {"channel": ch, "messages": []})
             else:
-                cid = "key:" + other.hex()
-                conv = convs.setdefault(cid, {"key": other.hex(), "messages": []})
+                conv = convs.setdefault(ckey, {"key": other.hex(), "messages": []})
             conv["messages"].append(plain)
         return sorted(convs.values(), key=lambda c: c["messages"][-1]["date"], reverse=True)
 
-    def _open(self, sk: SigningKey, sender: bytes, path: str, other: bytes) -> dict | None:
+    def _open(self, u: ChatUser, sender: bytes, path: str, other: bytes) -> dict | None:
+        """An envelope in ``sender``'s repository between ``u`` and ``other``, opened."""
         row = self.store.find_repo(sender)
         if row is None:
             return None
@@ -484,7 +494,10 @@ class Gateway:
             raw = Repository(self.store, row, None).value(path)
         except USER_ERRORS:
             return None
-        return None if raw is None else chat.open_envelope(sk, other, raw)
+        if raw is None:
+            return None
+        recipient = other if sender == u.key else u.key
+        return chat.open_envelope(u.repo._key, other, raw, sender, recipient)
 
     # --- envelopes arriving by sync ---------------------------------------------------
 
@@ -520,10 +533,10 @@ class Gateway:
                 except USER_ERRORS:
                     continue
                 for u in candidates:
-                    plain = chat.open_envelope(u.repo._key, sender, raw)
+                    plain = chat.open_envelope(u.repo._key, sender, raw, sender, u.key)
                     if plain is None:
                         continue
-                    date = plain.get("date") if isinstance(plain.get("date"), int) else chat.now_ms()
+                    date = plain["date"]
                     before = self.store.query(
                         "SELECT 1 FROM gw_dms WHERE user=? AND sender=? AND path=?", (u.key, sender, path)
                     )
@@ -534,6 +547,7 @@ class Gateway:
                         (u.key, sender, path, sender, date),
                     )
                     tx.event("dm", None, u.key, {"sender": sender.hex(), "path": path}, plain)
+            self._trim_events()
         return tx.events
 
     # --- live streams -----------------------------------------------------------------
@@ -566,12 +580,13 @@ class Gateway:
                     s.offer(ev)
 
     def backlog(self, u: ChatUser, after: int) -> tuple[list[Event], bool]:
-        """Events for ``u`` after id ``after``; and whether some were already dropped."""
+        """Events for ``u`` after id ``after`` (at most BACKLOG_PAGE: ask again after the
+        last); and whether some after ``after`` were already dropped."""
         oldest = self.store.query("SELECT min(id) FROM gw_events")[0][0]
         rows = self.store.query(
             "SELECT id, kind, topic, user, body FROM gw_events WHERE id > ? AND (user = ? OR topic IN "
-            "(SELECT topic FROM gw_topics WHERE repo = ?)) ORDER BY id LIMIT 10000",
-            (after, u.key, u.key),
+            "(SELECT topic FROM gw_topics WHERE repo = ?)) ORDER BY id LIMIT ?",
+            (after, u.key, u.key, BACKLOG_PAGE),
         )
         lost = oldest is not None and after + 1 < oldest
         return [Event(i, k, t, usr, json.loads(b)) for i, k, t, usr, b in rows], lost
@@ -586,7 +601,7 @@ class Gateway:
         if ev.plain is not None:
             return ev.plain
         sender = bytes.fromhex(ev.body["sender"])
-        return self._open(u.repo._key, sender, ev.body["path"], sender)
+        return self._open(u, sender, ev.body["path"], sender)
 
 
 def create_users(store, key: GatewayKey, users: list[tuple[str, str | None, str]]) -> list[ChatUser]:
