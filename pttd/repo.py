@@ -59,6 +59,7 @@ class Batch:
         self._head = head
         self._changes: dict[bytes, tree.ValueRef | None] = {}
         self.commit: SignedCommit | None = None
+        self.then = None  # called after the commit's row is written, in its transaction
 
     def _exists_before(self, key: bytes) -> bool:
         return tree.lookup(self._head.commit.root, key, self._repo.store.load_node) is not None
@@ -226,11 +227,15 @@ class Repository:
             raise PttError(f"repository {self.id} is read-only here (this data directory holds no key for it)")
 
     @contextmanager
-    def batch_in(self, w: Writer) -> Iterator[Batch]:
+    def batch_in(self, w: Writer, head: SignedCommit | None = None, savepoint: bool = False) -> Iterator[Batch]:
         """Like ``batch()``, inside a store transaction the caller holds (several
-        repositories' commits in one transaction: a gateway's group commit)."""
+        repositories' commits in one transaction: a gateway's group commit). ``head``:
+        the newest commit when the caller knows it; ``savepoint``: a failure after the
+        commit's row is written undoes this commit alone (with ``batch.then``, a function
+        that writes more rows right after it)."""
         self._check_writable()
-        head = self.head()
+        if head is None:
+            head = self.head()
         b = Batch(self, w, head)
         yield b
         if not b._changes:
@@ -242,7 +247,14 @@ class Repository:
             return
         commit = Commit(self.key, head.seq + 1, new_root, head.address, max(_now_ms(), head.commit.time))
         sc = sign_commit(commit, self._key)
-        self.store.insert_commit(self.row, sc)
+        if savepoint and b.then is not None:
+            with self.store.savepoint():
+                self.store.insert_commit(self.row, sc)
+                b.then()
+        else:
+            self.store.insert_commit(self.row, sc)
+            if b.then is not None:
+                b.then()
         b.commit = sc
 
     def put(self, path: str, value: bytes) -> SignedCommit | None:

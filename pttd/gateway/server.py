@@ -116,6 +116,7 @@ class _Connection:
             "server": self.server,
         }
         body_done = False
+        watching = False
         disconnected = trio.Event()
         started = False
         finished = False
@@ -135,10 +136,14 @@ class _Connection:
                     return {"type": "http.request", "body": bytes(ev.data), "more_body": True}
                 if isinstance(ev, h11.EndOfMessage):
                     body_done = True
-                    nursery.start_soon(watch)
                     return {"type": "http.request", "body": b"", "more_body": False}
                 disconnected.set()
                 return {"type": "http.disconnect"}
+            # the app waits for the client to go away (a streamed answer): watch the socket
+            nonlocal watching
+            if not watching:
+                watching = True
+                nursery.start_soon(watch)
             await disconnected.wait()
             return {"type": "http.disconnect"}
 

@@ -73,26 +73,40 @@ class Event:
 
 @dataclass
 class Tx:
-    """What a write may do besides its commit, inside the same transaction."""
+    """What a write does besides its commit: rows of the gateway's tables, written in the
+    same transaction right after the commit's own row (so a request that fails before
+    that leaves nothing to undo), and events for the live streams."""
 
     gw: Gateway
     events: list[Event] = field(default_factory=list)
     follows: list[bytes] = field(default_factory=list)
     in_topic: list[tuple[str, bytes]] = field(default_factory=list)
+    _rows: list = field(default_factory=list)
 
     def event(self, kind: str, topic: str | None, user: bytes | None, body: dict, plain: dict | None = None) -> None:
-        eid = self.gw.store.execute(
-            "INSERT INTO gw_events(kind, topic, user, body, time) VALUES (?, ?, ?, ?, ?)",
-            (kind, topic, user, json.dumps(body, separators=(",", ":")), int(time.time())),
-        )
-        self.events.append(Event(eid, kind, topic, user, body, plain))
-        self.gw._events_added += 1
+        self._rows.append((kind, topic, user, body, plain))
 
-    def sql(self, query: str, params=()) -> int:
-        return self.gw.store.execute(query, params)
+    def sql(self, query: str, params=()) -> None:
+        self._rows.append((query, params))
 
     def rows(self, query: str, params=()) -> list[tuple]:
         return self.gw.store.query(query, params)
+
+    def flush(self) -> None:
+        store = self.gw.store
+        now = int(time.time())
+        for row in self._rows:
+            if len(row) == 2:
+                store.execute(*row)
+                continue
+            kind, topic, user, body, plain = row
+            eid = store.execute(
+                "INSERT INTO gw_events(kind, topic, user, body, time) VALUES (?, ?, ?, ?, ?)",
+                (kind, topic, user, json.dumps(body, separators=(",", ":")), now),
+            )
+            self.events.append(Event(eid, kind, topic, user, body, plain))
+            self.gw._events_added += 1
+        self._rows = []
 
 
 @dataclass
@@ -347,20 +361,35 @@ class Gateway:
                 await self.node.publish(key)
 
     def _apply(self, reqs: list[WriteRequest]) -> None:
-        with self.store.write() as w:
-            for r in reqs:
-                tx = Tx(self)
-                try:
-                    with self.store.savepoint():
-                        with r.user.repo.batch_in(w) as b:
-                            r.result = r.fn(b, tx)
-                    r.tx, r.committed = tx, b.commit is not None
-                except USER_ERRORS as exc:
-                    r.error = exc
-                except Exception as exc:
-                    log.exception("a write of %s failed", r.user.hex[:16])
-                    r.error = ServerError(f"internal error: {exc.__class__.__name__}")
-            self._trim_events()
+        try:
+            with self.store.write() as w:
+                for r in reqs:
+                    self._apply_one(r, w)
+                self._trim_events()
+        except BaseException:
+            for r in reqs:  # nothing of the group is stored: no head made in it stands
+                r.user.head = None
+            raise
+
+    def _apply_one(self, r: WriteRequest, w) -> None:
+        """One request inside the group's transaction. Its checks run before it writes a
+        row; a failure after its first row (a bug, or the disk) undoes it alone."""
+        tx = Tx(self)
+        u = r.user
+        head = u.head
+        try:
+            with u.repo.batch_in(w, head=head, savepoint=True) as b:
+                r.result = r.fn(b, tx)
+                b.then = tx.flush  # the gateway's rows, right after the commit's own
+            r.tx, r.committed = tx, b.commit is not None
+            if b.commit is not None and u.key != self.node.id:
+                u.head = b.commit  # only the gateway writes a hosted repository
+        except USER_ERRORS as exc:
+            r.error = exc
+        except Exception as exc:
+            log.exception("a write of %s failed", u.hex[:16])
+            r.error = ServerError(f"internal error: {exc.__class__.__name__}")
+            u.head = None
 
     def _trim_events(self) -> None:
         """Inside a write: drop the events older than the newest ``event_retention``
@@ -547,6 +576,7 @@ class Gateway:
                         (u.key, sender, path, sender, date),
                     )
                     tx.event("dm", None, u.key, {"sender": sender.hex(), "path": path}, plain)
+            tx.flush()
             self._trim_events()
         return tx.events
 
