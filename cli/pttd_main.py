@@ -33,7 +33,62 @@ def build_parser() -> argparse.ArgumentParser:
         "--peer", action="append", default=[], metavar="HOST:PORT", help="a static peer to dial (repeatable)"
     )
     s.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    r = sub.add_parser(
+        "rekey",
+        help="gateway: seal the hosted users' keys with a new gateway key (the daemon must be stopped)",
+    )
+    r.add_argument("--config", help="TOML config file: where the current key comes from")
+    r.add_argument("--data-dir", help="data directory (default: $PTT_HOME, else the user data directory)")
+    new = r.add_mutually_exclusive_group(required=True)
+    new.add_argument("--new-key-file", metavar="PATH", help="the new key file (created 0600 if it does not exist)")
+    new.add_argument("--new-passphrase-env", metavar="VAR", help="take the new passphrase from this variable")
     return p
+
+
+def rekey(args: argparse.Namespace) -> int:
+    """Re-seal with a new gateway key; the current one as the daemon would find it."""
+    import os
+
+    from pttd.daemon import DataDirLock
+    from pttd.datadir import DataDir, default_data_dir
+    from pttd.errors import PttError
+    from pttd.gateway.keys import GatewayKey
+    from pttd.gateway.keys import rekey as do_rekey
+
+    try:
+        cfg = config_mod.load(args.config)
+        path = os.path.abspath(os.path.expanduser(args.data_dir or cfg.data_dir or default_data_dir()))
+        new_pass = None
+        if args.new_passphrase_env:
+            new_pass = os.environ.get(args.new_passphrase_env)
+            if not new_pass:
+                raise PttError(f"${args.new_passphrase_env} is not set")
+        dd = DataDir.open(path)
+        lock = DataDirLock(dd.path)
+        try:
+            lock.acquire()
+            g = cfg.gateway
+            key_file = os.path.abspath(os.path.expanduser(g.key_file or os.path.join(dd.path, "gateway.key")))
+            passphrase = os.environ.get(g.passphrase_env) if g.passphrase_env else None
+            if passphrase is None and not os.path.exists(key_file):
+                raise PttError(f"no gateway key at {key_file} (and ${g.passphrase_env} is not set)")
+            old = GatewayKey.load(dd.store, key_file, passphrase)
+            new_file = os.path.abspath(args.new_key_file) if args.new_key_file else None
+            if new_file is not None and new_file == key_file:
+                raise PttError("the new key file must be another file than the current one")
+            n = do_rekey(dd.store, old, new_file, new_pass)
+        finally:
+            lock.release()
+            dd.close()
+    except USER_ERRORS as exc:
+        print(f"pttd: {exc}", file=sys.stderr)
+        return 1
+    where = f"key file {new_file}" if new_file else f"the passphrase in ${args.new_passphrase_env}"
+    print(f"re-sealed {n} hosted users' keys with {where}")
+    if new_file:
+        print(f'start the gateway with: [gateway] key_file = "{new_file}" (or move it to {key_file})')
+    print("keep a backup of the old key until you no longer need backups made before this rotation")
+    return 0
 
 
 def make_config(args: argparse.Namespace) -> config_mod.Config:
@@ -57,6 +112,8 @@ def make_config(args: argparse.Namespace) -> config_mod.Config:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "rekey":
+        return rekey(args)
     try:
         cfg = make_config(args)
     except USER_ERRORS as exc:

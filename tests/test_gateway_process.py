@@ -180,3 +180,77 @@ def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_schema(gw)
     )
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     assert "27 passed" in r.stdout or " passed" in r.stdout
+
+
+def test_rekey_reseals_every_key_and_keeps_users_logged_in(tmp_path):
+    g = Gateway(tmp_path)
+    url = g.start()
+    with httpx.Client(base_url=url, timeout=10) as http:
+        creds = {"data": {"username": "ann", "password": "ann's password"}}
+        token = http.post("/register", json=creds).json()["result"]["token"]
+        post = http.post("/topics/t", json={"data": "before the rotation"}, params={"token": token}).json()["result"]
+    old_key = (g.dir / "gateway.key").read_text()
+    # refused while the daemon runs
+    busy = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli.pttd_main",
+            "rekey",
+            "--data-dir",
+            str(g.dir),
+            "--new-key-file",
+            str(tmp_path / "k2"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert busy.returncode == 1 and "already running" in busy.stderr
+    g.stop()
+    new_file = tmp_path / "new.key"
+    r = subprocess.run(
+        [sys.executable, "-m", "cli.pttd_main", "rekey", "--data-dir", str(g.dir), "--new-key-file", str(new_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "re-sealed 1 hosted users' keys" in r.stdout
+    assert os.stat(new_file).st_mode & 0o777 == 0o600 and new_file.read_text() != old_key
+    # the old key no longer opens the store
+    with pytest.raises(AssertionError, match="does not open"):
+        g.start()
+    g.config.write_text(CONFIG + f'\nkey_file = "{new_file}"\n')
+    url = g.start()
+    try:
+        with httpx.Client(base_url=url, timeout=10) as http:
+            # the same token still works: the signing secret was re-sealed, not replaced
+            got = http.get("/topics/t", params={"token": token}).json()["result"]
+            assert [p["id"] for p in got] == [post["id"]]
+            assert http.post("/login", json=creds).status_code == 200
+            assert http.post("/topics/t", json={"data": "after"}, params={"token": token}).status_code == 200
+    finally:
+        g.stop()
+    # and to a passphrase
+    env = dict(os.environ, NEW_PASS="a long passphrase")
+    r = subprocess.run(
+        [sys.executable, "-m", "cli.pttd_main", "rekey", "--data-dir", str(g.dir), "--config", str(g.config)]
+        + ["--new-passphrase-env", "NEW_PASS"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    os.environ["PTTD_GATEWAY_PASSPHRASE"] = "a long passphrase"
+    try:
+        url = g.start()
+        with httpx.Client(base_url=url, timeout=10) as http:
+            assert http.get("/me", params={"token": token}).status_code == 200
+        g.stop()
+        os.environ["PTTD_GATEWAY_PASSPHRASE"] = "the wrong passphrase"
+        with pytest.raises(AssertionError, match="does not open"):
+            g.start()
+    finally:
+        del os.environ["PTTD_GATEWAY_PASSPHRASE"]

@@ -4,7 +4,9 @@ From a key file (32 random bytes as hex, created 0600 on first start) or, when t
 environment variable named in the config is set, from a passphrase through Argon2id
 (salt kept in the store). A check value in the store tells at start-up whether the key
 opens what is sealed there, so a wrong key file or passphrase is refused at once, never
-discovered at the first login. Login tokens are signed with a key derived from it.
+discovered at the first login. The secret that signs login tokens is random, kept in the
+store sealed with the gateway key: rotating the gateway key (``rekey``) re-seals it, so
+nobody is logged out by a rotation.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 
-from blake3 import blake3
 from nacl import pwhash
 from nacl.exceptions import CryptoError
 from nacl.secret import SecretBox
@@ -58,22 +59,28 @@ def _write_key_file(path: str, key: bytes) -> None:
 class GatewayKey:
     def __init__(self, key: bytes):
         self._box = SecretBox(key)
-        self.token_secret = blake3(key, derive_key_context="pttd gateway login tokens v1").digest()
+        self.token_secret = b""  # set by load(): from the store
+
+    @staticmethod
+    def from_passphrase(passphrase: str, salt: bytes) -> bytes:
+        return pwhash.argon2id.kdf(
+            SecretBox.KEY_SIZE,
+            passphrase.encode(),
+            salt,
+            opslimit=pwhash.argon2id.OPSLIMIT_MODERATE,
+            memlimit=pwhash.argon2id.MEMLIMIT_MODERATE,
+        )
 
     @classmethod
     def load(cls, store: Store, key_file: str, passphrase: str | None) -> GatewayKey:
         if passphrase is not None:
             salt_hex = store.get_meta("gateway_kdf_salt")
             if salt_hex is None:
+                if store.get_meta("gateway_key_check") is not None:
+                    raise DataDirError("this store's user keys are sealed with a key file, not a passphrase")
                 salt_hex = random(pwhash.argon2id.SALTBYTES).hex()
                 store.set_meta("gateway_kdf_salt", salt_hex)
-            key = pwhash.argon2id.kdf(
-                SecretBox.KEY_SIZE,
-                passphrase.encode(),
-                bytes.fromhex(salt_hex),
-                opslimit=pwhash.argon2id.OPSLIMIT_MODERATE,
-                memlimit=pwhash.argon2id.MEMLIMIT_MODERATE,
-            )
+            key = cls.from_passphrase(passphrase, bytes.fromhex(salt_hex))
             source = "the passphrase"
         else:
             if not os.path.exists(key_file):
@@ -97,13 +104,62 @@ class GatewayKey:
                 ok = False
             if not ok:
                 raise DataDirError(f"the gateway key from {source} does not open this store's sealed user keys")
+        sealed = store.get_meta("gateway_token_secret")
+        if sealed is None:
+            secret = random(32)
+            store.set_meta("gateway_token_secret", gk._box.encrypt(secret).hex())
+        else:
+            try:
+                secret = gk._box.decrypt(bytes.fromhex(sealed))
+            except (CryptoError, ValueError):
+                raise DataDirError(
+                    "the token-signing secret in this store does not open with the gateway key"
+                ) from None
+        gk.token_secret = secret
         return gk
 
     def seal(self, sk: SigningKey) -> bytes:
         return bytes(self._box.encrypt(bytes(sk)))
+
+    def seal_bytes(self, data: bytes) -> bytes:
+        return bytes(self._box.encrypt(data))
 
     def unseal(self, sealed: bytes) -> SigningKey:
         try:
             return SigningKey(self._box.decrypt(sealed))
         except CryptoError:
             raise PttError("a hosted user's sealed key does not open with the gateway key") from None
+
+
+def rekey(store: Store, old: GatewayKey, new_key_file: str | None, new_passphrase: str | None) -> int:
+    """Seal everything sealed with ``old`` with a new gateway key instead, in one
+    transaction: the hosted users' keys, the token-signing secret and the check value.
+    The new key comes from a key file (created if it does not exist) or a passphrase.
+    Returns the number of user keys re-sealed."""
+    salt_hex = None
+    if new_passphrase is not None:
+        salt_hex = random(pwhash.argon2id.SALTBYTES).hex()
+        new_key = GatewayKey.from_passphrase(new_passphrase, bytes.fromhex(salt_hex))
+    else:
+        if not os.path.exists(new_key_file):
+            _write_key_file(new_key_file, random(SecretBox.KEY_SIZE))
+            log.info("created gateway key file %s", new_key_file)
+        new_key = _read_key_file(new_key_file)
+    new = GatewayKey(new_key)
+    rows = store.query("SELECT name, sealed_key FROM gw_users")
+    resealed = [(new.seal(old.unseal(sealed)), name) for name, sealed in rows]  # all opened before any write
+    with store.write():
+        for sealed, name in resealed:
+            store.execute("UPDATE gw_users SET sealed_key=? WHERE name=?", (sealed, name))
+        store.execute(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES ('gateway_key_check', ?)", (new._box.encrypt(_CHECK).hex(),)
+        )
+        store.execute(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES ('gateway_token_secret', ?)",
+            (new._box.encrypt(old.token_secret).hex(),),
+        )
+        if salt_hex is not None:
+            store.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('gateway_kdf_salt', ?)", (salt_hex,))
+        else:
+            store.execute("DELETE FROM meta WHERE key='gateway_kdf_salt'")
+    return len(resealed)
