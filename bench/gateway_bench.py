@@ -38,6 +38,7 @@ sys.path.insert(0, ROOT)
 import jwt  # noqa: E402
 import trio  # noqa: E402
 
+from pttd.daemon import GATEWAY_PAGE_SIZE  # noqa: E402
 from pttd.datadir import DataDir  # noqa: E402
 from pttd.gateway.keys import GatewayKey  # noqa: E402
 from pttd.gateway.service import create_users  # noqa: E402
@@ -49,7 +50,7 @@ def log(msg: str) -> None:
 
 def prepare(data_dir: str, users: int) -> list[tuple[str, str]]:
     """A gateway data directory with ``users`` hosted users; [(key hex, token)]."""
-    dd = DataDir.init(data_dir)
+    dd = DataDir.init(data_dir, page_size=GATEWAY_PAGE_SIZE)  # as `pttd start --mode gateway` makes it
     try:
         key = GatewayKey.load(dd.store, os.path.join(dd.path, "gateway.key"), None)
         out = []

@@ -60,6 +60,9 @@ class Config:
     mode: str = "node"
     control: str | None = None  # default: <data-dir>/control.sock
     synchronous: str = "FULL"
+    # bytes per SQLite page of a new data directory (0: by mode, 16384 for a gateway's
+    # many small commits, 65536 otherwise, which stores large values faster)
+    page_size: int = 0
     log_level: str = "INFO"
     peers: list[str] = field(default_factory=list)
     wire: WireConfig = field(default_factory=WireConfig)
@@ -74,7 +77,7 @@ _LAYOUT: dict[str, dict[str, tuple[str, type]]] = {
         "control": ("control", str),
         "log_level": ("log_level", str),
     },
-    "store": {"synchronous": ("synchronous", str)},
+    "store": {"synchronous": ("synchronous", str), "page_size": ("page_size", int)},
     "peers": {"static": ("peers", list)},
     "wire": {},
     "gateway": {},
@@ -133,6 +136,10 @@ def validate(cfg: Config, where: str = "settings") -> None:
         parse_address(p)
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"{where}: log_level {cfg.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")
+    if cfg.page_size not in (0, 4096, 8192, 16384, 32768, 65536):
+        raise ConfigError(
+            f"{where}: [store] page_size {cfg.page_size} is not 0 (by mode) or a power of two from 4096 to 65536"
+        )
     if cfg.synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
         raise ConfigError(f"{where}: [store] synchronous {cfg.synchronous!r} is not one of FULL, NORMAL, EXTRA")
     w = cfg.wire

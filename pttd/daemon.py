@@ -31,6 +31,9 @@ log = logging.getLogger("pttd.daemon")
 
 MODES = ("node", "gateway", "hub", "replicator")
 IMPLEMENTED_MODES = ("node", "gateway")
+# a gateway makes many small commits: smaller pages cost less to rewrite (measured: the
+# store thread's CPU per post 0.50 -> 0.43 ms from 64 to 16 KiB)
+GATEWAY_PAGE_SIZE = 16384
 
 
 async def serve_http(app, address: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -109,7 +112,10 @@ class Daemon:
     async def run(self) -> None:
         if self.mode not in IMPLEMENTED_MODES:
             raise DataDirError(f"mode {self.mode!r} is not available in this version of pttd (only: node, gateway)")
-        dd, created = await trio.to_thread.run_sync(DataDir.open_or_init, self.data_dir, self.cfg.synchronous)
+        page_size = self.cfg.page_size or (GATEWAY_PAGE_SIZE if self.mode == "gateway" else 0)
+        dd, created = await trio.to_thread.run_sync(
+            DataDir.open_or_init, self.data_dir, self.cfg.synchronous, page_size
+        )
         if created:
             log.info("created data directory %s", dd.path)
         lock = DataDirLock(dd.path)

@@ -35,7 +35,7 @@ class DataDir:
         self.keys = KeyStore(os.path.join(path, KEYS_DIR))
 
     @classmethod
-    def init(cls, path: str, synchronous: str = "FULL") -> DataDir:
+    def init(cls, path: str, synchronous: str = "FULL", page_size: int = 0) -> DataDir:
         """Create a data directory with a new repository; refuse an initialized one."""
         path = os.path.abspath(path)
         db = os.path.join(path, DB_NAME)
@@ -47,7 +47,7 @@ class DataDir:
             os.makedirs(path, mode=0o700, exist_ok=True)
         except OSError as exc:
             raise DataDirError(f"cannot create data directory {path}: {exc.strerror}") from None
-        dd = cls(path, Store(db, synchronous=synchronous, create=True))
+        dd = cls(path, Store(db, synchronous=synchronous, create=True, page_size=page_size))
         repo = Repository.create(dd.store, dd.keys)
         dd.store.set_meta("default_repo", repo.id)
         return dd
@@ -63,10 +63,10 @@ class DataDir:
         return cls(path, Store(db, synchronous=synchronous))
 
     @classmethod
-    def open_or_init(cls, path: str, synchronous: str = "FULL") -> tuple[DataDir, bool]:
+    def open_or_init(cls, path: str, synchronous: str = "FULL", page_size: int = 0) -> tuple[DataDir, bool]:
         if os.path.exists(os.path.join(os.path.abspath(path), DB_NAME)):
             return cls.open(path, synchronous), False
-        return cls.init(path, synchronous), True
+        return cls.init(path, synchronous, page_size), True
 
     def close(self) -> None:
         self.store.close()

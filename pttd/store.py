@@ -237,7 +237,7 @@ class Writer:
 
 
 class Store:
-    def __init__(self, path: str, *, synchronous: str = "FULL", create: bool = False):
+    def __init__(self, path: str, *, synchronous: str = "FULL", create: bool = False, page_size: int = 0):
         self.path = path
         if synchronous.upper() not in SYNC_MODES:
             raise DataDirError(f"store synchronous mode must be one of {', '.join(SYNC_MODES)}, not {synchronous!r}")
@@ -245,7 +245,8 @@ class Store:
             raise DataDirError(f"no store at {path}")
         try:
             self._db = _Connection(sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0))
-            self._db.execute(f"PRAGMA page_size={PAGE_SIZE}")
+            # takes effect only when the file is created
+            self._db.execute(f"PRAGMA page_size={page_size or PAGE_SIZE}")
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise DataDirError(f"store {path}: could not switch to WAL mode (got {mode})")
