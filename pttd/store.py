@@ -110,9 +110,11 @@ CREATE TABLE IF NOT EXISTS gw_events(
 );
 CREATE INDEX IF NOT EXISTS gw_events_user ON gw_events(user, id) WHERE user IS NOT NULL;
 CREATE INDEX IF NOT EXISTS gw_events_topic ON gw_events(topic, id) WHERE topic IS NOT NULL;
--- Derived indexes, rebuildable from the repositories: which hosted users are in which
--- topic; which direct-message envelopes each hosted user can open (sent or received);
--- whose envelopes a hosted user could receive (their friends).
+-- Indexes kept by the gateway beside the repositories, written in the transaction of the
+-- commit they describe: which hosted users are in which topic; which direct-message
+-- envelopes each hosted user can open (sent or received); whose envelopes a hosted user
+-- could receive (their friends). Everything in them can be derived from the
+-- repositories and the users' keys, but nothing rebuilds them yet.
 CREATE TABLE IF NOT EXISTS gw_topics(topic TEXT NOT NULL, repo BLOB NOT NULL, PRIMARY KEY(topic, repo)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS gw_dms(
     user BLOB NOT NULL,
