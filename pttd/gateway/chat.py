@@ -51,7 +51,6 @@ class ChatUser:
 
     name: str
     repo: Repository
-    head: object = None  # the newest commit, kept by the gateway's writer (SignedCommit)
 
     @property
     def key(self) -> bytes:

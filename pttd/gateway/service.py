@@ -44,6 +44,7 @@ _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@\-]{0,63}")
 MIN_PASSWORD = 8
 MAX_PASSWORD = 1024
 TOKEN_CACHE = 65536
+HEAD_CACHE = 65536
 TRIM_EVERY = 1024
 BACKLOG_PAGE = 1000
 STREAM_BUFFER = 1024  # events queued for one slow stream before it is closed (it resumes)
@@ -88,9 +89,6 @@ class Tx:
 
     def sql(self, query: str, params=()) -> None:
         self._rows.append((query, params))
-
-    def rows(self, query: str, params=()) -> list[tuple]:
-        return self.gw.store.query(query, params)
 
     def flush(self) -> None:
         store = self.gw.store
@@ -152,6 +150,8 @@ class Gateway:
         self._hash_limiter = trio.CapacityLimiter(2)  # Argon2id: 64 MiB and ~0.1 s each
         self._dummy_hash: bytes | None = None
         self._events_added = 0
+        self._heads: dict[bytes, object] = {}  # hosted repository -> its newest commit (SignedCommit)
+        self._nursery: trio.Nursery | None = None
         self._tokens: dict[str, tuple[bytes, float]] = {}  # verified token -> (user, expiry)
         self._in_topic: set[tuple[str, bytes]] = set()  # (topic, user) known in gw_topics
         self.groups = 0  # transactions the writer made (for the bench and status)
@@ -160,6 +160,7 @@ class Gateway:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.node.synced_hooks.append(self._on_synced)
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._writer)
             task_status.started()
 
@@ -355,8 +356,8 @@ class Gateway:
                         self._in_topic.clear()
                     self._in_topic.update(r.tx.in_topic)
                     self._dispatch(r.tx.events)
-                    for k in r.tx.follows:
-                        await self._follow_gossip(k)
+                    for k in r.tx.follows:  # not in the writer's way
+                        self._nursery.start_soon(self._follow_gossip, k)
             for key in changed:
                 await self.node.publish(key)
 
@@ -368,7 +369,7 @@ class Gateway:
                 self._trim_events()
         except BaseException:
             for r in reqs:  # nothing of the group is stored: no head made in it stands
-                r.user.head = None
+                self._heads.pop(r.user.key, None)
             raise
 
     def _apply_one(self, r: WriteRequest, w) -> None:
@@ -376,20 +377,21 @@ class Gateway:
         row; a failure after its first row (a bug, or the disk) undoes it alone."""
         tx = Tx(self)
         u = r.user
-        head = u.head
         try:
-            with u.repo.batch_in(w, head=head, savepoint=True) as b:
+            with u.repo.batch_in(w, head=self._heads.get(u.key), savepoint=True) as b:
                 r.result = r.fn(b, tx)
                 b.then = tx.flush  # the gateway's rows, right after the commit's own
             r.tx, r.committed = tx, b.commit is not None
-            if b.commit is not None and u.key != self.node.id:
-                u.head = b.commit  # only the gateway writes a hosted repository
+            if b.commit is not None and u.key != self.node.id:  # the local one is also written by pttctl put
+                if len(self._heads) >= HEAD_CACHE:
+                    self._heads.clear()
+                self._heads[u.key] = b.commit  # only the gateway writes a hosted repository
         except USER_ERRORS as exc:
             r.error = exc
         except Exception as exc:
             log.exception("a write of %s failed", u.hex[:16])
             r.error = ServerError(f"internal error: {exc.__class__.__name__}")
-            u.head = None
+            self._heads.pop(u.key, None)
 
     def _trim_events(self) -> None:
         """Inside a write: drop the events older than the newest ``event_retention``
