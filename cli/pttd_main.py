@@ -72,7 +72,7 @@ def rekey(args: argparse.Namespace) -> int:
             passphrase = os.environ.get(g.passphrase_env) if g.passphrase_env else None
             if passphrase is None and not os.path.exists(key_file):
                 raise PttError(f"no gateway key at {key_file} (and ${g.passphrase_env} is not set)")
-            old = GatewayKey.load(dd.store, key_file, passphrase)
+            old = GatewayKey.load(dd.store, key_file, passphrase, g.passphrase_env)
             new_file = os.path.abspath(args.new_key_file) if args.new_key_file else None
             if new_file is not None and new_file == key_file:
                 raise PttError("the new key file must be another file than the current one")

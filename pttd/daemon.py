@@ -129,7 +129,9 @@ class Daemon:
                 g = self.cfg.gateway
                 key_file = os.path.abspath(os.path.expanduser(g.key_file or os.path.join(dd.path, "gateway.key")))
                 passphrase = os.environ.get(g.passphrase_env) if g.passphrase_env else None
-                gw_key = await trio.to_thread.run_sync(GatewayKey.load, dd.store, key_file, passphrase)
+                gw_key = await trio.to_thread.run_sync(
+                    GatewayKey.load, dd.store, key_file, passphrase, g.passphrase_env
+                )
             gateway = self.gateway = Gateway(node, gw_key)
             async with trio.open_nursery() as nursery:
                 await nursery.start(node.run)

@@ -178,3 +178,23 @@ def test_pttctl_follow_sync_and_read_between_two_daemons(tmp_path):
         for p in (a, b):
             p.terminate()
             p.communicate(timeout=30)
+
+
+def test_config_example_lists_every_setting_with_its_default():
+    import dataclasses
+    import os
+    import re
+
+    from pttd.config import Config, load
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config.example.toml")
+    cfg = load(path)
+    text = open(path).read()
+    defaults = Config()
+    for section, obj, default in (("wire", cfg.wire, defaults.wire), ("gateway", cfg.gateway, defaults.gateway)):
+        for f in dataclasses.fields(obj):
+            # set to its default, or shown commented out
+            assert getattr(obj, f.name) == getattr(default, f.name) or f.name in ("listen", "http"), (section, f.name)
+            assert re.search(rf"^#?\s*{f.name}\s*=", text, re.M), f"config.example.toml lacks [{section}] {f.name}"
+    for name in ("synchronous", "page_size", "mode", "log_level", "control", "data_dir"):
+        assert re.search(rf"^#?\s*{name}\s*=", text, re.M), name

@@ -433,3 +433,24 @@ async def test_envelopes_synced_from_a_plain_node_must_say_truly_who_sent_them(t
             convs = result(await g.web.get("/dm", headers=hb))
             assert [(c["key"], [m["id"] for m in c["messages"]]) for c in convs] == [(carol, ["g1"])]
         node.daemon.stop()
+
+
+async def test_two_plain_nodes_exchange_direct_messages_through_sync(tmp_path):
+    async with trio.open_nursery() as nursery:
+        a = await start_daemon(nursery, str(tmp_path / "a"))
+        b = await start_daemon(nursery, str(tmp_path / "b"), peers=[a.address])
+        await b.call("chat_friend_add", key=a.id)
+        await a.call("chat_dm", key=b.id, text="node to node")
+
+        async def received() -> list:
+            return (await b.call("chat_dms"))["conversations"]
+
+        with trio.fail_after(10):  # polled: the envelope arrives by sync, then is opened
+            while not await received():
+                await trio.sleep(0.02)
+        convs = await received()
+        assert convs[0]["key"] == a.id and [m["message"]["value"] for m in convs[0]["messages"]] == ["node to node"]
+        sent = (await a.call("chat_dms"))["conversations"]
+        assert sent[0]["key"] == b.id
+        a.daemon.stop()
+        b.daemon.stop()

@@ -1,4 +1,4 @@
-"""The gateway's HTTP API: an ASGI app (Starlette) served by hypercorn's trio worker.
+"""The gateway's HTTP API: an ASGI app (Starlette), served by pttd.gateway.server (h11 on trio).
 
 Every route is declared once with ``@route``: method, path, what it reads and answers;
 the same declarations route the requests and make the OpenAPI description served at

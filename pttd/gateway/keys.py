@@ -72,7 +72,15 @@ class GatewayKey:
         )
 
     @classmethod
-    def load(cls, store: Store, key_file: str, passphrase: str | None) -> GatewayKey:
+    def load(cls, store: Store, key_file: str, passphrase: str | None, passphrase_env: str = "") -> GatewayKey:
+        """The gateway key from ``passphrase`` when given (from ``$passphrase_env``), else
+        from ``key_file`` (created on a store that has sealed nothing yet)."""
+        if passphrase is not None and not passphrase:
+            raise DataDirError(f"${passphrase_env or 'the passphrase variable'} is set but empty")
+        if passphrase is None and store.get_meta("gateway_kdf_salt") is not None:
+            raise DataDirError(
+                f"this store's user keys are sealed with a passphrase: set ${passphrase_env or 'PTTD_GATEWAY_PASSPHRASE'}"
+            )
         if passphrase is not None:
             salt_hex = store.get_meta("gateway_kdf_salt")
             if salt_hex is None:
@@ -104,6 +112,7 @@ class GatewayKey:
                 ok = False
             if not ok:
                 raise DataDirError(f"the gateway key from {source} does not open this store's sealed user keys")
+        log.info("hosted users' keys are sealed with the gateway key from %s", source)
         sealed = store.get_meta("gateway_token_secret")
         if sealed is None:
             secret = random(32)

@@ -228,9 +228,9 @@ class Gateway:
         return h.decode()
 
     async def add_user(self, name, password, profile_name: str | None = None) -> ChatUser:
+        self._require_key()
         name = self._check_name(name)
         pw = None if password is None else await self._hash(self.check_password(password))
-        self._require_key()
         u = await self.node.db(self._create_user, name, pw, profile_name or name)
         self._remember(u)
         log.info("created hosted user %s, repository %s", name, u.hex)
@@ -533,8 +533,6 @@ class Gateway:
     # --- envelopes arriving by sync ---------------------------------------------------
 
     async def _on_synced(self, key: bytes, old_root: bytes | None, new_root: bytes) -> None:
-        if self.key is None:
-            return
         users = await self.node.db(self.store.query, "SELECT user FROM gw_friends WHERE friend=?", (key,))
         if not users:
             return
