@@ -454,3 +454,29 @@ async def test_two_plain_nodes_exchange_direct_messages_through_sync(tmp_path):
         assert sent[0]["key"] == b.id
         a.daemon.stop()
         b.daemon.stop()
+
+
+async def test_a_store_failure_answers_500_and_the_gateway_goes_on(tmp_path):
+    import sqlite3 as sq
+
+    async with gateway(tmp_path) as g:
+        http = g.web
+        assert result(await http.get("/health")) == "ok"
+        _k, h = await login(http, "alice")
+        store = g.node.store
+        real_write = store.write
+        calls = []
+
+        def failing_write(*args, **kwargs):
+            calls.append(1)
+            raise sq.OperationalError("disk I/O error")
+
+        store.write = failing_write
+        try:
+            err = result(await http.post("/topics/general", json={"data": "lost"}, headers=h), 500)
+            assert "the store could not write" in err and "disk I/O error" in err
+        finally:
+            store.write = real_write
+        assert calls
+        p = result(await http.post("/topics/general", json={"data": "kept"}, headers=h))
+        assert [m["id"] for m in result(await http.get("/topics/general", headers=h))] == [p["id"]]

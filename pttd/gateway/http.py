@@ -655,7 +655,7 @@ def openapi() -> dict:
         else:
             schema = {"type": "object", "required": ["result"], "properties": {"result": op.result}}
             responses["200"] = {"description": "done", "content": {"application/json": {"schema": schema}}}
-        codes = ["400", "404", "405"]
+        codes = ["400", "404", "405", "500"]
         if op.auth:
             codes.append("401")
         if op.body is not None:
