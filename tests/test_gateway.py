@@ -480,3 +480,10 @@ async def test_a_store_failure_answers_500_and_the_gateway_goes_on(tmp_path):
         assert calls
         p = result(await http.post("/topics/general", json={"data": "kept"}, headers=h))
         assert [m["id"] for m in result(await http.get("/topics/general", headers=h))] == [p["id"]]
+
+
+async def test_head_answers_without_a_body_and_keeps_the_connection(tmp_path):
+    async with gateway(tmp_path) as g:
+        r = await g.web.head("/openapi.json")
+        assert r.status_code == 200 and r.content == b"" and int(r.headers["content-length"]) > 100
+        assert (await g.web.get("/openapi.json")).json()["openapi"].startswith("3.1")

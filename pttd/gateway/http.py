@@ -288,13 +288,13 @@ TOPIC_QUERY = [
         "name": "since",
         "in": "query",
         "schema": {"type": "integer", "minimum": 0, "maximum": MAX_INT},
-        "description": "date > since (ms)",
+        "description": "date >= since (ms)",
     },
     {
         "name": "before",
         "in": "query",
         "schema": {"type": "integer", "minimum": 0, "maximum": MAX_INT},
-        "description": "date < before",
+        "description": "date <= before (ms)",
     },
     {
         "name": "limit",

@@ -117,6 +117,7 @@ class _Connection:
         }
         body_done = False
         watching = False
+        head_only = req.method == b"HEAD"
         disconnected = trio.Event()
         started = False
         finished = False
@@ -177,7 +178,7 @@ class _Connection:
                 headers = [(k, v) for k, v in response.get("headers", [])]
                 events.append(h11.Response(status_code=response["status"], headers=headers))
             body = msg.get("body", b"")
-            if body:
+            if body and not head_only:  # the answer to HEAD is the head of GET's, no body
                 events.append(h11.Data(data=body))
             if not msg.get("more_body", False):
                 events.append(h11.EndOfMessage())
