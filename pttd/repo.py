@@ -59,7 +59,6 @@ class Batch:
         self._head = head
         self._changes: dict[bytes, tree.ValueRef | None] = {}
         self.commit: SignedCommit | None = None
-        self.then = None  # called after the commit's row is written, in its transaction
 
     def _exists_before(self, key: bytes) -> bool:
         return tree.lookup(self._head.commit.root, key, self._repo.store.load_node) is not None
@@ -227,12 +226,12 @@ class Repository:
             raise PttError(f"repository {self.id} is read-only here (this data directory holds no key for it)")
 
     @contextmanager
-    def batch_in(self, w: Writer, head: SignedCommit | None = None, savepoint: bool = False) -> Iterator[Batch]:
+    def batch_in(self, w: Writer, head: SignedCommit | None = None, insert: bool = True) -> Iterator[Batch]:
         """Like ``batch()``, inside a store transaction the caller holds (several
         repositories' commits in one transaction: a gateway's group commit). ``head``:
-        the newest commit when the caller knows it; ``savepoint``: a failure after the
-        commit's row is written undoes this commit alone (with ``batch.then``, a function
-        that writes more rows right after it)."""
+        the newest commit when the caller knows it. ``insert=False``: the signed commit
+        is left in ``batch.commit`` for the caller to store (``Store.insert_commits``),
+        so that nothing of it is written if the caller's later checks fail."""
         self._check_writable()
         if head is None:
             head = self.head()
@@ -247,14 +246,8 @@ class Repository:
             return
         commit = Commit(self.key, head.seq + 1, new_root, head.address, max(_now_ms(), head.commit.time))
         sc = sign_commit(commit, self._key)
-        if savepoint and b.then is not None:
-            with self.store.savepoint():
-                self.store.insert_commit(self.row, sc)
-                b.then()
-        else:
+        if insert:
             self.store.insert_commit(self.row, sc)
-            if b.then is not None:
-                b.then()
         b.commit = sc
 
     def put(self, path: str, value: bytes) -> SignedCommit | None:

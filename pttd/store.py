@@ -184,6 +184,10 @@ class _Connection:
         self.wait()
         return self.db.execute(sql, params)
 
+    def executemany(self, sql: str, rows):
+        self.wait()
+        return self.db.executemany(sql, rows)
+
     def executescript(self, sql: str):
         self.wait()
         return self.db.executescript(sql)
@@ -346,20 +350,10 @@ class Store:
         with self._lock:
             return self._db.execute(sql, params).lastrowid
 
-    @contextmanager
-    def savepoint(self) -> Iterator[None]:
-        """Inside ``write()``: a part that is undone alone if it raises."""
+    def executemany(self, sql: str, rows) -> None:
+        """One SQL statement for each of ``rows``."""
         with self._lock:
-            if self._writer is None:
-                raise RuntimeError("savepoint outside a write transaction")
-            self._db.execute("SAVEPOINT part")
-            try:
-                yield
-            except BaseException:
-                self._db.execute("ROLLBACK TO part")
-                self._db.execute("RELEASE part")
-                raise
-            self._db.execute("RELEASE part")
+            self._db.executemany(sql, rows)
 
     # --- transactions -----------------------------------------------------------------
 
@@ -638,6 +632,17 @@ class Store:
         if len(self._commits) > 4096:
             self._commits.clear()
         self._commits[sc.address] = sc
+
+    def insert_commits(self, rows: list[tuple[RepoRow, SignedCommit]]) -> None:
+        """Record several commits at once (a gateway's group); inside a write."""
+        self._db.executemany(
+            "INSERT INTO commits(repo, seq, hash, block, sig) VALUES (?, ?, ?, ?, ?)",
+            [(repo.id, sc.seq, sc.address, sc.block, sc.signature) for repo, sc in rows],
+        )
+        if len(self._commits) > 4096:
+            self._commits.clear()
+        for _repo, sc in rows:
+            self._commits[sc.address] = sc
 
     def accept_commit(
         self,

@@ -88,6 +88,7 @@ async def test_topics_and_posts(tmp_path):
         assert all(m["date"] <= posts[0]["date"] for m in before) and posts[0]["id"] in [m["id"] for m in before]
         assert "limit" in result(await http.get("/topics/general?limit=0", headers=h), 400)
         assert "since" in result(await http.get("/topics/general?since=abc", headers=h), 400)
+        assert "since" in result(await http.get("/topics/general?since=", headers=h), 400)
 
         pid = posts[1]["id"]
         assert result(await http.get(f"/topics/general/{pid}", headers=h))["id"] == pid

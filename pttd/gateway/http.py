@@ -193,7 +193,7 @@ def route(method: str, path: str, summary: str, result: dict | None, **kw):
 
 def _int_param(request: Request, name: str, low: int = 0, high: int = MAX_INT) -> int | None:
     raw = request.query_params.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return None
     try:
         n = int(raw)
@@ -495,7 +495,7 @@ async def set_profile(gw: Gateway, request: Request, data, user: ChatUser):
 async def events(gw: Gateway, request: Request, data, user: ChatUser):
     raw = request.headers.get("last-event-id") or request.query_params.get("lastEventId")
     after = None
-    if raw:
+    if raw is not None and (raw or "lastEventId" in request.query_params):
         try:
             after = int(raw)
         except ValueError:

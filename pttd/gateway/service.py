@@ -2,8 +2,9 @@
 
 Writes: every call that changes a repository is a ``WriteRequest`` handed to one writer
 task. The writer takes every request waiting (up to ``group_max``) and applies them in
-one store transaction, each inside a savepoint (one request that fails is undone alone),
-then commits once: one sync to the disk for the whole group. Each caller gets its answer
+one store transaction: each request is checked and its commit built without writing a
+row (one that fails leaves nothing behind), then the rows of all that succeeded are
+written together and the transaction commits once: one sync to the disk for the group. Each caller gets its answer
 only after that commit, so an answered write is durable. Writes to one repository are
 serialized by the same order; writes of many users share the sync.
 
@@ -91,20 +92,37 @@ class Tx:
         self._rows.append((query, params))
 
     def flush(self) -> None:
-        store = self.gw.store
-        now = int(time.time())
-        for row in self._rows:
+        flush_rows(self.gw, [self])
+
+
+def flush_rows(gw: Gateway, txs: list[Tx]) -> None:
+    """Write the rows of ``txs`` (one statement per kind of row) and number their events."""
+    store = gw.store
+    now = int(time.time())
+    by_query: dict[str, list] = {}
+    events: list[tuple[Tx, tuple]] = []
+    for tx in txs:
+        for row in tx._rows:
             if len(row) == 2:
-                store.execute(*row)
-                continue
-            kind, topic, user, body, plain = row
-            eid = store.execute(
-                "INSERT INTO gw_events(kind, topic, user, body, time) VALUES (?, ?, ?, ?, ?)",
-                (kind, topic, user, json.dumps(body, separators=(",", ":")), now),
-            )
-            self.events.append(Event(eid, kind, topic, user, body, plain))
-            self.gw._events_added += 1
-        self._rows = []
+                by_query.setdefault(row[0], []).append(row[1])
+            else:
+                events.append((tx, row))
+        tx._rows = []
+    for query, params in by_query.items():
+        store.executemany(query, params)
+    if not events:
+        return
+    top = store.query("SELECT coalesce(max(id), 0) FROM gw_events")[0][0]
+    store.executemany(
+        "INSERT INTO gw_events(kind, topic, user, body, time) VALUES (?, ?, ?, ?, ?)",
+        [(k, t, u, json.dumps(b, separators=(",", ":")), now) for _tx, (k, t, u, b, _p) in events],
+    )
+    ids = [r[0] for r in store.query("SELECT id FROM gw_events WHERE id > ? ORDER BY id", (top,))]
+    if len(ids) != len(events):
+        raise ServerError(f"{len(events)} events written, {len(ids)} found")
+    for eid, (tx, (k, t, u, b, p)) in zip(ids, events):
+        tx.events.append(Event(eid, k, t, u, b, p))
+    gw._events_added += len(events)
 
 
 @dataclass
@@ -115,6 +133,7 @@ class WriteRequest:
     result: object = None
     error: BaseException | None = None
     tx: Tx | None = None
+    commit: object = None  # the SignedCommit it made
     committed: bool = False
 
 
@@ -362,36 +381,46 @@ class Gateway:
                 await self.node.publish(key)
 
     def _apply(self, reqs: list[WriteRequest]) -> None:
+        """The group in one transaction. Each request runs its checks and builds its
+        commit without writing a row (a request that fails leaves nothing to undo);
+        then the commits and the gateway's rows of all that succeeded are written
+        together, and the transaction commits: one sync to the disk."""
+        heads: dict[bytes, object] = {}  # the newest commit of each repository in this group
         try:
             with self.store.write() as w:
                 for r in reqs:
-                    self._apply_one(r, w)
+                    self._apply_one(r, w, heads)
+                ok = [r for r in reqs if r.error is None and r.commit is not None]
+                self.store.insert_commits([(r.user.repo.row, r.commit) for r in ok])
+                flush_rows(self, [r.tx for r in reqs if r.error is None])
                 self._trim_events()
         except BaseException:
             for r in reqs:  # nothing of the group is stored: no head made in it stands
                 self._heads.pop(r.user.key, None)
             raise
-
-    def _apply_one(self, r: WriteRequest, w) -> None:
-        """One request inside the group's transaction. Its checks run before it writes a
-        row; a failure after its first row (a bug, or the disk) undoes it alone."""
-        tx = Tx(self)
-        u = r.user
-        try:
-            with u.repo.batch_in(w, head=self._heads.get(u.key), savepoint=True) as b:
-                r.result = r.fn(b, tx)
-                b.then = tx.flush  # the gateway's rows, right after the commit's own
-            r.tx, r.committed = tx, b.commit is not None
-            if b.commit is not None and u.key != self.node.id:  # the local one is also written by pttctl put
+        for key, sc in heads.items():
+            if key != self.node.id:  # the local repository is also written by pttctl put
                 if len(self._heads) >= HEAD_CACHE:
                     self._heads.clear()
-                self._heads[u.key] = b.commit  # only the gateway writes a hosted repository
+                self._heads[key] = sc  # only the gateway writes a hosted repository
+        for r in reqs:
+            r.committed = r.error is None and r.commit is not None
+
+    def _apply_one(self, r: WriteRequest, w, heads: dict) -> None:
+        tx = Tx(self)
+        u = r.user
+        head = heads.get(u.key) or self._heads.get(u.key)
+        try:
+            with u.repo.batch_in(w, head=head, insert=False) as b:
+                r.result = r.fn(b, tx)
+            r.tx, r.commit = tx, b.commit
+            if b.commit is not None:
+                heads[u.key] = b.commit
         except USER_ERRORS as exc:
             r.error = exc
         except Exception as exc:
             log.exception("a write of %s failed", u.hex[:16])
             r.error = ServerError(f"internal error: {exc.__class__.__name__}")
-            self._heads.pop(u.key, None)
 
     def _trim_events(self) -> None:
         """Inside a write: drop the events older than the newest ``event_retention``
