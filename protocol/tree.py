@@ -504,25 +504,40 @@ def _merge(keys: list[bytes], vals: list, muts: list, out_k: list, out_v: list) 
 # --- comparing -------------------------------------------------------------------------
 
 
-def diff(root_a: bytes, root_b: bytes, load: Load) -> Iterator[tuple[bytes, ValueRef | None, ValueRef | None]]:
+def diff(
+    root_a: bytes, root_b: bytes, load: Load, prefixes: list[bytes] | None = None
+) -> Iterator[tuple[bytes, ValueRef | None, ValueRef | None]]:
     """Yield ``(key, old, new)`` for every key whose value differs between two trees.
 
     Subtrees with the same address on both sides are skipped unread, so the work is
-    proportional to the size of the change times the depth, not to the tree.
+    proportional to the size of the change times the depth, not to the tree. With
+    ``prefixes``, only keys under them: subtrees whose key range holds none are not read
+    at all (a sparse replica has not got them), by the rule a sparse sync fetches by.
     """
-    # Stacks of pending items, reversed (next item last): ("T", level, addr) or ("E", key, val)
-    a: list[tuple] = [("T", None, root_a)]
-    b: list[tuple] = [("T", None, root_b)]
+    # Stacks of pending items, reversed (next item last):
+    # ("T", level, addr, low) for a subtree of keys above ``low``, or ("E", key, val)
+    a: list[tuple] = [("T", None, root_a, None)]
+    b: list[tuple] = [("T", None, root_b, None)]
+
+    def wanted_range(low: bytes | None, high: bytes) -> bool:
+        return any(high >= p and (low is None or low < p + b"\xff") for p in prefixes)
 
     def expand(stack: list[tuple]) -> None:
-        _, level, addr = stack.pop()
+        _, level, addr, low = stack.pop()
         node = load(addr)
         if level is not None and node.level != level:
             raise FormatError(f"tree node {addr.hex()} is at level {node.level}, expected {level}")
         if node.level == 0:
-            stack.extend(("E", k, v) for k, v in zip(reversed(node.keys), reversed(node.vals)))
+            items = [("E", k, v) for k, v in zip(node.keys, node.vals)]
+            if prefixes is not None:
+                items = [it for it in items if any(it[1].startswith(p) for p in prefixes)]
         else:
-            stack.extend(("T", node.level - 1, h) for h in reversed(node.vals))
+            items = []
+            for k, h in zip(node.keys, node.vals):
+                if prefixes is None or wanted_range(low, k):
+                    items.append(("T", node.level - 1, h, low))
+                low = k
+        stack.extend(reversed(items))
 
     while a or b:
         x = a[-1] if a else None

@@ -121,3 +121,45 @@ def test_node_sizes_stay_near_the_fanout(mem):
             stack.extend(node.vals)
     mean = sum(sizes) / len(sizes)
     assert 6 <= mean <= 10
+
+
+_paths = [f"/{top}/{i}".encode() for top in ("a", "ab", "b", "topics", "zz") for i in range(40)]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    a=st.dictionaries(st.sampled_from(_paths), st.binary(max_size=4), max_size=150),
+    b=st.dictionaries(st.sampled_from(_paths), st.binary(max_size=4), max_size=150),
+    prefixes=st.lists(st.sampled_from([b"/a", b"/a/", b"/ab/", b"/topics/", b"/zz/1", b"/q"]), min_size=1, max_size=2),
+)
+def test_diff_under_prefixes_is_the_full_diff_filtered(a, b, prefixes):
+    mem = MemoryBlocks()
+    ra, rb = build(mem, a), build(mem, b)
+    full = [c for c in tree.diff(ra, rb, mem.load) if any(c[0].startswith(p) for p in prefixes)]
+    assert list(tree.diff(ra, rb, mem.load, prefixes)) == full
+
+
+def test_diff_under_a_prefix_reads_only_what_a_sparse_replica_holds(mem):
+    entries = {f"/files/{i:06d}".encode(): b"f%d" % i for i in range(5000)}
+    entries.update({f"/topics/t{i % 20}/{i:06d}".encode(): b"m%d" % i for i in range(3000)})
+    r1 = build(mem, entries)
+    r2 = tree.mutate(r1, {b"/topics/t3/new": b"x", b"/files/zzz": b"y", b"/files/000007": None}, mem.load, mem.emit)
+    # a sparse replica: only the nodes a sync under /topics/ fetches (the same range rule)
+    prefix = b"/topics/"
+    wanted: set[bytes] = set()
+
+    def walk(addr, low):
+        wanted.add(addr)
+        node = mem.load(addr)
+        if node.level > 0:
+            for k, h in zip(node.keys, node.vals):
+                if k >= prefix and (low is None or low < prefix + b"\xff"):
+                    walk(h, low)
+                low = k
+
+    walk(r1, None)
+    walk(r2, None)
+    sparse = MemoryBlocks()
+    sparse.blocks = {h: mem.blocks[h] for h in wanted}
+    assert len(sparse.blocks) < len(mem.blocks) / 2  # the /files/ subtrees are not there
+    assert list(tree.diff(r1, r2, sparse.load, [prefix])) == [(b"/topics/t3/new", None, b"x")]

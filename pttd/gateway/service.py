@@ -573,8 +573,10 @@ class Gateway:
         prefix = f"/topics/{GOSSIP}/".encode()
         load = self.store.load_node
         try:
-            old = set() if old_root is None else {k for k, _ in tree.iterate(old_root, prefix, load)}
-            new = [(k, v) for k, v in tree.iterate(new_root, prefix, load) if k not in old]
+            if old_root is None:
+                new = list(tree.iterate(new_root, prefix, load))
+            else:  # work in proportion to what changed under the prefix
+                new = [(k, v) for k, was, v in tree.diff(old_root, new_root, load, [prefix]) if was is None and v]
         except USER_ERRORS as exc:
             log.info("envelopes of %s not readable yet: %s", sender.hex()[:16], exc)
             return []
