@@ -425,9 +425,17 @@ async def test_envelopes_synced_from_a_plain_node_must_say_truly_who_sent_them(t
             real = chat.make_envelope(
                 carol_sk, bytes.fromhex(bob), {"id": "g1", "from": carol, "to": bob, "date": now, "message": msg}
             )
+            # members that are not keys: would break a reader's conversation list
+            bad_channel = {"id": "c1", "name": "x", "members": [carol, bob, 1]}
+            poison = chat.make_envelope(
+                carol_sk,
+                bytes.fromhex(bob),
+                {"id": "p1", "from": carol, "to": bob, "date": now, "message": msg, "channel": bad_channel},
+            )
             async with g.web.stream("GET", "/events", headers=hb) as stream:
                 events = SSE(stream)
                 await node.call("put", path="/topics/__gossiping/f1", value=chat.dumps(forged))
+                await node.call("put", path="/topics/__gossiping/e0", value=chat.dumps(poison))
                 await node.call("put", path="/topics/__gossiping/g1", value=chat.dumps(real))
                 ev = await events.next(timeout=10)
                 assert ev["event"] == "dm" and ev["data"]["id"] == "g1" and ev["data"]["from"] == carol
@@ -488,3 +496,46 @@ async def test_head_answers_without_a_body_and_keeps_the_connection(tmp_path):
         r = await g.web.head("/openapi.json")
         assert r.status_code == 200 and r.content == b"" and int(r.headers["content-length"]) > 100
         assert (await g.web.get("/openapi.json")).json()["openapi"].startswith("3.1")
+
+
+async def test_concurrent_profile_updates_of_one_user_all_stay(tmp_path):
+    async with gateway(tmp_path) as g:
+        _k, h = await login(g.web, "alice")
+
+        async def update(i: int) -> None:
+            result(await g.web.post("/profile", json={"data": {f"k{i}": i}}, headers=h))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(update, i)
+        prof = result(await g.web.get("/profile", headers=h))
+        assert {k: v for k, v in prof.items() if k != "name"} == {f"k{i}": i for i in range(20)}
+
+
+async def test_slow_or_oversized_request_heads_are_cut_off(tmp_path, monkeypatch):
+    from pttd.gateway import server
+
+    monkeypatch.setattr(server, "HEADER_TIMEOUT", 0.5)
+    async with gateway(tmp_path) as g:
+        host, port = g.http.removeprefix("http://").rsplit(":", 1)
+        # one byte at a time, each well within the read timeout: cut off at the head deadline
+        s = await trio.open_tcp_stream(host, int(port))
+        await s.send_all(b"GET /health HTTP/1.1\r\n")
+        with trio.fail_after(5):
+            closed = False
+            while not closed:
+                try:
+                    await s.send_all(b"X")
+                    with trio.move_on_after(0.1):
+                        closed = await s.receive_some(1024) == b""
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    closed = True
+        await s.aclose()
+        # a head larger than the limit, sent in one piece
+        s = await trio.open_tcp_stream(host, int(port))
+        await s.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
+        with trio.fail_after(5):
+            answer = await s.receive_some(4096)
+        assert answer.startswith(b"HTTP/1.1 431")
+        await s.aclose()
+        assert result(await g.web.get("/health")) == "ok"

@@ -215,21 +215,32 @@ def open_envelope(sk: SigningKey, other: bytes, raw: bytes, sender: bytes, recip
 
 
 def _well_formed_dm(plain, sender: str, recipient: str) -> bool:
+    """Everything a client will be shown is of the shape the gateway makes: a friend's
+    hand-made envelope must not break a reader's conversation list."""
     if not isinstance(plain, dict) or plain.get("from") != sender or plain.get("to") != recipient:
         return False
-    if not isinstance(plain.get("id"), str) or type(plain.get("date")) is not int:
+    pid, date = plain.get("id"), plain.get("date")
+    if not isinstance(pid, str) or not _ID.fullmatch(pid) or type(date) is not int or not 0 <= date <= 2**53:
         return False
-    msg = plain.get("message")
-    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str) or "value" not in msg:
+    try:
+        plain["message"] = check_message(plain.get("message"), "message")
+    except BadInput:
         return False
     ch = plain.get("channel")
     if ch is None:
         return True
-    if not isinstance(ch, dict) or not isinstance(ch.get("id"), str) or not isinstance(ch.get("name"), str):
+    if not isinstance(ch, dict) or not isinstance(ch.get("id"), str) or not _ID.fullmatch(ch["id"]):
+        return False
+    name = ch.get("name")
+    if not isinstance(name, str) or len(name.encode()) > 128:
         return False
     members = ch.get("members")
+    if not isinstance(members, list) or len(members) > MAX_RECIPIENTS + 1:
+        return False
+    if not all(isinstance(m, str) and len(m) == 64 and all(c in "0123456789abcdef" for c in m) for m in members):
+        return False
     # a channel message names its members, the sender and this recipient among them
-    return isinstance(members, list) and sender in members and recipient in members
+    return len(set(members)) == len(members) and sender in members and recipient in members
 
 
 def conversation_key(plain: dict, other: bytes) -> str:
@@ -290,7 +301,8 @@ def folder(repo: Repository, topic: str, kind: str) -> list[dict]:
     return out
 
 
-def profile(repo: Repository, default_name: str) -> dict:
+def profile(repo: Repository | Batch, default_name: str) -> dict:
+    """The profile as stored (a Repository) or as a commit being made leaves it (a Batch)."""
     raw = repo.value("/profile.json")
     if raw is None:
         return {"name": default_name}

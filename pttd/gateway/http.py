@@ -21,7 +21,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -479,7 +479,7 @@ async def get_profile(gw: Gateway, request: Request, data, user: ChatUser):
 @route("POST", "/profile", "Update the profile (keys given replace, null removes)", PROFILE, body=PROFILE_IN)
 async def set_profile(gw: Gateway, request: Request, data, user: ChatUser):
     def fn(b, tx):
-        return chat.set_profile(b, chat.profile(user.repo, user.name), data)
+        return chat.set_profile(b, chat.profile(b, user.name), data)  # as this group left it
 
     return await gw.write(user, fn)
 
@@ -503,9 +503,13 @@ async def events(gw: Gateway, request: Request, data, user: ChatUser):
         if not 0 <= after <= MAX_INT:
             raise BadInput("Last-Event-ID", f"must be an integer between 0 and {MAX_INT}")
     stream = await gw.open_stream(user)
-    if after is None:
-        after = await gw.read(gw.last_event_id)
-    backlog, lost = await gw.read(gw.backlog, user, after)
+    try:
+        if after is None:
+            after = await gw.read(gw.last_event_id)
+        backlog, lost = await gw.read(gw.backlog, user, after)
+    except BaseException:
+        gw.close_stream(stream)
+        raise
 
     async def body():
         try:
@@ -615,6 +619,8 @@ def _endpoint(gw: Gateway, ops: dict[str, Op]):
             if status >= 500:
                 log.error("%s %s: %s", request.method, request.url.path, exc)
             return error(status, str(exc))
+        except ClientDisconnect:
+            return error(400, "the client went away before its request was complete")
         except Exception:
             log.exception("%s %s failed", request.method, request.url.path)
             return error(500, "internal error (logged by the gateway)")

@@ -28,7 +28,9 @@ App = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[
 MAX_HEADERS = 16 * 1024
 READ = 65536
 KEEPALIVE_TIMEOUT = 75.0  # between requests on one connection
-READ_TIMEOUT = 30.0  # for the rest of a request that has begun
+READ_TIMEOUT = 30.0  # for each read of a request that has begun
+HEADER_TIMEOUT = 15.0  # a request's head, complete, from its first byte
+BODY_TIMEOUT = 120.0  # a request's body, complete, from the end of its head
 SEND_TIMEOUT = 30.0  # a client that reads nothing for this long is dropped
 MAX_DRAIN = 1 << 20  # an unread request body up to this is skipped to keep the connection
 
@@ -43,22 +45,37 @@ class _Connection:
         self.stream = stream
         self.server = server
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
+        self.body_deadline = float("inf")
         try:
             host, port = stream.socket.getpeername()[:2]
             self.client = (host, port)
         except OSError:
             self.client = None
 
-    async def _next_event(self, timeout: float):
+    async def _next_event(self, timeout: float, deadline: float = float("inf")):
+        """The next h11 event: each read within ``timeout``, all of them by ``deadline``."""
         while True:
             ev = self.conn.next_event()
             if ev is not h11.NEED_DATA:
                 return ev
-            with trio.move_on_after(timeout) as scope:
+            with trio.move_on_at(min(trio.current_time() + timeout, deadline)) as scope:
                 data = await self.stream.receive_some(READ)
             if scope.cancelled_caught:
                 raise _Closed("timed out")
             self.conn.receive_data(data)  # b"" means the client closed
+
+    async def _next_request(self):
+        """A request's head: waited for up to KEEPALIVE_TIMEOUT, then (from its first
+        byte) complete within HEADER_TIMEOUT, however slowly it trickles."""
+        ev = self.conn.next_event()
+        if ev is not h11.NEED_DATA:
+            return ev
+        with trio.move_on_after(KEEPALIVE_TIMEOUT) as scope:
+            data = await self.stream.receive_some(READ)
+        if scope.cancelled_caught:
+            raise _Closed("idle")
+        self.conn.receive_data(data)
+        return await self._next_event(READ_TIMEOUT, trio.current_time() + HEADER_TIMEOUT)
 
     async def _send(self, *events) -> None:
         data = b"".join(self.conn.send(ev) or b"" for ev in events)
@@ -80,7 +97,7 @@ class _Connection:
         try:
             while True:
                 try:
-                    ev = await self._next_event(KEEPALIVE_TIMEOUT)
+                    ev = await self._next_request()
                 except h11.RemoteProtocolError as exc:
                     status = exc.error_status_hint
                     await self._simple(status, b"malformed HTTP request" if status == 400 else b"request refused")
@@ -89,6 +106,10 @@ class _Connection:
                     return
                 if not isinstance(ev, h11.Request):
                     return
+                if len(ev.target) + sum(len(k) + len(v) + 4 for k, v in ev.headers) > MAX_HEADERS:
+                    await self._simple(431, b"request headers too large")
+                    return
+                self.body_deadline = trio.current_time() + BODY_TIMEOUT
                 await self._cycle(ev)
                 if self.conn.our_state is h11.MUST_CLOSE or self.conn.their_state is not h11.DONE:
                     return
@@ -129,7 +150,7 @@ class _Connection:
                 if self.conn.they_are_waiting_for_100_continue:
                     await self._send(h11.InformationalResponse(status_code=100, headers=[]))
                 try:
-                    ev = await self._next_event(READ_TIMEOUT)
+                    ev = await self._next_event(READ_TIMEOUT, self.body_deadline)
                 except (_Closed, h11.RemoteProtocolError):
                     disconnected.set()
                     return {"type": "http.disconnect"}
@@ -205,7 +226,7 @@ class _Connection:
             raise _Closed("response not complete")
         drained = 0
         while not body_done and drained <= MAX_DRAIN:  # a body the app did not read: skipped
-            ev = await self._next_event(READ_TIMEOUT)
+            ev = await self._next_event(READ_TIMEOUT, self.body_deadline)
             if isinstance(ev, h11.Data):
                 drained += len(ev.data)
             elif isinstance(ev, h11.EndOfMessage):
@@ -223,9 +244,19 @@ async def serve(app: App, listeners, max_connections: int = 1024, *, task_status
     limit = trio.CapacityLimiter(max_connections)
 
     async def handle(stream: trio.SocketStream) -> None:
-        async with limit:
-            h, p = stream.socket.getsockname()[:2]
-            await _Connection(app, stream, (h, p)).run()
+        h, p = stream.socket.getsockname()[:2]
+        conn = _Connection(app, stream, (h, p))
+        try:
+            limit.acquire_nowait()
+        except trio.WouldBlock:  # at capacity: refused at once, never queued holding a socket
+            await conn._simple(503, b"too many connections: try again later")
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            return
+        try:
+            await conn.run()
+        finally:
+            limit.release()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(trio.serve_listeners, handle, listeners)

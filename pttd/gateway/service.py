@@ -33,7 +33,7 @@ from nacl.signing import SigningKey
 from protocol import tree
 from protocol.commit import Commit, sign_commit
 
-from ..errors import USER_ERRORS, Conflict, PttError
+from ..errors import USER_ERRORS, Conflict, CorruptBlock, MissingBlock, PttError
 from ..repo import Batch, Repository
 from . import chat
 from .chat import GOSSIP, BadInput, ChatUser
@@ -41,10 +41,12 @@ from .keys import GatewayKey
 
 log = logging.getLogger("pttd.gateway")
 
+
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@\-]{0,63}")
 MIN_PASSWORD = 8
 MAX_PASSWORD = 1024
 TOKEN_CACHE = 65536
+MAX_FRIENDS = 1000  # each friend hosted elsewhere is a repository this daemon follows
 HEAD_CACHE = 65536
 TRIM_EVERY = 1024
 BACKLOG_PAGE = 1000
@@ -358,27 +360,33 @@ class Gateway:
                     break
             try:
                 await self.node.db(self._apply, reqs)
-            except Exception as exc:  # the transaction itself failed (disk full, I/O error)
-                log.error("a group of %d writes failed: %s", len(reqs), exc)
+            except Exception as exc:  # the transaction failed (disk full, I/O error, a bug): nothing of it is stored
+                log.error("a group of %d writes failed, nothing of it stored: %r", len(reqs), exc)
                 for r in reqs:
                     r.error, r.committed = ServerError(f"the store could not write: {exc}"), False
             self.groups += 1
             self.writes += len(reqs)
-            changed: dict[bytes, None] = {}
             for r in reqs:
-                if r.error is None and r.committed:
-                    changed[r.user.key] = None
                 r.done.set()
-            for r in reqs:
-                if r.error is None and r.tx is not None:
-                    if len(self._in_topic) > 200_000:
-                        self._in_topic.clear()
-                    self._in_topic.update(r.tx.in_topic)
-                    self._dispatch(r.tx.events)
-                    for k in r.tx.follows:  # not in the writer's way
-                        self._nursery.start_soon(self._follow_gossip, k)
-            for key in changed:
-                await self.node.publish(key)
+            try:
+                await self._after_group(reqs)
+            except Exception:  # the group is stored and answered; what follows must not stop the writer
+                log.exception("after a group of %d writes", len(reqs))
+
+    async def _after_group(self, reqs: list[WriteRequest]) -> None:
+        changed: dict[bytes, None] = {}
+        for r in reqs:
+            if r.error is None and r.committed:
+                changed[r.user.key] = None
+            if r.error is None and r.tx is not None:
+                if len(self._in_topic) > 200_000:
+                    self._in_topic.clear()
+                self._in_topic.update(r.tx.in_topic)
+                self._dispatch(r.tx.events)
+                for k in r.tx.follows:  # not in the writer's way
+                    self._nursery.start_soon(self._follow_gossip, k)
+        for key in changed:
+            await self.node.publish(key)
 
     def _apply(self, reqs: list[WriteRequest]) -> None:
         """The group in one transaction. Each request runs its checks and builds its
@@ -416,11 +424,13 @@ class Gateway:
             r.tx, r.commit = tx, b.commit
             if b.commit is not None:
                 heads[u.key] = b.commit
-        except USER_ERRORS as exc:
+        except USER_ERRORS as exc:  # what a request can do wrong: it alone is refused
+            if isinstance(exc, (MissingBlock, CorruptBlock)):
+                raise  # the store, not the request: the whole group fails
             r.error = exc
-        except Exception as exc:
-            log.exception("a write of %s failed", u.hex[:16])
-            r.error = ServerError(f"internal error: {exc.__class__.__name__}")
+        # Anything else (the store, the disk, a bug) fails the whole group: a later request
+        # of it may hit the same failure without knowing it, e.g. a block insert running in
+        # the background, and no commit may be stored without its blocks.
 
     def _trim_events(self) -> None:
         """Inside a write: drop the events older than the newest ``event_retention``
@@ -482,6 +492,11 @@ class Gateway:
         def fn(b: Batch, tx: Tx):
             rec = chat.add_friend(b, u.repo._key, data)
             friend = bytes.fromhex(rec["key"])
+            n = self.store.query("SELECT count(*) FROM gw_friends WHERE user=?", (u.key,))[0][0]
+            if n >= MAX_FRIENDS and not self.store.query(
+                "SELECT 1 FROM gw_friends WHERE user=? AND friend=?", (u.key, friend)
+            ):
+                raise Forbidden(f"at most {MAX_FRIENDS} friends per user on this gateway")
             tx.sql("INSERT OR IGNORE INTO gw_friends(friend, user) VALUES (?, ?)", (friend, u.key))
             if not self.is_hosted(friend):
                 tx.follows.append(friend)
@@ -498,7 +513,7 @@ class Gateway:
         prefixes = sorted(set((f.prefixes if f is not None and f.persistent else []) + [prefix]))
         try:
             await self.node.follow(key, prefixes, [])
-        except PttError as exc:
+        except Exception as exc:
             log.warning("cannot follow %s for its direct messages: %s", key.hex()[:16], exc)
 
     async def send_dm(self, u: ChatUser, recipients: list[bytes], msg: dict, channel: dict | None):
@@ -622,9 +637,9 @@ class Gateway:
         return s
 
     def close_stream(self, s: Stream) -> None:
-        self._streams.get(s.user.key, set()).discard(s)
+        _discard(self._streams, s.user.key, s)
         for t in s.topics:
-            self._by_topic.get(t, set()).discard(s)
+            _discard(self._by_topic, t, s)
 
     def _dispatch(self, events: list[Event]) -> None:
         for ev in events:
@@ -688,3 +703,12 @@ def create_users(store, key: GatewayKey, users: list[tuple[str, str | None, str]
             )
             made.append(ChatUser(name, repo))
     return made
+
+
+def _discard(index: dict, key, item) -> None:
+    """Remove ``item`` from the set at ``index[key]``, and the set once it is empty."""
+    group = index.get(key)
+    if group is not None:
+        group.discard(item)
+        if not group:
+            del index[key]
