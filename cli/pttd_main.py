@@ -27,7 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help=f"wire protocol address (default 0.0.0.0:{config_mod.DEFAULT_PORT}; port 0: any)",
     )
-    s.add_argument("--http", metavar="HOST:PORT", help="gateway mode: the HTTP API (default 0.0.0.0:9988)")
+    s.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="gateway and hub modes: the HTTP API (default 0.0.0.0:9988 for a gateway, 9989 for a hub)",
+    )
     s.add_argument("--control", metavar="PATH", help="control socket (default <data-dir>/control.sock)")
     s.add_argument(
         "--peer", action="append", default=[], metavar="HOST:PORT", help="a static peer to dial (repeatable)"
@@ -99,8 +103,8 @@ def make_config(args: argparse.Namespace) -> config_mod.Config:
         cfg.data_dir = args.data_dir
     if args.listen:
         cfg.wire.listen = args.listen
-    if args.http:
-        cfg.gateway.http = args.http
+    if args.http:  # the HTTP API of the mode that has one
+        cfg.gateway.http = cfg.hub.http = args.http
     if args.control:
         cfg.control = args.control
     if args.log_level:

@@ -15,6 +15,7 @@ from .errors import PttError
 
 DEFAULT_PORT = 9987
 DEFAULT_HTTP_PORT = 9988
+DEFAULT_HUB_PORT = 9989
 
 
 class ConfigError(PttError):
@@ -55,6 +56,21 @@ class GatewayConfig:
 
 
 @dataclass
+class HubConfig:
+    http: str = f"0.0.0.0:{DEFAULT_HUB_PORT}"  # the hub's HTTP API (hub mode)
+    name: str = "pttd hub"
+    description: str = ""
+    join_token: str = ""  # if set, POST /join must carry it
+    moderators: list[str] = field(default_factory=list)  # repository keys whose moderation the view applies
+    blocked: list[str] = field(default_factory=list)  # repository keys refused (and dropped if joined)
+    max_repos: int = 10_000
+    max_topics_per_repo: int = 100
+    max_messages_per_repo: int = 10_000
+    max_message_bytes: int = 16_384
+    stream_history: int = 10_000  # deltas kept in memory for Last-Event-ID
+
+
+@dataclass
 class Config:
     data_dir: str | None = None
     mode: str = "node"
@@ -67,6 +83,7 @@ class Config:
     peers: list[str] = field(default_factory=list)
     wire: WireConfig = field(default_factory=WireConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
 
 # section -> {key: (object path, type)}
@@ -81,11 +98,14 @@ _LAYOUT: dict[str, dict[str, tuple[str, type]]] = {
     "peers": {"static": ("peers", list)},
     "wire": {},
     "gateway": {},
+    "hub": {},
 }
 for _f in dataclasses.fields(WireConfig):
     _LAYOUT["wire"][_f.name] = ("wire." + _f.name, type(getattr(WireConfig(), _f.name)))
 for _f in dataclasses.fields(GatewayConfig):
     _LAYOUT["gateway"][_f.name] = ("gateway." + _f.name, type(getattr(GatewayConfig(), _f.name)))
+for _f in dataclasses.fields(HubConfig):
+    _LAYOUT["hub"][_f.name] = ("hub." + _f.name, type(getattr(HubConfig(), _f.name)))
 
 
 def _set(cfg: Config, dotted: str, value) -> None:
@@ -162,6 +182,15 @@ def validate(cfg: Config, where: str = "settings") -> None:
     for name in ("max_body", "group_max", "user_cache", "event_retention"):
         if getattr(g, name) < 1:
             raise ConfigError(f"{where}: [gateway] {name} must be at least 1")
+    h = cfg.hub
+    parse_address(h.http)
+    for name in ("max_repos", "max_topics_per_repo", "max_messages_per_repo", "max_message_bytes", "stream_history"):
+        if getattr(h, name) < 1:
+            raise ConfigError(f"{where}: [hub] {name} must be at least 1")
+    for name in ("moderators", "blocked"):
+        for k in getattr(h, name):
+            if len(k) != 64 or any(c not in "0123456789abcdef" for c in k):
+                raise ConfigError(f"{where}: [hub] {name}: {k!r} is not a repository key (64 lowercase hex digits)")
 
 
 def parse_address(text: str) -> tuple[str, int]:

@@ -25,12 +25,14 @@ from .gateway import server as http_server
 from .gateway.http import build_app
 from .gateway.keys import GatewayKey
 from .gateway.service import Gateway
+from .hub.http import build_hub_app
+from .hub.service import Hub
 from .node import Node
 
 log = logging.getLogger("pttd.daemon")
 
 MODES = ("node", "gateway", "hub", "replicator")
-IMPLEMENTED_MODES = ("node", "gateway")
+IMPLEMENTED_MODES = ("node", "gateway", "hub")
 # a gateway makes many small commits: smaller pages cost less to rewrite (measured: the
 # store thread's CPU per post 0.50 -> 0.43 ms from 64 to 16 KiB)
 GATEWAY_PAGE_SIZE = 16384
@@ -103,6 +105,7 @@ class Daemon:
         self.run_file = os.path.join(self.data_dir, "run.json")
         self.node: Node | None = None
         self.gateway: Gateway | None = None
+        self.hub: Hub | None = None
         self.http_addresses: list[str] = []  # http://host:port, once serving
         self._stop = trio.Event()
 
@@ -111,7 +114,9 @@ class Daemon:
 
     async def run(self) -> None:
         if self.mode not in IMPLEMENTED_MODES:
-            raise DataDirError(f"mode {self.mode!r} is not available in this version of pttd (only: node, gateway)")
+            raise DataDirError(
+                f"mode {self.mode!r} is not available in this version of pttd (only: node, gateway, hub)"
+            )
         page_size = self.cfg.page_size or (GATEWAY_PAGE_SIZE if self.mode == "gateway" else 0)
         dd, created = await trio.to_thread.run_sync(
             DataDir.open_or_init, self.data_dir, self.cfg.synchronous, page_size
@@ -144,6 +149,13 @@ class Daemon:
                     "listen": node.listen_addresses,
                     "control": self.control_path,
                 }
+                if self.mode == "hub":
+                    hub = self.hub = Hub(node)
+                    await nursery.start(hub.run)
+                    app = build_hub_app(hub, self.cfg.gateway.cors_origins)
+                    self.http_addresses = await nursery.start(serve_http, app, self.cfg.hub.http)
+                    run_info["http"] = self.http_addresses
+                    log.info("hub HTTP API on %s", ", ".join(self.http_addresses))
                 if self.mode == "gateway":
                     self.http_addresses = await nursery.start(serve_http, build_app(gateway), self.cfg.gateway.http)
                     run_info["http"] = self.http_addresses

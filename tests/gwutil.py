@@ -62,6 +62,8 @@ class SSE:
                 value = value[1:] if value.startswith(" ") else value
                 if field == "data":
                     ev["data"] = json.loads(value)
-                elif field in ("id", "event"):
-                    ev[field] = int(value) if field == "id" else value
+                elif field == "id":
+                    ev["id"] = int(value) if value.isdigit() else value
+                elif field == "event":
+                    ev["event"] = value
         raise AssertionError("the event stream ended")

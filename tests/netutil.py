@@ -13,12 +13,17 @@ from pttd.control import ControlClient
 from pttd.daemon import Daemon
 
 
-def fast_config(data_dir: str, mode: str = "node", gateway: dict | None = None, peers=(), **wire) -> Config:
+def fast_config(
+    data_dir: str, mode: str = "node", gateway: dict | None = None, peers=(), hub: dict | None = None, **wire
+) -> Config:
     cfg = Config(data_dir=data_dir, synchronous="NORMAL", mode=mode, peers=list(peers))
     cfg.wire.listen = "127.0.0.1:0"
     cfg.gateway.http = "127.0.0.1:0"
+    cfg.hub.http = "127.0.0.1:0"
     for k, v in (gateway or {}).items():
         setattr(cfg.gateway, k, v)
+    for k, v in (hub or {}).items():
+        setattr(cfg.hub, k, v)
     cfg.wire.reconnect_min = 0.05
     cfg.wire.reconnect_max = 0.5
     for k, v in wire.items():

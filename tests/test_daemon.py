@@ -116,10 +116,10 @@ def test_config_file_and_flags(tmp_path):
 
 
 def test_unavailable_mode_is_a_clear_error(tmp_path):
-    proc = start(tmp_path / "d", "--mode", "hub")
+    proc = start(tmp_path / "d", "--mode", "replicator")
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 1
-    assert "mode 'hub' is not available" in err and "Traceback" not in err
+    assert "mode 'replicator' is not available" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "d" / "run.json")
 
 

@@ -1,0 +1,189 @@
+"""The hub's HTTP API (an ASGI app on the same server as the gateway's).
+
+    POST /join       {"public_key": HEX, "addresses": ["host:port"], "token": ...}
+                     (the old clients' body, or wrapped as {"data": {...}})
+    POST /leave      {"public_key": HEX}
+    GET  /hub.json   the hub: name, description, key, moderators, how many joined
+    GET  /topics     topics of the combined view, newest activity first
+    GET  /topics/ID  messages of a topic (?since= ?before= ?limit= ?reader=KEY)
+    GET  /profiles   every joined repository's profile
+    GET  /events     Server-Sent Events: a snapshot (or what follows Last-Event-ID), then
+                     deltas: update {topic, messages, removed} and profiles {profiles}
+
+Answers are {"result": ...} or {"error": "..."} as at the gateway.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import trio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..errors import USER_ERRORS, NotFound
+from ..gateway.chat import BadInput, check_id
+from ..gateway.http import KEEPALIVE, MAX_LIMIT, TooLarge, _AsgiEndpoint, _int_param, error
+from .service import Hub, HubBadInput, HubError, HubStream
+
+log = logging.getLogger("pttd.http")
+
+MAX_BODY = 64 * 1024
+
+
+def _status(exc: BaseException) -> int:
+    if isinstance(exc, HubError):
+        return 403
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, TooLarge):
+        return 413
+    return 400
+
+
+async def _body(request: Request) -> dict:
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > MAX_BODY:
+            raise TooLarge(f"the request body is larger than {MAX_BODY} bytes")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError):
+        raise BadInput("body", "is not JSON") from None
+    if isinstance(body, dict) and isinstance(body.get("data"), dict):
+        body = body["data"]
+    if not isinstance(body, dict):
+        raise BadInput("body", 'must be an object {"public_key": ...}')
+    return body
+
+
+def _reader(request: Request) -> str | None:
+    r = request.query_params.get("reader")
+    if r is None:
+        return None
+    if len(r) != 64 or any(c not in "0123456789abcdef" for c in r):
+        raise HubBadInput("reader", "must be a repository key: 64 lowercase hex digits")
+    return r
+
+
+def build_hub_app(hub: Hub, cors_origins: list[str]) -> Starlette:
+    async def join(request: Request):
+        b = await _body(request)
+        return await hub.join(b.get("public_key"), b.get("addresses"), b.get("token"))
+
+    async def leave(request: Request):
+        b = await _body(request)
+        return await hub.leave(b.get("public_key"))
+
+    async def hub_json(request: Request):
+        return hub.describe()
+
+    async def topics(request: Request):
+        return hub.view.topic_list()
+
+    async def topic(request: Request):
+        t = check_id(request.path_params["topic"], "topic", topic=True)
+        since = _int_param(request, "since")
+        before = _int_param(request, "before")
+        limit = _int_param(request, "limit", 1, MAX_LIMIT)
+        return hub.view.messages(t, _reader(request), since, before, limit)
+
+    async def profiles(request: Request):
+        return hub.view.profiles()
+
+    async def health(request: Request):
+        return "ok"
+
+    async def events(request: Request):
+        reader = _reader(request)
+        last = request.headers.get("last-event-id") or request.query_params.get("lastEventId")
+        stream = HubStream(reader)
+        hub.streams.add(stream)
+        missed = hub.since(last)
+        snapshot = hub.snapshot(reader) if missed is None else None
+        top = hub.next_id - 1
+
+        async def body():
+            try:
+                yield "retry: 1000\n\n"
+                if snapshot is not None:
+                    yield _sse_id(hub.event_id(top), "snapshot", snapshot)
+                else:
+                    for d in missed:
+                        yield _sse_id(hub.event_id(d.id), d.kind, hub.payload(d, reader))
+                while True:
+                    with trio.move_on_after(KEEPALIVE) as idle:
+                        try:
+                            d = await stream.receive.receive()
+                        except trio.EndOfChannel:
+                            return
+                    if idle.cancelled_caught:
+                        yield ": keepalive\n\n"
+                        continue
+                    if d.id <= top:
+                        continue
+                    yield _sse_id(hub.event_id(d.id), d.kind, hub.payload(d, reader))
+            finally:
+                hub.streams.discard(stream)
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+    table = {
+        "/join": {"POST": join},
+        "/leave": {"POST": leave},
+        "/hub.json": {"GET": hub_json},
+        "/topics": {"GET": topics},
+        "/topics/{topic}": {"GET": topic},
+        "/profiles": {"GET": profiles},
+        "/events": {"GET": events},
+        "/health": {"GET": health},
+    }
+
+    def endpoint(methods: dict):
+        async def handle(request: Request) -> Response:
+            fn = methods.get(request.method)
+            if fn is None:
+                return error(405, f"{request.method} is not allowed here", {"Allow": ", ".join(sorted(methods))})
+            try:
+                result = await fn(request)
+            except USER_ERRORS as exc:
+                return error(_status(exc), str(exc))
+            except Exception:
+                log.exception("%s %s failed", request.method, request.url.path)
+                return error(500, "internal error (logged by the hub)")
+            if isinstance(result, Response):
+                return result
+            return JSONResponse({"result": result})
+
+        return handle
+
+    routes = [Route(p, _AsgiEndpoint(endpoint(m))) for p, m in table.items()]
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 404:
+            return error(404, f"no such route: {request.method} {request.url.path}")
+        return error(exc.status_code, exc.detail or "request refused", getattr(exc, "headers", None))
+
+    middleware = []
+    if cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=cors_origins,
+                allow_methods=["GET", "POST"],
+                allow_headers=["Content-Type", "Last-Event-ID"],
+            )
+        )
+    return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: http_error})
+
+
+def _sse_id(eid: str, kind: str, payload) -> str:
+    return f"id: {eid}\nevent: {kind}\ndata: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"

@@ -1,0 +1,302 @@
+"""Hub mode: joins, sparse following of the joined repositories, the combined view, and
+the live streams of its changes.
+
+A join is a row of ``hub_joins`` and a persistent follow of the repository under
+``/profile.json`` and ``/topics/`` (not friends or channels), from the addresses it gave
+and any connected peer that serves it. The view (``pttd.hub.view``) is a cache: built
+from the stored repositories at start-up, then kept up to date from each new version's
+diff under those prefixes (work in proportion to the change). Every change becomes a
+numbered delta for the streams: ``update`` (the topic's new, changed or removed
+messages) and ``profiles`` (the changed profiles); a stream resumed with a recent
+Last-Event-ID gets the deltas it missed, an older one a new snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import trio
+
+from protocol import tree
+from protocol.paths import key_to_path
+
+from ..config import parse_address
+from ..errors import USER_ERRORS, NotFound, PttError
+from ..repo import Repository
+from .view import Changes, Limits, View
+
+log = logging.getLogger("pttd.hub")
+
+PREFIXES = ["/profile.json", "/topics/"]
+_BPREFIXES = [p.encode() for p in PREFIXES]
+MAX_ADDRESSES = 8
+STREAM_BUFFER = 256
+
+
+class HubError(PttError):
+    """A join or leave this hub refuses (HTTP 403)."""
+
+
+@dataclass
+class Delta:
+    id: int
+    kind: str  # "update" or "profiles"
+    topic: str | None
+    data: dict  # update: {"changed": [(author, id)], "removed": [(author, id)]}; profiles: {"authors": [...]}
+
+
+class HubStream:
+    def __init__(self, reader: str | None):
+        self.reader = reader
+        self.send, self.receive = trio.open_memory_channel[Delta](STREAM_BUFFER)
+
+    def offer(self, d: Delta) -> None:
+        try:
+            self.send.send_nowait(d)
+        except trio.WouldBlock:
+            self.send.close()  # too far behind: the client resumes from its Last-Event-ID
+        except trio.ClosedResourceError:
+            pass
+
+
+class Hub:
+    def __init__(self, node):
+        self.node = node
+        self.store = node.store
+        self.cfg = node.cfg.hub
+        c = self.cfg
+        self.view = View(set(c.moderators), Limits(c.max_topics_per_repo, c.max_messages_per_repo, c.max_message_bytes))
+        self.joined: dict[str, list[str]] = {}  # repository hex -> addresses
+        self.epoch = os.urandom(4).hex()  # event ids are "<epoch>-<n>": a restart is noticed
+        self.deltas: deque[Delta] = deque(maxlen=c.stream_history)
+        self.next_id = 1
+        self.streams: set[HubStream] = set()
+        self.ready = trio.Event()
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.node.synced_hooks.append(self._on_synced)
+        rows = await self.node.db(self.store.query, "SELECT repo, addresses FROM hub_joins")
+        blocked = set(self.cfg.blocked)
+        for key, addrs in rows:
+            if key.hex() in blocked:
+                await self._forget(key.hex())
+                continue
+            self.joined[key.hex()] = json.loads(addrs)
+        started = time.perf_counter()
+        for author in self.joined:
+            changes = await self.node.db(self._read_repo, author)
+            del changes  # nobody is streaming yet
+        log.info(
+            "hub view built from %d repositories in %.2f s: %d topics",
+            len(self.joined),
+            time.perf_counter() - started,
+            len(self.view.topics),
+        )
+        for author, addrs in self.joined.items():
+            await self._follow(author, addrs)
+        self.ready.set()
+        task_status.started()
+
+    # --- joins ----------------------------------------------------------------------
+
+    async def join(self, key_hex, addresses, token) -> dict:
+        if self.cfg.join_token and token != self.cfg.join_token:
+            raise HubError("this hub needs a join token")
+        key = _key(key_hex, "public_key")
+        if key.hex() in self.cfg.blocked:
+            raise HubError("this repository is blocked on this hub")
+        if key == self.node.id:
+            raise HubError("that is the hub's own repository")
+        addrs = _addresses(addresses)
+        k = key.hex()
+        if k not in self.joined and len(self.joined) >= self.cfg.max_repos:
+            raise HubError(f"this hub is full ({self.cfg.max_repos} repositories)")
+        merged = sorted(set(self.joined.get(k, [])) | set(addrs))[:MAX_ADDRESSES]
+        await self.node.db(
+            self.store.execute,
+            "INSERT OR REPLACE INTO hub_joins(repo, addresses, joined) VALUES (?, ?, ?)",
+            (key, json.dumps(merged), int(time.time())),
+        )
+        new = k not in self.joined
+        self.joined[k] = merged
+        await self._follow(k, merged)
+        if new:
+            log.info("hub: %s joined (addresses: %s)", k[:16], ", ".join(merged) or "none given")
+            self._publish(await self.node.db(self._read_repo, k))
+        return {"public_key": k, "addresses": merged, "joined": True}
+
+    async def leave(self, key_hex) -> dict:
+        key = _key(key_hex, "public_key")
+        k = key.hex()
+        if k not in self.joined:
+            raise NotFound(f"{k} has not joined this hub")
+        await self._forget(k)
+        log.info("hub: %s left", k[:16])
+        return {"public_key": k, "joined": False}
+
+    async def _forget(self, k: str) -> None:
+        await self.node.db(self.store.execute, "DELETE FROM hub_joins WHERE repo=?", (bytes.fromhex(k),))
+        self.joined.pop(k, None)
+        await self.node.unfollow(bytes.fromhex(k))
+        self._publish(self.view.remove_repo(k))
+
+    async def _follow(self, k: str, addresses: list[str]) -> None:
+        try:
+            await self.node.follow(bytes.fromhex(k), PREFIXES, addresses)
+        except PttError as exc:
+            log.warning("hub: cannot follow %s: %s", k[:16], exc)
+
+    # --- the view -------------------------------------------------------------------
+
+    def _read_repo(self, author: str) -> Changes:
+        """On the store thread: everything of ``author`` under the prefixes, as stored."""
+        ch = Changes()
+        row = self.store.find_repo(bytes.fromhex(author))
+        if row is None or self.store.head_seq(row) is None:
+            return ch
+        repo = Repository(self.store, row, None)
+        root = repo.head().commit.root
+        for prefix in _BPREFIXES:
+            try:
+                for key, ref in tree.iterate(root, prefix, self.store.load_node):
+                    ch.merge(self._apply(repo, author, key, ref))
+            except USER_ERRORS as exc:  # not synced that far yet: the next sync brings it
+                log.info("hub: %s not complete yet: %s", author[:16], exc)
+        return ch
+
+    def _apply(self, repo: Repository, author: str, key: bytes, ref) -> Changes:
+        if ref is None:
+            value = None
+        elif isinstance(ref, bytes):
+            value = ref
+        elif tree.ref_size(ref) > self.cfg.max_message_bytes:
+            value = b"x" * (self.cfg.max_message_bytes + 1)  # refused by size, unread
+        else:
+            try:
+                value = b"".join(repo._read_ref(ref))
+            except USER_ERRORS:
+                return Changes()
+        return self.view.apply(author, key_to_path(key), value)
+
+    def _diff_repo(self, author: str, old_root: bytes | None, new_root: bytes) -> Changes:
+        if old_root is None:
+            return self._read_repo(author)
+        ch = Changes()
+        repo = Repository(self.store, self.store.find_repo(bytes.fromhex(author)), None)
+        try:
+            for key, _old, new in tree.diff(old_root, new_root, self.store.load_node, _BPREFIXES):
+                ch.merge(self._apply(repo, author, key, new))
+        except USER_ERRORS as exc:
+            log.info("hub: diff of %s stopped: %s", author[:16], exc)
+        return ch
+
+    async def _on_synced(self, key: bytes, old_root: bytes | None, new_root: bytes) -> None:
+        author = key.hex()
+        if author not in self.joined:
+            return
+        self._publish(await self.node.db(self._diff_repo, author, old_root, new_root))
+
+    # --- deltas and streams ---------------------------------------------------------
+
+    def _publish(self, ch: Changes) -> None:
+        if not ch:
+            return
+        by_topic: dict[str, dict] = {}
+        for (topic, author, mid), present in ch.messages.items():
+            d = by_topic.setdefault(topic, {"changed": [], "removed": []})
+            d["changed" if present else "removed"].append((author, mid))
+        out = []
+        for topic, data in by_topic.items():
+            out.append(Delta(self.next_id, "update", topic, data))
+            self.next_id += 1
+        if ch.profiles:
+            out.append(Delta(self.next_id, "profiles", None, {"authors": sorted(ch.profiles)}))
+            self.next_id += 1
+        for d in out:
+            self.deltas.append(d)
+            for s in list(self.streams):
+                s.offer(d)
+
+    def since(self, event_id: str | None) -> list[Delta] | None:
+        """The deltas after ``event_id``, or None when they are no longer all here."""
+        if not event_id:
+            return None
+        epoch, _, n = event_id.partition("-")
+        if epoch != self.epoch or not n.isdigit():
+            return None
+        n = int(n)
+        if n >= self.next_id:
+            return None
+        if n + 1 < (self.deltas[0].id if self.deltas else self.next_id):
+            return None
+        return [d for d in self.deltas if d.id > n]
+
+    def event_id(self, n: int) -> str:
+        return f"{self.epoch}-{n}"
+
+    def payload(self, d: Delta, reader: str | None) -> dict:
+        """What a stream sends for ``d``: messages as the view shows them to ``reader``."""
+        if d.kind == "profiles":
+            return {"profiles": self.view.profiles(d.data["authors"])}
+        changed, removed = [], [{"author": a, "id": m} for a, m in d.data["removed"]]
+        for a, m in d.data["changed"]:
+            msg = self.view.render(d.topic, a, m)
+            if msg is None or self.view.hidden(d.topic, a, m, reader):
+                removed.append({"author": a, "id": m})
+            else:
+                changed.append(msg)
+        return {"topic": d.topic, "messages": changed, "removed": removed}
+
+    def snapshot(self, reader: str | None) -> dict:
+        return {
+            "topics": {t["id"]: self.view.messages(t["id"], reader) for t in self.view.topic_list()},
+            "profiles": self.view.profiles(),
+        }
+
+    def describe(self) -> dict:
+        return {
+            "name": self.cfg.name,
+            "description": self.cfg.description,
+            "key": self.node.id.hex(),
+            "moderators": sorted(self.cfg.moderators),
+            "joined": len(self.joined),
+            "join_token_required": bool(self.cfg.join_token),
+            "listen": self.node.listen_addresses,
+        }
+
+
+def _key(value, field: str) -> bytes:
+    if not isinstance(value, str) or len(value) != 64:
+        raise HubBadInput(field, "must be a repository key: 64 hex digits")
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        raise HubBadInput(field, "must be a repository key: 64 hex digits") from None
+
+
+def _addresses(value) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_ADDRESSES:
+        raise HubBadInput("addresses", f"must be a list of at most {MAX_ADDRESSES} HOST:PORT")
+    out = []
+    for i, a in enumerate(value):
+        if not isinstance(a, str) or len(a) > 255:
+            raise HubBadInput(f"addresses[{i}]", "must be HOST:PORT")
+        try:
+            parse_address(a)
+        except PttError as exc:
+            raise HubBadInput(f"addresses[{i}]", str(exc)) from None
+        out.append(a)
+    return out
+
+
+class HubBadInput(PttError):
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field

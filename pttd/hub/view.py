@@ -1,0 +1,282 @@
+"""The hub's combined view of the joined repositories' public chat data (sans-IO).
+
+Fed with entries as they are in each repository (``apply(author, path, value or None)``,
+from a diff of two versions or from a first read), it keeps, per topic, the messages of
+every author with the author's profile name, reactions attached to their message, edits
+replacing, deletions removing, and the moderation of the hub's moderators applied (plus,
+per reader, that reader's own and their curators'). Each ``apply`` answers what changed
+for the live streams, so a new commit costs work in proportion to its diff.
+
+A repository that goes past the limits (topics, messages, message size), or whose
+topic files are not the JSON the chat schema says, has those entries skipped with one
+log line; nothing it writes can break the view for others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+log = logging.getLogger("pttd.hub")
+
+GOSSIP = "__gossiping"
+FOLDERS = ("reactions", "moderation", "curators")
+
+
+@dataclass
+class Limits:
+    max_topics_per_repo: int = 100
+    max_messages_per_repo: int = 10_000
+    max_message_bytes: int = 16 * 1024
+
+
+@dataclass
+class Changes:
+    """What one or more ``apply`` calls changed, for the live streams."""
+
+    messages: dict[tuple[str, str, str], bool] = field(default_factory=dict)  # (topic, author, id) -> still there
+    profiles: set[str] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.messages or self.profiles)
+
+    def merge(self, other: Changes) -> None:
+        self.messages.update(other.messages)
+        self.profiles |= other.profiles
+
+
+@dataclass
+class _Repo:
+    profile: dict = field(default_factory=dict)
+    topics: dict[str, int] = field(default_factory=dict)  # topic -> messages taken from it
+    messages: int = 0
+
+
+class View:
+    def __init__(self, moderators: set[str] | None = None, limits: Limits | None = None):
+        self.moderators = set(moderators or ())
+        self.limits = limits or Limits()
+        self.repos: dict[str, _Repo] = {}
+        # topic -> (author, id) -> the stored post
+        self.topics: dict[str, dict[tuple[str, str], dict]] = {}
+        # (topic, message id) -> (author, record id) -> reaction record
+        self.reactions: dict[tuple[str, str], dict[tuple[str, str], dict]] = {}
+        # (topic, message id) -> (moderator, record id) -> moderation record
+        self.moderation: dict[tuple[str, str], dict[tuple[str, str], dict]] = {}
+        # (topic, author) -> curator keys
+        self.curators: dict[tuple[str, str], dict[str, str]] = {}
+        # (topic, message id) -> the authors with a message of that id there
+        self._authors: dict[tuple[str, str], set[str]] = {}
+        # (kind, topic, author, record id) -> the message id it refers to
+        self._targets: dict[tuple[str, str, str, str], str] = {}
+        self.skipped: dict[str, str] = {}  # author -> the last reason an entry was skipped
+
+    # --- feeding --------------------------------------------------------------------
+
+    def remove_repo(self, author: str) -> Changes:
+        """A repository that left: everything it wrote goes."""
+        ch = Changes()
+        for topic, msgs in self.topics.items():
+            for a, mid in [k for k in msgs if k[0] == author]:
+                self._drop(topic, a, mid)
+                ch.messages[(topic, a, mid)] = False
+        for kind, topic, a, rid in [t for t in self._targets if t[2] == author]:
+            mid = self._targets.pop((kind, topic, a, rid))
+            index = self.reactions if kind == "reactions" else self.moderation
+            index.get((topic, mid), {}).pop((a, rid), None)
+            self._touch(ch, topic, mid)
+        for key in [k for k in self.curators if k[1] == author]:
+            del self.curators[key]
+        if self.repos.pop(author, None) is not None:
+            ch.profiles.add(author)
+        return ch
+
+    def apply(self, author: str, path: str, value: bytes | None) -> Changes:
+        """One entry of ``author``'s repository is now ``value`` (None: removed)."""
+        ch = Changes()
+        repo = self.repos.setdefault(author, _Repo())
+        if path == "/profile.json":
+            prof = self._json(author, path, value) if value is not None else {}
+            repo.profile = prof if isinstance(prof, dict) else {}
+            ch.profiles.add(author)
+            return ch
+        parts = path.split("/")
+        if len(parts) < 4 or parts[1] != "topics" or parts[2] == GOSSIP:
+            return ch
+        topic = parts[2]
+        if len(parts) == 4:
+            self._message(ch, repo, author, topic, parts[3], path, value)
+        elif len(parts) == 5 and parts[3] in FOLDERS:
+            self._record(ch, author, topic, parts[3], parts[4], path, value)
+        return ch
+
+    def _json(self, author: str, path: str, value: bytes):
+        if len(value) > self.limits.max_message_bytes:
+            self._skip(author, f"{path}: {len(value)} bytes, more than {self.limits.max_message_bytes}")
+            return None
+        try:
+            return json.loads(value)
+        except ValueError:
+            self._skip(author, f"{path}: not JSON")
+            return None
+
+    def _skip(self, author: str, reason: str) -> None:
+        if self.skipped.get(author) != reason:
+            log.info("hub: skipped from %s: %s", author[:16], reason)
+        self.skipped[author] = reason
+
+    def _message(self, ch: Changes, repo: _Repo, author: str, topic: str, mid: str, path: str, value) -> None:
+        msgs = self.topics.get(topic)
+        had = msgs is not None and (author, mid) in msgs
+        if value is None:
+            if had:
+                self._drop(topic, author, mid)
+                self._count(repo, topic, -1)
+                ch.messages[(topic, author, mid)] = False
+            return
+        post = self._json(author, path, value)
+        if not _valid_post(post, topic, mid):
+            if post is not None:
+                self._skip(author, f"{path}: not a message of the chat schema")
+            if had:  # what it was replaced by is unusable: the old one goes too
+                self._drop(topic, author, mid)
+                self._count(repo, topic, -1)
+                ch.messages[(topic, author, mid)] = False
+            return
+        if not had:
+            if topic not in repo.topics and len(repo.topics) >= self.limits.max_topics_per_repo:
+                self._skip(author, f"more than {self.limits.max_topics_per_repo} topics")
+                return
+            if repo.messages >= self.limits.max_messages_per_repo:
+                self._skip(author, f"more than {self.limits.max_messages_per_repo} messages")
+                return
+            self._count(repo, topic, +1)
+        self.topics.setdefault(topic, {})[(author, mid)] = post
+        self._authors.setdefault((topic, mid), set()).add(author)
+        ch.messages[(topic, author, mid)] = True
+
+    def _count(self, repo: _Repo, topic: str, n: int) -> None:
+        repo.messages += n
+        left = repo.topics.get(topic, 0) + n
+        if left > 0:
+            repo.topics[topic] = left
+        else:
+            repo.topics.pop(topic, None)
+
+    def _record(self, ch: Changes, author: str, topic: str, kind: str, rid: str, path: str, value) -> None:
+        rec = self._json(author, path, value) if value is not None else None
+        if value is not None and not (
+            isinstance(rec, dict) and (kind == "curators" or isinstance(rec.get("msgID"), str))
+        ):
+            if rec is not None:
+                self._skip(author, f"{path}: not a {kind} record of the chat schema")
+            rec = None
+        if kind == "curators":
+            cur = self.curators.setdefault((topic, author), {})
+            if rec is not None and isinstance(rec.get("key"), str):
+                cur[rid] = rec["key"]
+            else:
+                cur.pop(rid, None)
+            return  # changes what a reader sees, not the view: streams recheck per reader
+        index = self.reactions if kind == "reactions" else self.moderation
+        old_msg = self._targets.pop((kind, topic, author, rid), None)
+        if old_msg is not None:
+            recs = index.get((topic, old_msg), {})
+            recs.pop((author, rid), None)
+            if not recs:
+                index.pop((topic, old_msg), None)
+            self._touch(ch, topic, old_msg)
+        if rec is not None:
+            index.setdefault((topic, rec["msgID"]), {})[(author, rid)] = rec
+            self._targets[(kind, topic, author, rid)] = rec["msgID"]
+            self._touch(ch, topic, rec["msgID"])
+
+    def _touch(self, ch: Changes, topic: str, mid: str) -> None:
+        """Every message with id ``mid`` in ``topic`` (of any author) is to be sent again."""
+        for a in self._authors.get((topic, mid), ()):
+            ch.messages[(topic, a, mid)] = True
+
+    def _drop(self, topic: str, author: str, mid: str) -> None:
+        del self.topics[topic][(author, mid)]
+        authors = self._authors.get((topic, mid))
+        if authors is not None:
+            authors.discard(author)
+            if not authors:
+                del self._authors[(topic, mid)]
+
+    # --- reading --------------------------------------------------------------------
+
+    def name(self, author: str) -> str | None:
+        repo = self.repos.get(author)
+        name = repo.profile.get("name") if repo else None
+        return name if isinstance(name, str) else None
+
+    def hidden(self, topic: str, author: str, mid: str, reader: str | None = None) -> bool:
+        """Hidden by the hub's moderators, or (for a known reader) by the reader or the
+        curators the reader trusts in this topic."""
+        recs = self.moderation.get((topic, mid))
+        if not recs:
+            return False
+        trusted = self.moderators
+        if reader is not None:
+            trusted = trusted | {reader} | set(self.curators.get((topic, reader), {}).values())
+        state = None
+        for (mod, _rid), rec in sorted(recs.items(), key=lambda kv: kv[1].get("date", 0)):
+            if mod in trusted and rec.get("author", author) == author:
+                state = rec.get("type", "hide")
+        return state == "hide"
+
+    def render(self, topic: str, author: str, mid: str) -> dict | None:
+        post = self.topics.get(topic, {}).get((author, mid))
+        if post is None:
+            return None
+        out = dict(post)
+        out["author"] = author
+        out["name"] = self.name(author)
+        reactions = []
+        for (ra, rid), rec in self.reactions.get((topic, mid), {}).items():
+            if rec.get("author", author) == author:
+                reactions.append({"id": rid, "author": ra, "emoji": rec.get("emoji")})
+        out["reactions"] = sorted(reactions, key=lambda r: (r["author"], r["id"]))
+        return out
+
+    def messages(
+        self, topic: str, reader: str | None = None, since=None, before=None, limit: int | None = None
+    ) -> list[dict]:
+        out = []
+        for (author, mid), post in self.topics.get(topic, {}).items():
+            date = post["date"]
+            if (since is not None and date < since) or (before is not None and date > before):
+                continue
+            if self.hidden(topic, author, mid, reader):
+                continue
+            out.append(self.render(topic, author, mid))
+        out.sort(key=lambda m: (m["date"], m["author"], m["id"]))
+        return out[-limit:] if limit is not None else out
+
+    def topic_list(self) -> list[dict]:
+        out = []
+        for topic, msgs in self.topics.items():
+            if msgs:
+                last = max(p["date"] for p in msgs.values())
+                out.append({"id": topic, "messages": len(msgs), "last": last})
+        return sorted(out, key=lambda t: -t["last"])
+
+    def profiles(self, authors=None) -> dict[str, dict]:
+        keys = self.repos if authors is None else authors
+        return {a: dict(self.repos[a].profile) for a in keys if a in self.repos}
+
+
+def _valid_post(post, topic: str, mid: str) -> bool:
+    if not isinstance(post, dict):
+        return False
+    msg = post.get("message")
+    return (
+        type(post.get("date")) is int
+        and isinstance(msg, dict)
+        and isinstance(msg.get("type"), str)
+        and "value" in msg
+        and post.get("id", mid) == mid
+        and post.get("topic", topic) == topic
+    )

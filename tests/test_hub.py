@@ -1,0 +1,151 @@
+"""Hub mode with real daemons: joins, the combined view, live deltas, rebuilding."""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import trio
+
+from tests.gwutil import SSE, gateway, login, result
+from tests.netutil import start_daemon
+
+
+class HubClient:
+    def __init__(self, running):
+        self.running = running
+        self.web = httpx.AsyncClient(base_url=running.http, timeout=10.0)
+
+    async def join(self, key: str, address: str) -> None:
+        r = await self.web.post("/join", json={"public_key": key, "addresses": [address]})
+        assert r.status_code == 200, r.text
+
+    async def view(self, topic: str, **params) -> list[dict]:
+        return result(await self.web.get(f"/topics/{topic}", params=params))
+
+
+async def start_hub(nursery, tmp_path, name: str = "hub", **hub_options) -> HubClient:
+    r = await start_daemon(nursery, os.path.join(tmp_path, name), mode="hub", hub=hub_options)
+    return HubClient(r)
+
+
+async def next_update(events: SSE, topic: str, timeout: float = 10.0) -> dict:
+    with trio.fail_after(timeout):
+        while True:
+            ev = await events.next(timeout)
+            if ev["event"] == "update" and ev["data"]["topic"] == topic:
+                return ev
+
+
+async def wait_view(hub: HubClient, topic: str, predicate, timeout: float = 10.0, **params) -> list[dict]:
+    with trio.fail_after(timeout):  # polled: the view follows syncs it is not told of here
+        while True:
+            msgs = await hub.view(topic, **params)
+            if predicate(msgs):
+                return msgs
+            await trio.sleep(0.02)
+
+
+def summary(msgs: list[dict]) -> list[tuple]:
+    return [
+        (m["author"], m["id"], m["message"]["value"], m["name"], [r["emoji"] for r in m["reactions"]]) for m in msgs
+    ]
+
+
+async def test_two_gateways_one_hub_combined_view_and_deltas(tmp_path):
+    async with gateway(tmp_path, "g1") as g1, gateway(tmp_path, "g2") as g2:
+        alice, ha = await login(g1.web, "alice")
+        bob, hb = await login(g2.web, "bob")
+        mod, hm = await login(g1.web, "mod")
+        async with trio.open_nursery() as nursery:
+            hub = await start_hub(nursery, tmp_path, moderators=[mod])
+            about = result(await hub.web.get("/hub.json"))
+            assert about["moderators"] == [mod] and about["joined"] == 0
+            async with hub.web.stream("GET", "/events") as stream:
+                events = SSE(stream)
+                first = await events.next()
+                assert first["event"] == "snapshot" and first["data"]["topics"] == {}
+                await hub.join(alice, g1.address)
+                await hub.join(bob, g2.address)
+                await hub.join(mod, g1.address)
+                pa = result(await g1.web.post("/topics/general", json={"data": "hello from alice"}, headers=ha))
+                ev = await next_update(events, "general")
+                assert [(m["author"], m["id"], m["name"]) for m in ev["data"]["messages"]] == [
+                    (alice, pa["id"], "alice")
+                ]
+                pb = result(await g2.web.post("/topics/general", json={"data": "hi from bob"}, headers=hb))
+                ev = await next_update(events, "general")
+                assert [m["id"] for m in ev["data"]["messages"]] == [pb["id"]]
+                # a reaction attaches to its message: the message is sent again with it
+                react = {"data": {"msgID": pa["id"], "emoji": "👍", "author": alice}}
+                result(await g2.web.post("/topics/general/reactions", json=react, headers=hb))
+                ev = await next_update(events, "general")
+                assert [(m["id"], [r["emoji"] for r in m["reactions"]]) for m in ev["data"]["messages"]] == [
+                    (pa["id"], ["👍"])
+                ]
+                # an edit replaces
+                result(await g1.web.put(f"/topics/general/{pa['id']}", json={"data": "edited"}, headers=ha))
+                ev = await next_update(events, "general")
+                assert [m["message"]["value"] for m in ev["data"]["messages"]] == ["edited"]
+                # a deletion removes
+                result(await g2.web.delete(f"/topics/general/{pb['id']}", headers=hb))
+                ev = await next_update(events, "general")
+                assert ev["data"]["removed"] == [{"author": bob, "id": pb["id"]}] and ev["data"]["messages"] == []
+                # the hub's moderator hides alice's message: removed from everyone's view
+                hide = {"data": {"msgID": pa["id"], "author": alice}}
+                result(await g1.web.post("/topics/general/moderation", json=hide, headers=hm))
+                ev = await next_update(events, "general")
+                assert ev["data"]["removed"] == [{"author": alice, "id": pa["id"]}]
+            assert await hub.view("general") == []
+            # bob's own moderation hides only for bob as the reader
+            pc = result(await g1.web.post("/topics/general", json={"data": "visible"}, headers=ha))
+            await wait_view(hub, "general", lambda ms: [m["id"] for m in ms] == [pc["id"]])
+            result(await g2.web.post("/topics/general/moderation", json={"data": {"msgID": pc["id"]}}, headers=hb))
+            await wait_view(hub, "general", lambda ms: ms == [], reader=bob)
+            assert [m["id"] for m in await hub.view("general")] == [pc["id"]]
+            profiles = result(await hub.web.get("/profiles"))
+            assert {k: v["name"] for k, v in profiles.items()} == {alice: "alice", bob: "bob", mod: "mod"}
+            topics = result(await hub.web.get("/topics"))
+            assert [t["id"] for t in topics] == ["general"]
+            before = await hub.view("general")
+
+            # a restarted hub rebuilds the same view from the stored repositories
+            hub.running.daemon.stop()
+            await hub.running.stopped.wait()
+            await hub.web.aclose()
+            hub = await start_hub(nursery, tmp_path, moderators=[mod])  # same data directory and config
+            assert summary(await hub.view("general")) == summary(before)
+            # a new hub, joined later by the same users, builds the same view (switching
+            # hubs loses nothing)
+            other = await start_hub(nursery, tmp_path, name="hub2", moderators=[mod])
+            for key, g in ((alice, g1), (bob, g2), (mod, g1)):
+                await other.join(key, g.address)
+            await wait_view(other, "general", lambda ms: summary(ms) == summary(before))
+            for h in (hub, other):
+                h.running.daemon.stop()
+                await h.web.aclose()
+
+
+async def test_joins_are_checked_and_a_bad_repository_does_not_break_the_view(tmp_path):
+    async with gateway(tmp_path, "g1") as g1:
+        alice, ha = await login(g1.web, "alice")
+        async with trio.open_nursery() as nursery:
+            hub = await start_hub(nursery, tmp_path, join_token="sesame", max_message_bytes=200)
+            web = hub.web
+            assert "token" in result(await web.post("/join", json={"public_key": alice}), 403)
+            assert "public_key" in result(await web.post("/join", json={"public_key": "xx", "token": "sesame"}), 400)
+            bad_addr = {"public_key": alice, "addresses": ["nowhere"], "token": "sesame"}
+            assert "addresses[0]" in result(await web.post("/join", json=bad_addr), 400)
+            assert "no such route" in result(await web.get("/nope"), 404)
+            assert "not allowed" in result(await web.get("/join"), 405)
+            ok = {"data": {"public_key": alice, "addresses": [g1.address], "token": "sesame"}}  # the wrapped shape too
+            assert result(await web.post("/join", json=ok))["joined"] is True
+            big = result(await g1.web.post("/topics/t", json={"data": "x" * 500}, headers=ha))
+            small = result(await g1.web.post("/topics/t", json={"data": "fits"}, headers=ha))
+            msgs = await wait_view(hub, "t", lambda ms: len(ms) >= 1)
+            assert [m["id"] for m in msgs] == [small["id"]] and big["id"] not in [m["id"] for m in msgs]
+            assert result(await web.post("/leave", json={"public_key": alice}))["joined"] is False
+            assert await hub.view("t") == []
+            assert "has not joined" in result(await web.post("/leave", json={"public_key": alice}), 404)
+            hub.running.daemon.stop()
+            await web.aclose()
