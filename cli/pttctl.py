@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("key")
     s.add_argument("text")
     sub.add_parser("dms", help="chat: direct-message conversations, opened")
+    s = sub.add_parser("join", help="join a hub (its wire address) with this data directory's repository")
+    s.add_argument("hub", metavar="HOST:PORT")
+    s.add_argument("--token", default="", help="the hub's join token, if it asks for one")
+    s.add_argument("--repo", help="another repository this daemon serves (a gateway's user)")
     return p
 
 
@@ -115,6 +119,7 @@ DAEMON_COMMANDS = (
     "friends",
     "dm",
     "dms",
+    "join",
 )
 
 
@@ -198,6 +203,8 @@ def _human_daemon(command: str, d: dict, out) -> None:
             print(f"{f['key']}  {f.get('name', '')}".rstrip(), file=out)
     elif command == "dm":
         print(f"sent {d['dm']['id']} to {d['dm']['to']}", file=out)
+    elif command == "join":
+        print(f"{d['repository']} joined {d['hub']}: {d['message']}", file=out)
     elif command == "dms":
         for c in d["conversations"]:
             who = c.get("key") or f"channel {c['channel']['name']}"
@@ -306,6 +313,8 @@ def _remote(client: ControlClient, args: argparse.Namespace) -> commands.Result:
         return _remote_get(client, args, a)
     if c in ("user", "topics", "post", "read", "friends", "dm", "dms"):
         return commands.Result(_chat_call(client, args))
+    if c == "join":
+        return commands.Result(client.call("join", {"hub": args.hub, "token": args.token, "repo": args.repo}))
     progress = _progress_bar if c == "sync" and not args.json and sys.stderr.isatty() else None
     data = client.call(c, a, on_progress=progress)
     if progress:

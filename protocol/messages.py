@@ -40,6 +40,7 @@ MAX_BLOCKS = 8192  # per blocks message (the frame limit bounds the bytes)
 MAX_PREFIXES = 64
 MAX_TEXT = 1024
 MAX_ID = 2**32 - 1
+MAX_ADDRESSES = 16  # per join, found or announce
 
 
 class ProtocolError(FormatError):
@@ -148,6 +149,51 @@ def _check_ping(m: dict) -> None:
     _uint(m.get("id"), "id")
 
 
+def _addresses(v: Any, field: str) -> list[str]:
+    out = _list(v, field, MAX_ADDRESSES)
+    for a in out:
+        _text(a, field, 255)
+    return out
+
+
+def _ports(v: Any) -> list[int]:
+    out = _list(v, "ports", MAX_ADDRESSES)
+    if not all(type(p) is int and 0 < p < 65536 for p in out):
+        raise ProtocolError("field 'ports' must list TCP ports")
+    return out
+
+
+def _check_join(m: dict) -> None:
+    _uint(m.get("id"), "id")
+    _bin32(m.get("repo"), "repo")
+    _addresses(m.get("addresses"), "addresses")
+    _ports(m.get("ports"))
+    _text(m.get("token"), "token", 256)
+
+
+def _check_joined(m: dict) -> None:
+    _uint(m.get("id"), "id")
+    if not isinstance(m.get("ok"), bool):
+        raise ProtocolError("field 'ok' must be true or false")
+    _text(m.get("message"), "message")
+
+
+def _check_lookup(m: dict) -> None:
+    _uint(m.get("id"), "id")
+    _bin32(m.get("repo"), "repo")
+
+
+def _check_found(m: dict) -> None:
+    _uint(m.get("id"), "id")
+    _addresses(m.get("addresses"), "addresses")
+
+
+def _check_announce(m: dict) -> None:
+    for r in _list(m.get("repos"), "repos", MAX_HASHES):
+        _bin32(r, "repos")
+    _ports(m.get("ports"))
+
+
 def _check_error(m: dict) -> None:
     _text(m.get("code"), "code", 64)
     _text(m.get("message"), "message")
@@ -164,6 +210,11 @@ FIELDS: dict[str, tuple[frozenset[str], Any]] = {
     "ping": (frozenset({"id"}), _check_ping),
     "pong": (frozenset({"id"}), _check_ping),
     "error": (frozenset({"code", "message"}), _check_error),
+    "join": (frozenset({"id", "repo", "addresses", "ports", "token"}), _check_join),
+    "joined": (frozenset({"id", "ok", "message"}), _check_joined),
+    "lookup": (frozenset({"id", "repo"}), _check_lookup),
+    "found": (frozenset({"id", "addresses"}), _check_found),
+    "announce": (frozenset({"repos", "ports"}), _check_announce),
 }
 
 

@@ -81,6 +81,7 @@ class Config:
     page_size: int = 0
     log_level: str = "INFO"
     peers: list[str] = field(default_factory=list)
+    hubs: list[str] = field(default_factory=list)  # hubs' wire addresses: rendezvous and announcements
     wire: WireConfig = field(default_factory=WireConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     hub: HubConfig = field(default_factory=HubConfig)
@@ -95,7 +96,7 @@ _LAYOUT: dict[str, dict[str, tuple[str, type]]] = {
         "log_level": ("log_level", str),
     },
     "store": {"synchronous": ("synchronous", str), "page_size": ("page_size", int)},
-    "peers": {"static": ("peers", list)},
+    "peers": {"static": ("peers", list), "hubs": ("hubs", list)},
     "wire": {},
     "gateway": {},
     "hub": {},
@@ -152,7 +153,7 @@ def validate(cfg: Config, where: str = "settings") -> None:
     if cfg.mode not in MODES:
         raise ConfigError(f"{where}: mode {cfg.mode!r} is not one of {', '.join(MODES)}")
     parse_address(cfg.wire.listen)
-    for p in cfg.peers:
+    for p in cfg.peers + cfg.hubs:
         parse_address(p)
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"{where}: log_level {cfg.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")

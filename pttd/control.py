@@ -206,6 +206,16 @@ class ControlServer:
             if f.local_seq is None:
                 raise PttError(f"no peer holds {key.hex()} ({f.error or 'nothing offered'})")
             return info
+        if cmd == "join":
+            from .config import parse_address
+
+            hub = args.get("hub")
+            if not isinstance(hub, str):
+                raise PttError("join: the hub's wire address (HOST:PORT) is needed")
+            parse_address(hub)
+            key = _hex_key(args.get("repo")) or own
+            message = await node.join_hub(hub, key, args.get("token") or "", float(args.get("timeout") or 30))
+            return {"hub": hub, "repository": key.hex(), "joined": True, "message": message}
         if cmd in ("user_add", "user_list") or cmd.startswith("chat_"):
             return await chat_command(self.gateway, cmd, args)
         raise PttError(f"unknown command {cmd!r}")

@@ -184,6 +184,7 @@ class Node:
         self._per_address: dict[str, int] = {}
         # called after a followed repository's new version is stored: (key, old root or None, new root)
         self.synced_hooks: list = []
+        self.rendezvous = None  # a hub: answers join and lookup, hears announce
 
     async def db(self, fn, *args, **kwargs):
         """Run a store call on the store's thread (one at a time)."""
@@ -231,7 +232,7 @@ class Node:
             nursery.start_soon(functools.partial(trio.serve_listeners, self._accept, listeners))
             for key, prefixes, peers in await self.db(self.store.list_follows):
                 await self._start_follow(key, prefixes, peers, persistent=True, live=True)
-            for addr in self.cfg.peers:
+            for addr in self.cfg.peers + self.cfg.hubs:
                 self.ensure_dial(addr)
             log.info("listening for peers on %s", ", ".join(self.listen_addresses))
             task_status.started()
@@ -340,6 +341,12 @@ class Node:
                 await peer.send({"t": "sub", "repo": f.key, "prefixes": f.prefixes, "live": f.live})
             except PeerGone:
                 return
+        if peer.dialed in self.cfg.hubs:  # tell a hub what we serve, for its lookups
+            owned = await self.db(self.store.query, "SELECT key FROM repos WHERE owned=1 ORDER BY id LIMIT 4096")
+            try:
+                await peer.send({"t": "announce", "repos": [r[0] for r in owned], "ports": self.listen_ports()})
+            except PeerGone:
+                return
 
     # --- serving --------------------------------------------------------------------
 
@@ -363,6 +370,14 @@ class Node:
                 return head or {"t": "head", "repo": msg["repo"], "commit": None, "sig": None, "blocks": []}
             if t == "unsub":
                 peer.subs.pop(msg["repo"], None)
+            if t == "join":
+                if self.rendezvous is None:
+                    return {"t": "joined", "id": msg["id"], "ok": False, "message": "this daemon is not a hub"}
+                ok, text = await self.rendezvous.join_from_peer(peer, msg)
+                return {"t": "joined", "id": msg["id"], "ok": ok, "message": text}
+            if t == "lookup":
+                found = self.rendezvous.lookup(msg["repo"]) if self.rendezvous is not None else []
+                return {"t": "found", "id": msg["id"], "addresses": found[:16]}
             return None
         except Exception:  # a bug of ours
             log.exception("internal error answering %s from %s", t, peer.name)
@@ -492,6 +507,8 @@ class Node:
         self.follows[key] = f
         f.scope = trio.CancelScope()
         self._nursery.start_soon(self._follow_worker, f)
+        if self.cfg.hubs:
+            self._nursery.start_soon(self._rendezvous, f)
         for a in peers:
             self.ensure_dial(a)
         await self._resubscribe(f)
@@ -526,6 +543,64 @@ class Node:
             if a not in still_needed:
                 self.stop_dial(a)
         return True
+
+    async def _rendezvous(self, f: Follow) -> None:
+        """Ask the hubs who serves a followed repository, and dial them, until one of
+        them has given us a version (or the follow ends)."""
+        delay = 0.2
+        while self.follows.get(f.key) is f and f.local_seq is None:
+            for a in await self.look_up(f.key):
+                if a not in self.listen_addresses:
+                    self.ensure_dial(a)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    def on_announce(self, peer: Peer, msg: dict) -> None:
+        """A peer says it serves these repositories (a hub keeps that for lookups)."""
+        if self.rendezvous is not None:
+            self.rendezvous.announce(peer, msg["repos"], msg["ports"])
+
+    def listen_ports(self) -> list[int]:
+        return sorted({int(a.rsplit(":", 1)[1]) for a in self.listen_addresses})
+
+    async def peer_for(self, address: str, timeout: float) -> Peer:
+        """The session with the peer dialed at ``address`` (dialing it if need be)."""
+        self.ensure_dial(address)
+        with trio.move_on_after(timeout):
+            while True:
+                for p in self.peers:
+                    if p.dialed == address and not p.reason:
+                        return p
+                await trio.sleep(0.02)
+        raise PttError(f"no session with {address} within {timeout:g} s")
+
+    async def join_hub(self, hub: str, key: bytes, token: str, timeout: float = 30.0) -> str:
+        """Ask the hub at ``hub`` (a wire address) to take ``key`` in, served here."""
+        peer = await self.peer_for(hub, timeout)
+        try:
+            ans = await peer.request(
+                {"t": "join", "repo": key, "addresses": [], "ports": self.listen_ports(), "token": token}
+            )
+        except PeerGone as exc:
+            raise PttError(f"hub {hub}: {exc}") from None
+        if ans["t"] != "joined":
+            raise PttError(f"hub {hub} answered {ans['t']}")
+        if not ans["ok"]:
+            raise PttError(f"hub {hub} refused: {ans['message']}")
+        return ans["message"]
+
+    async def look_up(self, key: bytes) -> list[str]:
+        """Addresses serving ``key``, from the connected hubs (``[peers] hubs``)."""
+        found: list[str] = []
+        for p in list(self.peers):
+            if p.dialed in self.cfg.hubs and not p.reason:
+                try:
+                    ans = await p.request({"t": "lookup", "repo": key})
+                except PeerGone:
+                    continue
+                if ans["t"] == "found":
+                    found += [a for a in ans["addresses"] if a not in found]
+        return found
 
     def on_head(self, peer: Peer, msg: dict) -> None:
         """A peer told us a head (answering our sub, or pushed). Checked here, at once;

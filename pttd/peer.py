@@ -157,7 +157,7 @@ class Peer:
         while True:
             msg = await self.conn.receive()
             t = msg["t"]
-            if t in ("blocks", "pong"):
+            if t in ("blocks", "pong", "joined", "found"):
                 slot = self._pending.get(msg["id"])
                 if slot is not None and slot[1] is None:
                     slot[1] = msg
@@ -165,7 +165,9 @@ class Peer:
                 # else: the answer to a request that timed out; dropped
             elif t == "head":
                 self.node.on_head(self, msg)
-            elif t in ("want", "get", "ping"):
+            elif t == "announce":
+                self.node.on_announce(self, msg)
+            elif t in ("want", "get", "ping", "join", "lookup"):
                 try:
                     requests.send_nowait(msg)
                 except trio.WouldBlock:

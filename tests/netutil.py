@@ -14,9 +14,15 @@ from pttd.daemon import Daemon
 
 
 def fast_config(
-    data_dir: str, mode: str = "node", gateway: dict | None = None, peers=(), hub: dict | None = None, **wire
+    data_dir: str,
+    mode: str = "node",
+    gateway: dict | None = None,
+    peers=(),
+    hub: dict | None = None,
+    hubs=(),
+    **wire,
 ) -> Config:
-    cfg = Config(data_dir=data_dir, synchronous="NORMAL", mode=mode, peers=list(peers))
+    cfg = Config(data_dir=data_dir, synchronous="NORMAL", mode=mode, peers=list(peers), hubs=list(hubs))
     cfg.wire.listen = "127.0.0.1:0"
     cfg.gateway.http = "127.0.0.1:0"
     cfg.hub.http = "127.0.0.1:0"

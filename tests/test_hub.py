@@ -149,3 +149,37 @@ async def test_joins_are_checked_and_a_bad_repository_does_not_break_the_view(tm
             assert "has not joined" in result(await web.post("/leave", json={"public_key": alice}), 404)
             hub.running.daemon.stop()
             await web.aclose()
+
+
+async def test_join_over_the_wire_and_rendezvous_lead_a_third_daemon_to_a_repository(tmp_path):
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, tmp_path)
+        owner = await start_daemon(nursery, str(tmp_path / "owner"))
+        await owner.call("chat_post", topic="general", text="found through the hub")
+        await owner.call("put", path="/files/notes", value=b"not for hubs")  # outside a hub's prefixes
+        res = await owner.call("join", hub=hub.running.address)
+        assert res["joined"] and res["repository"] == owner.id
+        msgs = await wait_view(hub, "general", lambda ms: len(ms) == 1)
+        assert msgs[0]["author"] == owner.id and msgs[0]["message"]["value"] == "found through the hub"
+        # a third daemon knows only the key and the hub: it finds the owner and syncs
+        third = await start_daemon(nursery, str(tmp_path / "third"), hubs=[hub.running.address])
+        head = (await owner.call("log", limit=1))["versions"][0]["version"]
+        await third.call("follow", repo=owner.id)
+        await third.call("wait", repo=owner.id, version=head, timeout=15)
+        got = await third.call("ls", repo=owner.id, prefix="/")
+        # /files/ is not on the hub: it came from the owner, dialed at the address the hub gave
+        assert any(p.id.hex() == owner.id for p in third.node.peers)
+        assert "/files/notes" in [e["path"] for e in got["entries"]]
+        # a refused join is a clear error
+        other = await start_hub(nursery, tmp_path, name="closed", join_token="sesame")
+        try:
+            await owner.call("join", hub=other.running.address)
+        except Exception as exc:
+            assert "needs a join token" in str(exc)
+        else:
+            raise AssertionError("a join without the token was accepted")
+        assert (await owner.call("join", hub=other.running.address, token="sesame"))["joined"]
+        for r in (hub.running, owner, third, other.running):
+            r.daemon.stop()
+        await hub.web.aclose()
+        await other.web.aclose()

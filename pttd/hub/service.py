@@ -77,9 +77,11 @@ class Hub:
         self.next_id = 1
         self.streams: set[HubStream] = set()
         self.ready = trio.Event()
+        self.announced: dict[bytes, dict[str, float]] = {}  # repository -> address -> when announced
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.node.synced_hooks.append(self._on_synced)
+        self.node.rendezvous = self
         rows = await self.node.db(self.store.query, "SELECT repo, addresses FROM hub_joins")
         blocked = set(self.cfg.blocked)
         for key, addrs in rows:
@@ -150,6 +152,42 @@ class Hub:
             await self.node.follow(bytes.fromhex(k), PREFIXES, addresses)
         except PttError as exc:
             log.warning("hub: cannot follow %s: %s", k[:16], exc)
+
+    # --- rendezvous (over the wire) --------------------------------------------------
+
+    @staticmethod
+    def _peer_addresses(peer, ports: list[int]) -> list[str]:
+        host = peer.conn.remote.rsplit(":", 1)[0]
+        return [f"{host}:{p}" for p in ports]
+
+    async def join_from_peer(self, peer, msg: dict) -> tuple[bool, str]:
+        """A ``join`` over the wire: the addresses given, and the peer's own address at
+        the ports it listens on."""
+        addrs = list(msg["addresses"]) + self._peer_addresses(peer, msg["ports"])
+        try:
+            res = await self.join(msg["repo"].hex(), addrs[:MAX_ADDRESSES], msg["token"] or None)
+        except USER_ERRORS as exc:
+            return False, str(exc)
+        return True, f"joined with addresses {', '.join(res['addresses'])}"
+
+    def announce(self, peer, repos: list[bytes], ports: list[int]) -> None:
+        now = time.monotonic()
+        for key in repos:
+            book = self.announced.setdefault(key, {})
+            for a in self._peer_addresses(peer, ports):
+                book[a] = now
+            if len(book) > MAX_ADDRESSES:  # the oldest go
+                for a in sorted(book, key=book.get)[: len(book) - MAX_ADDRESSES]:
+                    del book[a]
+        if len(self.announced) > 100 * self.cfg.max_repos:
+            self.announced.clear()  # a flood: announcements are repeated on every session
+
+    def lookup(self, key: bytes) -> list[str]:
+        out = list(self.joined.get(key.hex(), []))
+        for a in sorted(self.announced.get(key, {}), key=lambda a: -self.announced[key][a]):
+            if a not in out:
+                out.append(a)
+        return out
 
     # --- the view -------------------------------------------------------------------
 
