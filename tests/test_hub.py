@@ -183,3 +183,37 @@ async def test_join_over_the_wire_and_rendezvous_lead_a_third_daemon_to_a_reposi
             r.daemon.stop()
         await hub.web.aclose()
         await other.web.aclose()
+
+
+async def test_the_hub_stream_resumes_from_last_event_id_or_sends_a_new_snapshot(tmp_path):
+    async with gateway(tmp_path, "g1") as g1:
+        alice, ha = await login(g1.web, "alice")
+        async with trio.open_nursery() as nursery:
+            hub = await start_hub(nursery, tmp_path)
+            await hub.join(alice, g1.address)
+            async with hub.web.stream("GET", "/events") as stream:
+                events = SSE(stream)
+                assert (await events.next())["event"] == "snapshot"
+                p1 = result(await g1.web.post("/topics/t", json={"data": "one"}, headers=ha))
+                ev = await next_update(events, "t")
+                assert [m["id"] for m in ev["data"]["messages"]] == [p1["id"]]
+                last = ev["id"]
+            missed = []
+            for text in ("two", "three"):
+                missed.append(result(await g1.web.post("/topics/t", json={"data": text}, headers=ha))["id"])
+            await wait_view(hub, "t", lambda ms: len(ms) == 3)
+            async with hub.web.stream("GET", "/events", headers={"Last-Event-ID": last}) as stream:
+                events = SSE(stream)
+                got = []
+                while len(got) < 2:
+                    ev = await events.next()
+                    assert ev["event"] in ("update", "profiles"), ev["event"]  # no snapshot again
+                    if ev["event"] == "update":
+                        got += [m["id"] for m in ev["data"]["messages"]]
+                assert got == missed
+            # an id from another run of the hub (or too old): a new snapshot
+            async with hub.web.stream("GET", "/events", headers={"Last-Event-ID": "0000-1"}) as stream:
+                ev = await SSE(stream).next()
+                assert ev["event"] == "snapshot" and len(ev["data"]["topics"]["t"]) == 3
+            hub.running.daemon.stop()
+            await hub.web.aclose()
