@@ -48,6 +48,7 @@ class Delta:
     kind: str  # "update" or "profiles"
     topic: str | None
     data: dict  # update: {"changed": [(author, id)], "removed": [(author, id)]}; profiles: {"authors": [...]}
+    public: dict | None = None  # the payload for readers without their own moderation, made once
 
 
 class HubStream:
@@ -148,6 +149,9 @@ class Hub:
         self._publish(self.view.remove_repo(k))
 
     async def _follow(self, k: str, addresses: list[str]) -> None:
+        f = self.node.follows.get(bytes.fromhex(k))
+        if f is not None and f.persistent and f.prefixes == PREFIXES and set(addresses) <= set(f.peers):
+            return  # followed so already (restarted from the store with the daemon)
         try:
             await self.node.follow(bytes.fromhex(k), PREFIXES, addresses)
         except PttError as exc:
@@ -278,7 +282,15 @@ class Hub:
         return f"{self.epoch}-{n}"
 
     def payload(self, d: Delta, reader: str | None) -> dict:
-        """What a stream sends for ``d``: messages as the view shows them to ``reader``."""
+        """What a stream sends for ``d``: messages as the view shows them to ``reader``
+        (the same for every stream without a reader: made once, not once per client)."""
+        if reader is None:
+            if d.public is None:
+                d.public = self._payload(d, None)
+            return d.public
+        return self._payload(d, reader)
+
+    def _payload(self, d: Delta, reader: str | None) -> dict:
         if d.kind == "profiles":
             return {"profiles": self.view.profiles(d.data["authors"])}
         changed, removed = [], [{"author": a, "id": m} for a, m in d.data["removed"]]
