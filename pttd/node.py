@@ -270,6 +270,11 @@ class Node:
     def ensure_dial(self, addr: str) -> None:
         if addr in self._dialers or self._nursery is None:
             return
+        try:
+            parse_address(addr)
+        except PttError as exc:  # e.g. an address a hub told us: never fatal
+            log.warning("not dialing %r: %s", addr, exc)
+            return
         scope = trio.CancelScope()
         self._dialers[addr] = scope
         self._nursery.start_soon(self._dial_loop, addr, scope)
@@ -538,7 +543,7 @@ class Node:
                 await p.send({"t": "unsub", "repo": key})
             except PeerGone:
                 pass
-        still_needed = {a for g in self.follows.values() for a in g.peers} | set(self.cfg.peers)
+        still_needed = {a for g in self.follows.values() for a in g.peers} | set(self.cfg.peers) | set(self.cfg.hubs)
         for a in f.peers:
             if a not in still_needed:
                 self.stop_dial(a)

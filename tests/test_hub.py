@@ -144,9 +144,18 @@ async def test_joins_are_checked_and_a_bad_repository_does_not_break_the_view(tm
             small = result(await g1.web.post("/topics/t", json={"data": "fits"}, headers=ha))
             msgs = await wait_view(hub, "t", lambda ms: len(ms) >= 1)
             assert [m["id"] for m in msgs] == [small["id"]] and big["id"] not in [m["id"] for m in msgs]
-            assert result(await web.post("/leave", json={"public_key": alice}))["joined"] is False
+            # leaving takes the repository's signature (or the hub's join token): not anyone's word
+            assert "signature" in result(await web.post("/leave", json={"public_key": alice}), 403)
+            forged = {"public_key": alice, "signature": "00" * 64}
+            assert "signature" in result(await web.post("/leave", json=forged), 403)
+            sk = (await g1.gateway.user(bytes.fromhex(alice))).repo._key
+            hub_key = bytes.fromhex(result(await web.get("/hub.json"))["key"])
+            sig = sk.sign(b"pttd hub leave\n" + hub_key + bytes.fromhex(alice)).signature.hex()
+            assert result(await web.post("/leave", json={"public_key": alice, "signature": sig}))["joined"] is False
             assert await hub.view("t") == []
-            assert "has not joined" in result(await web.post("/leave", json={"public_key": alice}), 404)
+            assert "has not joined" in result(
+                await web.post("/leave", json={"public_key": alice, "token": "sesame"}), 404
+            )
             hub.running.daemon.stop()
             await web.aclose()
 

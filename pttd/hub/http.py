@@ -81,7 +81,7 @@ def build_hub_app(hub: Hub, cors_origins: list[str]) -> Starlette:
 
     async def leave(request: Request):
         b = await _body(request)
-        return await hub.leave(b.get("public_key"))
+        return await hub.leave(b.get("public_key"), b.get("signature"), b.get("token"))
 
     async def hub_json(request: Request):
         return hub.describe()
@@ -134,7 +134,9 @@ def build_hub_app(hub: Hub, cors_origins: list[str]) -> Starlette:
             finally:
                 hub.streams.discard(stream)
 
-        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+        return StreamingResponse(
+            body(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        )
 
     table = {
         "/join": {"POST": join},

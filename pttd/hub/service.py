@@ -21,12 +21,15 @@ from collections import deque
 from dataclasses import dataclass
 
 import trio
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
 
 from protocol import tree
 from protocol.paths import key_to_path
 
 from ..config import parse_address
 from ..errors import USER_ERRORS, NotFound, PttError
+from ..gateway.chat import BadInput, check_key
 from ..repo import Repository
 from .view import Changes, Limits, View
 
@@ -79,6 +82,7 @@ class Hub:
         self.streams: set[HubStream] = set()
         self.ready = trio.Event()
         self.announced: dict[bytes, dict[str, float]] = {}  # repository -> address -> when announced
+        self._incomplete: set[str] = set()  # repositories whose view is to be read whole again
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.node.synced_hooks.append(self._on_synced)
@@ -119,7 +123,8 @@ class Hub:
         k = key.hex()
         if k not in self.joined and len(self.joined) >= self.cfg.max_repos:
             raise HubError(f"this hub is full ({self.cfg.max_repos} repositories)")
-        merged = sorted(set(self.joined.get(k, [])) | set(addrs))[:MAX_ADDRESSES]
+        # the addresses given now first, then those known before
+        merged = list(dict.fromkeys(addrs + self.joined.get(k, [])))[:MAX_ADDRESSES]
         await self.node.db(
             self.store.execute,
             "INSERT OR REPLACE INTO hub_joins(repo, addresses, joined) VALUES (?, ?, ?)",
@@ -133,8 +138,21 @@ class Hub:
             self._publish(await self.node.db(self._read_repo, k))
         return {"public_key": k, "addresses": merged, "joined": True}
 
-    async def leave(self, key_hex) -> dict:
+    def leave_message(self, key: bytes) -> bytes:
+        """What a repository signs to leave this hub."""
+        return b"pttd hub leave\n" + self.node.id + key
+
+    async def leave(self, key_hex, signature=None, token=None) -> dict:
+        """A repository leaves: asked with its own signature of ``leave_message``, or by
+        whoever holds the hub's join token."""
         key = _key(key_hex, "public_key")
+        if not (self.cfg.join_token and token == self.cfg.join_token):
+            try:
+                VerifyKey(key).verify(self.leave_message(key), bytes.fromhex(signature or ""))
+            except (BadSignatureError, ValueError, TypeError):
+                raise HubError(
+                    "leaving needs the repository's signature of the hub's leave message (see docs/hub.md)"
+                ) from None
         k = key.hex()
         if k not in self.joined:
             raise NotFound(f"{k} has not joined this hub")
@@ -161,18 +179,20 @@ class Hub:
 
     @staticmethod
     def _peer_addresses(peer, ports: list[int]) -> list[str]:
-        host = peer.conn.remote.rsplit(":", 1)[0]
+        host = peer.conn.remote.rsplit(":", 1)[0].strip("[]")
+        host = f"[{host}]" if ":" in host else host
         return [f"{host}:{p}" for p in ports]
 
     async def join_from_peer(self, peer, msg: dict) -> tuple[bool, str]:
         """A ``join`` over the wire: the addresses given, and the peer's own address at
         the ports it listens on."""
-        addrs = list(msg["addresses"]) + self._peer_addresses(peer, msg["ports"])
+        # the address the hub saw first: it is known to reach the joiner
+        addrs = self._peer_addresses(peer, msg["ports"]) + list(msg["addresses"])
         try:
-            res = await self.join(msg["repo"].hex(), addrs[:MAX_ADDRESSES], msg["token"] or None)
+            res = await self.join(msg["repo"].hex(), list(dict.fromkeys(addrs))[:MAX_ADDRESSES], msg["token"] or None)
         except USER_ERRORS as exc:
-            return False, str(exc)
-        return True, f"joined with addresses {', '.join(res['addresses'])}"
+            return False, str(exc)[:1000]
+        return True, f"joined with addresses {', '.join(res['addresses'])}"[:1000]
 
     def announce(self, peer, repos: list[bytes], ports: list[int]) -> None:
         now = time.monotonic()
@@ -207,8 +227,9 @@ class Hub:
             try:
                 for key, ref in tree.iterate(root, prefix, self.store.load_node):
                     ch.merge(self._apply(repo, author, key, ref))
-            except USER_ERRORS as exc:  # not synced that far yet: the next sync brings it
+            except USER_ERRORS as exc:  # not synced that far yet: read whole at the next sync
                 log.info("hub: %s not complete yet: %s", author[:16], exc)
+                self._incomplete.add(author)
         return ch
 
     def _apply(self, repo: Repository, author: str, key: bytes, ref) -> Changes:
@@ -226,8 +247,11 @@ class Hub:
         return self.view.apply(author, key_to_path(key), value)
 
     def _diff_repo(self, author: str, old_root: bytes | None, new_root: bytes) -> Changes:
-        if old_root is None:
-            return self._read_repo(author)
+        if old_root is None or author in self._incomplete:
+            self._incomplete.discard(author)
+            ch = self.view.remove_repo(author)  # read whole again: what is gone goes too
+            ch.merge(self._read_repo(author))
+            return ch
         ch = Changes()
         repo = Repository(self.store, self.store.find_repo(bytes.fromhex(author)), None)
         try:
@@ -235,6 +259,7 @@ class Hub:
                 ch.merge(self._apply(repo, author, key, new))
         except USER_ERRORS as exc:
             log.info("hub: diff of %s stopped: %s", author[:16], exc)
+            self._incomplete.add(author)
         return ch
 
     async def _on_synced(self, key: bytes, old_root: bytes | None, new_root: bytes) -> None:
@@ -292,7 +317,8 @@ class Hub:
 
     def _payload(self, d: Delta, reader: str | None) -> dict:
         if d.kind == "profiles":
-            return {"profiles": self.view.profiles(d.data["authors"])}
+            profiles = self.view.profiles(d.data["authors"])
+            return {"profiles": profiles, "removed": [a for a in d.data["authors"] if a not in profiles]}
         changed, removed = [], [{"author": a, "id": m} for a, m in d.data["removed"]]
         for a, m in d.data["changed"]:
             msg = self.view.render(d.topic, a, m)
@@ -321,12 +347,10 @@ class Hub:
 
 
 def _key(value, field: str) -> bytes:
-    if not isinstance(value, str) or len(value) != 64:
-        raise HubBadInput(field, "must be a repository key: 64 hex digits")
     try:
-        return bytes.fromhex(value)
-    except ValueError:
-        raise HubBadInput(field, "must be a repository key: 64 hex digits") from None
+        return check_key(value, field)
+    except BadInput as exc:
+        raise HubBadInput(field, str(exc).split(": ", 1)[1]) from None
 
 
 def _addresses(value) -> list[str]:

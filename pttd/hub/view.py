@@ -166,6 +166,9 @@ class View:
 
     def _record(self, ch: Changes, author: str, topic: str, kind: str, rid: str, path: str, value) -> None:
         rec = self._json(author, path, value) if value is not None else None
+        if isinstance(rec, dict) and kind != "curators" and type(rec.get("date", 0)) is not int:
+            self._skip(author, f"{path}: its date is not an integer")  # records are ordered by date
+            rec = None
         if value is not None and not (
             isinstance(rec, dict) and (kind == "curators" or isinstance(rec.get("msgID"), str))
         ):

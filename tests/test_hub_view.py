@@ -1,0 +1,44 @@
+"""The hub's combined view, fed directly (sans-IO): hostile entries never break it."""
+
+import json
+
+from pttd.hub.view import Limits, View
+
+A, B, M = "a" * 64, "b" * 64, "c" * 64
+
+
+def post(mid: str, date: int, text: str = "hi") -> bytes:
+    return json.dumps({"id": mid, "topic": "t", "date": date, "message": {"type": "text", "value": text}}).encode()
+
+
+def test_bad_entries_of_one_repository_leave_the_view_whole():
+    v = View({M}, Limits(max_topics_per_repo=2, max_messages_per_repo=3, max_message_bytes=300))
+    v.apply(A, "/topics/t/1", post("1", 10))
+    v.apply(B, "/topics/t/2", post("2", 20))
+    # moderation records whose date is not a number (beside a good one) are not taken
+    v.apply(M, "/topics/t/moderation/x", json.dumps({"msgID": "1", "date": "soon"}).encode())
+    v.apply(B, "/topics/t/moderation/y", json.dumps({"msgID": "1", "date": 5}).encode())
+    v.apply(B, "/topics/t/reactions/r", b"{not json")
+    v.apply(B, "/topics/t/3", b"[1, 2]")
+    v.apply(B, "/topics/t/4", post("4", 30, "x" * 400))  # too large
+    v.apply(B, "/topics/u/5", post("5", 40).replace(b'"topic": "t"', b'"topic": "u"'))
+    v.apply(B, "/topics/w/6", post("6", 50).replace(b'"topic": "t"', b'"topic": "w"'))  # a third topic
+    v.apply(B, "/topics/__gossiping/e", b"{}")
+    assert [(m["author"], m["id"]) for m in v.messages("t")] == [(A, "1"), (B, "2")]
+    assert [m["id"] for m in v.messages("u")] == ["5"] and v.messages("w") == []
+    # B's own hide applies to B as the reader only; the hub moderator's, once valid, to all
+    assert [m["id"] for m in v.messages("t", reader=B)] == ["2"]
+    v.apply(M, "/topics/t/moderation/x", json.dumps({"msgID": "1", "date": 7}).encode())
+    assert [m["id"] for m in v.messages("t")] == ["2"]
+
+
+def test_changes_name_what_a_stream_must_send_again():
+    v = View()
+    assert v.apply(A, "/topics/t/1", post("1", 10)).messages == {("t", A, "1"): True}
+    ch = v.apply(B, "/topics/t/reactions/r", json.dumps({"msgID": "1", "emoji": "+", "date": 1}).encode())
+    assert ch.messages == {("t", A, "1"): True}
+    assert v.render("t", A, "1")["reactions"] == [{"id": "r", "author": B, "emoji": "+"}]
+    assert v.apply(B, "/topics/t/reactions/r", None).messages == {("t", A, "1"): True}
+    assert v.render("t", A, "1")["reactions"] == []
+    assert v.apply(A, "/topics/t/1", None).messages == {("t", A, "1"): False}
+    assert v.remove_repo(B).profiles == {B}
