@@ -18,17 +18,15 @@ from dataclasses import dataclass, field
 
 import trio
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from protocol.errors import FormatError, PathError
 
 from .. import __version__
-from ..errors import USER_ERRORS, Conflict, NotFound, PttError
+from ..errors import Conflict, NotFound, PttError
+from ..web import AsgiEndpoint, answer, make_app, not_allowed
 from . import chat
 from .chat import BadInput, ChatUser
 from .service import BACKLOG_PAGE, Forbidden, Gateway, ServerError, Unauthorized
@@ -60,10 +58,6 @@ def _status(exc: BaseException) -> int:
     if isinstance(exc, ServerError):
         return 500
     return 400
-
-
-def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 # --- schemas for the OpenAPI description -------------------------------------------------
@@ -604,8 +598,9 @@ def _endpoint(gw: Gateway, ops: dict[str, Op]):
     async def endpoint(request: Request) -> Response:
         op = ops.get(request.method)
         if op is None:
-            return error(405, f"{request.method} is not allowed here", {"Allow": ", ".join(sorted(ops))})
-        try:
+            return not_allowed(request, ops)
+
+        async def call():
             user = await gw.authenticate(_token(request)) if op.auth else None
             data = await _read_body(request, gw.cfg.max_body) if op.body is not None else None
             params = dict(request.path_params)
@@ -613,31 +608,11 @@ def _endpoint(gw: Gateway, ops: dict[str, Op]):
                 params["topic"] = chat.check_id(params["topic"], "topic", topic=True)
             if "post" in params:
                 params["post"] = chat.check_id(params["post"], "post")
-            result = await op.handler(gw, request, data, user, **params)
-        except USER_ERRORS as exc:
-            status = _status(exc)
-            if status >= 500:
-                log.error("%s %s: %s", request.method, request.url.path, exc)
-            return error(status, str(exc))
-        except ClientDisconnect:
-            return error(400, "the client went away before its request was complete")
-        except Exception:
-            log.exception("%s %s failed", request.method, request.url.path)
-            return error(500, "internal error (logged by the gateway)")
-        if isinstance(result, Response):
-            return result
-        return JSONResponse({"result": result})
+            return await op.handler(gw, request, data, user, **params)
+
+        return await answer(request, call, _status)
 
     return endpoint
-
-
-class _AsgiEndpoint:
-    def __init__(self, handler):
-        self.handler = handler
-
-    async def __call__(self, scope, receive, send) -> None:
-        response = await self.handler(Request(scope, receive))
-        await response(scope, receive, send)
 
 
 def openapi() -> dict:
@@ -712,27 +687,12 @@ def build_app(gw: Gateway) -> Starlette:
     # fixed segments before parameters: /topics/x/curators is not the post "curators"
     order = sorted(by_path, key=lambda p: (p.count("/"), p.count("{")))
     # an ASGI endpoint gets every method: it answers 405 naming the methods it has
-    routes = [Route(p, _AsgiEndpoint(_endpoint(gw, by_path[p]))) for p in order]
+    routes = [Route(p, AsgiEndpoint(_endpoint(gw, by_path[p]))) for p in order]
     spec = openapi()
 
     async def openapi_json(request: Request) -> Response:
         return JSONResponse(spec)
 
     routes.append(Route("/openapi.json", openapi_json, methods=["GET"]))
-
-    async def http_error(request: Request, exc: HTTPException) -> Response:
-        if exc.status_code == 404:
-            return error(404, f"no such route: {request.method} {request.url.path}")
-        return error(exc.status_code, exc.detail or "request refused", getattr(exc, "headers", None))
-
-    middleware = []
-    if gw.cfg.cors_origins:
-        middleware.append(
-            Middleware(
-                CORSMiddleware,
-                allow_origins=gw.cfg.cors_origins,
-                allow_methods=["GET", "POST", "PUT", "DELETE"],
-                allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
-            )
-        )
-    return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: http_error})
+    headers = ["Authorization", "Content-Type", "Last-Event-ID"]
+    return make_app(routes, gw.cfg.cors_origins, ["GET", "POST", "PUT", "DELETE"], headers)

@@ -215,7 +215,7 @@ class _Connection:
             except Exception:
                 log.exception("%s %s failed", scope["method"], scope["path"])
                 if not started:
-                    await self._simple(500, b"internal error (logged by the gateway)")
+                    await self._simple(500, b"internal error (logged by the daemon)")
                     finished = True
             finally:
                 finished = True

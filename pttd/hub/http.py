@@ -20,16 +20,14 @@ import logging
 
 import trio
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from ..errors import USER_ERRORS, NotFound
+from ..errors import NotFound
 from ..gateway.chat import BadInput, check_id
-from ..gateway.http import KEEPALIVE, MAX_LIMIT, TooLarge, _AsgiEndpoint, _int_param, error
+from ..gateway.http import KEEPALIVE, MAX_LIMIT, TooLarge, _int_param, _sse
+from ..web import AsgiEndpoint, answer, make_app, not_allowed
 from .service import Hub, HubBadInput, HubError, HubStream
 
 log = logging.getLogger("pttd.http")
@@ -115,10 +113,10 @@ def build_hub_app(hub: Hub, cors_origins: list[str]) -> Starlette:
             try:
                 yield "retry: 1000\n\n"
                 if snapshot is not None:
-                    yield _sse_id(hub.event_id(top), "snapshot", snapshot)
+                    yield _sse(hub.event_id(top), "snapshot", snapshot)
                 else:
                     for d in missed:
-                        yield _sse_id(hub.event_id(d.id), d.kind, hub.payload(d, reader))
+                        yield _sse(hub.event_id(d.id), d.kind, hub.payload(d, reader))
                 while True:
                     with trio.move_on_after(KEEPALIVE) as idle:
                         try:
@@ -130,7 +128,7 @@ def build_hub_app(hub: Hub, cors_origins: list[str]) -> Starlette:
                         continue
                     if d.id <= top:
                         continue
-                    yield _sse_id(hub.event_id(d.id), d.kind, hub.payload(d, reader))
+                    yield _sse(hub.event_id(d.id), d.kind, hub.payload(d, reader))
             finally:
                 hub.streams.discard(stream)
 
@@ -153,39 +151,10 @@ def build_hub_app(hub: Hub, cors_origins: list[str]) -> Starlette:
         async def handle(request: Request) -> Response:
             fn = methods.get(request.method)
             if fn is None:
-                return error(405, f"{request.method} is not allowed here", {"Allow": ", ".join(sorted(methods))})
-            try:
-                result = await fn(request)
-            except USER_ERRORS as exc:
-                return error(_status(exc), str(exc))
-            except Exception:
-                log.exception("%s %s failed", request.method, request.url.path)
-                return error(500, "internal error (logged by the hub)")
-            if isinstance(result, Response):
-                return result
-            return JSONResponse({"result": result})
+                return not_allowed(request, methods)
+            return await answer(request, lambda: fn(request), _status)
 
         return handle
 
-    routes = [Route(p, _AsgiEndpoint(endpoint(m))) for p, m in table.items()]
-
-    async def http_error(request: Request, exc: HTTPException) -> Response:
-        if exc.status_code == 404:
-            return error(404, f"no such route: {request.method} {request.url.path}")
-        return error(exc.status_code, exc.detail or "request refused", getattr(exc, "headers", None))
-
-    middleware = []
-    if cors_origins:
-        middleware.append(
-            Middleware(
-                CORSMiddleware,
-                allow_origins=cors_origins,
-                allow_methods=["GET", "POST"],
-                allow_headers=["Content-Type", "Last-Event-ID"],
-            )
-        )
-    return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: http_error})
-
-
-def _sse_id(eid: str, kind: str, payload) -> str:
-    return f"id: {eid}\nevent: {kind}\ndata: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
+    routes = [Route(p, AsgiEndpoint(endpoint(m))) for p, m in table.items()]
+    return make_app(routes, cors_origins, ["GET", "POST"], ["Content-Type", "Last-Event-ID"])
