@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("key")
     s.add_argument("text")
     sub.add_parser("dms", help="chat: direct-message conversations, opened")
+    s = sub.add_parser("replicate", help="replicator: keep a repository whole and live (pin it)")
+    s.add_argument("key")
+    s = sub.add_parser("unreplicate", help="replicator: stop keeping a repository (its data stays until gc)")
+    s.add_argument("key")
     s = sub.add_parser("join", help="join a hub (its wire address) with this data directory's repository")
     s.add_argument("hub", metavar="HOST:PORT")
     s.add_argument("--token", default="", help="the hub's join token, if it asks for one")
@@ -120,6 +124,8 @@ DAEMON_COMMANDS = (
     "dm",
     "dms",
     "join",
+    "replicate",
+    "unreplicate",
 )
 
 
@@ -178,6 +184,17 @@ def _human_daemon(command: str, d: dict, out) -> None:
         print(f"{len(d['peers'])} peers", file=out)
         for f in d["follows"]:
             _print_follow(f, out)
+        if "pins" in d:
+            print(
+                f"{len(d['pins'])} pinned repositories (version, lag behind the newest head seen, last sync):", file=out
+            )
+            for f in d["pins"]:
+                when = (
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(f["last_sync"]))
+                    if f.get("last_sync")
+                    else "never"
+                )
+                print(f"  {f['repository']}  version {f.get('version')}  lag {f.get('lag')}  synced {when}", file=out)
     elif command == "peers":
         for p in d["peers"]:
             print(f"{p['id'][:16]}  {p['address']:<22} {p['direction']:>3}  {p['mode']}", file=out)
@@ -203,6 +220,10 @@ def _human_daemon(command: str, d: dict, out) -> None:
             print(f"{f['key']}  {f.get('name', '')}".rstrip(), file=out)
     elif command == "dm":
         print(f"sent {d['dm']['id']} to {d['dm']['to']}", file=out)
+    elif command == "replicate":
+        _print_follow(d, out)
+    elif command == "unreplicate":
+        print(f"no longer replicating {d['repository']}", file=out)
     elif command == "join":
         print(f"{d['repository']} joined {d['hub']}: {d['message']}", file=out)
     elif command == "dms":
@@ -315,6 +336,8 @@ def _remote(client: ControlClient, args: argparse.Namespace) -> commands.Result:
         return commands.Result(_chat_call(client, args))
     if c == "join":
         return commands.Result(client.call("join", {"hub": args.hub, "token": args.token, "repo": args.repo}))
+    if c in ("replicate", "unreplicate"):
+        return commands.Result(client.call(c, {"repo": args.key}))
     progress = _progress_bar if c == "sync" and not args.json and sys.stderr.isatty() else None
     data = client.call(c, a, on_progress=progress)
     if progress:

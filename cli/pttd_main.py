@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--http",
         metavar="HOST:PORT",
-        help="gateway and hub modes: the HTTP API (default 0.0.0.0:9988 for a gateway, 9989 for a hub)",
+        help="gateway, hub and replicator modes: the HTTP API (default port 9988, 9989 and 10237)",
     )
     s.add_argument("--control", metavar="PATH", help="control socket (default <data-dir>/control.sock)")
     s.add_argument(
@@ -104,7 +104,7 @@ def make_config(args: argparse.Namespace) -> config_mod.Config:
     if args.listen:
         cfg.wire.listen = args.listen
     if args.http:  # the HTTP API of the mode that has one
-        cfg.gateway.http = cfg.hub.http = args.http
+        cfg.gateway.http = cfg.hub.http = cfg.replicator.http = args.http
     if args.control:
         cfg.control = args.control
     if args.log_level:

@@ -194,6 +194,11 @@ def _check_announce(m: dict) -> None:
     _ports(m.get("ports"))
 
 
+def _check_pin(m: dict) -> None:
+    _uint(m.get("id"), "id")
+    _bin32(m.get("repo"), "repo")
+
+
 def _check_error(m: dict) -> None:
     _text(m.get("code"), "code", 64)
     _text(m.get("message"), "message")
@@ -215,6 +220,7 @@ FIELDS: dict[str, tuple[frozenset[str], Any]] = {
     "lookup": (frozenset({"id", "repo"}), _check_lookup),
     "found": (frozenset({"id", "addresses"}), _check_found),
     "announce": (frozenset({"repos", "ports"}), _check_announce),
+    "pin": (frozenset({"id", "repo"}), _check_pin),
 }
 
 

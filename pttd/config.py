@@ -16,6 +16,7 @@ from .errors import PttError
 DEFAULT_PORT = 9987
 DEFAULT_HTTP_PORT = 9988
 DEFAULT_HUB_PORT = 9989
+DEFAULT_REPLICATOR_PORT = 10237
 
 
 class ConfigError(PttError):
@@ -53,6 +54,7 @@ class GatewayConfig:
     group_max: int = 256  # writes of many users sharing one store transaction
     user_cache: int = 4096  # hosted users kept decoded in memory
     event_retention: int = 100_000  # live-stream events kept for Last-Event-ID
+    replicators: list[str] = field(default_factory=list)  # wire addresses: asked to pin users' friends
 
 
 @dataclass
@@ -71,6 +73,14 @@ class HubConfig:
 
 
 @dataclass
+class ReplicatorConfig:
+    http: str = f"0.0.0.0:{DEFAULT_REPLICATOR_PORT}"  # POST /load of the old API (replicator mode)
+    pins: list[str] = field(default_factory=list)  # repository keys always kept, besides those pinned later
+    max_repos: int = 10_000  # pinned repositories at most
+    max_bytes: int = 0  # a pin is refused once the store is this large (0: no limit)
+
+
+@dataclass
 class Config:
     data_dir: str | None = None
     mode: str = "node"
@@ -85,6 +95,7 @@ class Config:
     wire: WireConfig = field(default_factory=WireConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+    replicator: ReplicatorConfig = field(default_factory=ReplicatorConfig)
 
 
 # section -> {key: (object path, type)}
@@ -100,6 +111,7 @@ _LAYOUT: dict[str, dict[str, tuple[str, type]]] = {
     "wire": {},
     "gateway": {},
     "hub": {},
+    "replicator": {},
 }
 for _f in dataclasses.fields(WireConfig):
     _LAYOUT["wire"][_f.name] = ("wire." + _f.name, type(getattr(WireConfig(), _f.name)))
@@ -107,6 +119,8 @@ for _f in dataclasses.fields(GatewayConfig):
     _LAYOUT["gateway"][_f.name] = ("gateway." + _f.name, type(getattr(GatewayConfig(), _f.name)))
 for _f in dataclasses.fields(HubConfig):
     _LAYOUT["hub"][_f.name] = ("hub." + _f.name, type(getattr(HubConfig(), _f.name)))
+for _f in dataclasses.fields(ReplicatorConfig):
+    _LAYOUT["replicator"][_f.name] = ("replicator." + _f.name, type(getattr(ReplicatorConfig(), _f.name)))
 
 
 def _set(cfg: Config, dotted: str, value) -> None:
@@ -183,6 +197,15 @@ def validate(cfg: Config, where: str = "settings") -> None:
     for name in ("max_body", "group_max", "user_cache", "event_retention"):
         if getattr(g, name) < 1:
             raise ConfigError(f"{where}: [gateway] {name} must be at least 1")
+    r = cfg.replicator
+    parse_address(r.http)
+    if r.max_repos < 1 or r.max_bytes < 0:
+        raise ConfigError(f"{where}: [replicator] max_repos must be at least 1 and max_bytes not negative")
+    for k in r.pins:
+        if len(k) != 64 or any(c not in "0123456789abcdef" for c in k):
+            raise ConfigError(f"{where}: [replicator] pins: {k!r} is not a repository key (64 lowercase hex digits)")
+    for a in cfg.gateway.replicators:
+        parse_address(a)
     h = cfg.hub
     parse_address(h.http)
     for name in ("max_repos", "max_topics_per_repo", "max_messages_per_repo", "max_message_bytes", "stream_history"):

@@ -162,7 +162,10 @@ class ControlServer:
             async with node.gate.alone():
                 return (await node.db(commands.gc, dd, keep=args.get("keep"))).data
         if cmd == "status":
-            return node.status()
+            st = node.status()
+            if node.replicator is not None:
+                st["pins"] = node.replicator.status()
+            return st
         if cmd == "peers":
             return {"peers": node.status()["peers"]}
         if cmd == "follow":
@@ -206,6 +209,12 @@ class ControlServer:
             if f.local_seq is None:
                 raise PttError(f"no peer holds {key.hex()} ({f.error or 'nothing offered'})")
             return info
+        if cmd in ("replicate", "unreplicate"):
+            rep = node.replicator
+            if rep is None:
+                raise PttError("this daemon is not a replicator (start it with --mode replicator)")
+            key = _hex_key(args.get("repo"))
+            return await (rep.pin(key) if cmd == "replicate" else rep.unpin(key))
         if cmd == "join":
             from .config import parse_address
 

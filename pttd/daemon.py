@@ -28,11 +28,12 @@ from .gateway.service import Gateway
 from .hub.http import build_hub_app
 from .hub.service import Hub
 from .node import Node
+from .replicator import Replicator, build_replicator_app
 
 log = logging.getLogger("pttd.daemon")
 
 MODES = ("node", "gateway", "hub", "replicator")
-IMPLEMENTED_MODES = ("node", "gateway", "hub")
+IMPLEMENTED_MODES = MODES
 # a gateway makes many small commits: smaller pages cost less to rewrite (measured: the
 # store thread's CPU per post 0.50 -> 0.43 ms from 64 to 16 KiB)
 GATEWAY_PAGE_SIZE = 16384
@@ -106,6 +107,7 @@ class Daemon:
         self.node: Node | None = None
         self.gateway: Gateway | None = None
         self.hub: Hub | None = None
+        self.replicator: Replicator | None = None
         self.http_addresses: list[str] = []  # http://host:port, once serving
         self._stop = trio.Event()
 
@@ -149,6 +151,13 @@ class Daemon:
                     "listen": node.listen_addresses,
                     "control": self.control_path,
                 }
+                if self.mode == "replicator":
+                    rep = self.replicator = Replicator(node)
+                    await nursery.start(rep.run)
+                    app = build_replicator_app(rep, self.cfg.gateway.cors_origins)
+                    self.http_addresses = await nursery.start(serve_http, app, self.cfg.replicator.http)
+                    run_info["http"] = self.http_addresses
+                    log.info("replicator HTTP API on %s", ", ".join(self.http_addresses))
                 if self.mode == "hub":
                     hub = self.hub = Hub(node)
                     await nursery.start(hub.run)

@@ -185,6 +185,7 @@ class Node:
         # called after a followed repository's new version is stored: (key, old root or None, new root)
         self.synced_hooks: list = []
         self.rendezvous = None  # a hub: answers join and lookup, hears announce
+        self.replicator = None  # a replicator: answers pin
 
     async def db(self, fn, *args, **kwargs):
         """Run a store call on the store's thread (one at a time)."""
@@ -347,7 +348,10 @@ class Node:
             except PeerGone:
                 return
         if peer.dialed in self.cfg.hubs:  # tell a hub what we serve, for its lookups
-            owned = await self.db(self.store.query, "SELECT key FROM repos WHERE owned=1 ORDER BY id LIMIT 4096")
+            owned = await self.db(
+                self.store.query,
+                "SELECT key FROM repos WHERE owned=1 UNION SELECT repo FROM pins LIMIT 4096",
+            )
             try:
                 await peer.send({"t": "announce", "repos": [r[0] for r in owned], "ports": self.listen_ports()})
             except PeerGone:
@@ -380,6 +384,14 @@ class Node:
                     return {"t": "joined", "id": msg["id"], "ok": False, "message": "this daemon is not a hub"}
                 ok, text = await self.rendezvous.join_from_peer(peer, msg)
                 return {"t": "joined", "id": msg["id"], "ok": ok, "message": text}
+            if t == "pin":  # answered like a join: joined {ok, message}
+                if self.replicator is None:
+                    return {"t": "joined", "id": msg["id"], "ok": False, "message": "this daemon is not a replicator"}
+                try:
+                    await self.replicator.pin(msg["repo"])
+                except PttError as exc:
+                    return {"t": "joined", "id": msg["id"], "ok": False, "message": str(exc)[:1000]}
+                return {"t": "joined", "id": msg["id"], "ok": True, "message": "pinned"}
             if t == "lookup":
                 found = self.rendezvous.lookup(msg["repo"]) if self.rendezvous is not None else []
                 return {"t": "found", "id": msg["id"], "addresses": found[:16]}
@@ -592,6 +604,17 @@ class Node:
             raise PttError(f"hub {hub} answered {ans['t']}")
         if not ans["ok"]:
             raise PttError(f"hub {hub} refused: {ans['message']}")
+        return ans["message"]
+
+    async def ask_to_pin(self, replicator: str, key: bytes, timeout: float = 30.0) -> str:
+        """Ask the replicator at ``replicator`` (a wire address) to keep ``key``."""
+        peer = await self.peer_for(replicator, timeout)
+        try:
+            ans = await peer.request({"t": "pin", "repo": key})
+        except PeerGone as exc:
+            raise PttError(f"replicator {replicator}: {exc}") from None
+        if ans["t"] != "joined" or not ans["ok"]:
+            raise PttError(f"replicator {replicator} refused: {ans.get('message')}")
         return ans["message"]
 
     async def look_up(self, key: bytes) -> list[str]:

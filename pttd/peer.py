@@ -167,7 +167,7 @@ class Peer:
                 self.node.on_head(self, msg)
             elif t == "announce":
                 self.node.on_announce(self, msg)
-            elif t in ("want", "get", "ping", "join", "lookup"):
+            elif t in ("want", "get", "ping", "join", "lookup", "pin"):
                 try:
                     requests.send_nowait(msg)
                 except trio.WouldBlock:

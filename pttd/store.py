@@ -35,7 +35,7 @@ from .errors import CorruptBlock, DataDirError, ForkDetected, MissingBlock, NotF
 
 log = logging.getLogger("pttd.store")
 
-SCHEMA_VERSION = 4  # 2: follows and partial (issue 3); 3: the gateway's tables (issue 4); 4: hub joins
+SCHEMA_VERSION = 5  # 2: follows, partial (issue 3); 3: gateway tables (issue 4); 4: hub joins; 5: pins
 # 64 KiB: chunks of 4-32 KiB left 16 KiB pages about 64% full (104 MB of pages for a
 # 64 MiB value); 64 KiB pages fill about 90%, which took storing a large value from
 # ~110-170 to ~210-260 MB/s here, with small writes no slower.
@@ -127,6 +127,8 @@ CREATE TABLE IF NOT EXISTS gw_dms(
 CREATE TABLE IF NOT EXISTS gw_friends(friend BLOB NOT NULL, user BLOB NOT NULL, PRIMARY KEY(friend, user)) WITHOUT ROWID;
 -- Hub mode: the repositories that joined, and where they said they are served.
 CREATE TABLE IF NOT EXISTS hub_joins(repo BLOB PRIMARY KEY, addresses TEXT NOT NULL, joined INTEGER NOT NULL);
+-- Replicator mode: the repositories pinned (kept whole and live, served to anyone).
+CREATE TABLE IF NOT EXISTS pins(repo BLOB PRIMARY KEY, added INTEGER NOT NULL);
 """
 
 

@@ -14,6 +14,7 @@ from tests.netutil import start_daemon
 
 @asynccontextmanager
 async def gateway(tmp_path, name: str = "gw", peers=(), **gw_options):
+    """A gateway daemon (test logins and registration on) with an HTTP client as ``.web``."""
     options = {"test_login": True, "registration": True}
     options.update(gw_options)
     async with trio.open_nursery() as nursery:

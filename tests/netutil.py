@@ -20,6 +20,7 @@ def fast_config(
     peers=(),
     hub: dict | None = None,
     hubs=(),
+    replicator: dict | None = None,
     **wire,
 ) -> Config:
     cfg = Config(data_dir=data_dir, synchronous="NORMAL", mode=mode, peers=list(peers), hubs=list(hubs))
@@ -30,6 +31,9 @@ def fast_config(
         setattr(cfg.gateway, k, v)
     for k, v in (hub or {}).items():
         setattr(cfg.hub, k, v)
+    cfg.replicator.http = "127.0.0.1:0"
+    for k, v in (replicator or {}).items():
+        setattr(cfg.replicator, k, v)
     cfg.wire.reconnect_min = 0.05
     cfg.wire.reconnect_max = 0.5
     for k, v in wire.items():

@@ -115,11 +115,13 @@ def test_config_file_and_flags(tmp_path):
     assert proc.returncode == 2 and "unknown setting 'windw' in [wire]" in err
 
 
-def test_unavailable_mode_is_a_clear_error(tmp_path):
-    proc = start(tmp_path / "d", "--mode", "replicator")
+def test_an_unknown_mode_is_a_clear_error(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[daemon]\nmode = "relay"\n')
+    proc = start(tmp_path / "d", "--config", str(cfg))
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 1
-    assert "mode 'replicator' is not available" in err and "Traceback" not in err
+    assert proc.returncode == 2
+    assert "mode 'relay' is not one of node, gateway, hub, replicator" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "d" / "run.json")
 
 
@@ -191,10 +193,16 @@ def test_config_example_lists_every_setting_with_its_default():
     cfg = load(path)
     text = open(path).read()
     defaults = Config()
-    for section, obj, default in (("wire", cfg.wire, defaults.wire), ("gateway", cfg.gateway, defaults.gateway)):
+    sections = (
+        ("wire", cfg.wire, defaults.wire),
+        ("gateway", cfg.gateway, defaults.gateway),
+        ("hub", cfg.hub, defaults.hub),
+        ("replicator", cfg.replicator, defaults.replicator),
+    )
+    for section, obj, default in sections:
         for f in dataclasses.fields(obj):
             # set to its default, or shown commented out
             assert getattr(obj, f.name) == getattr(default, f.name) or f.name in ("listen", "http"), (section, f.name)
             assert re.search(rf"^#?\s*{f.name}\s*=", text, re.M), f"config.example.toml lacks [{section}] {f.name}"
-    for name in ("synchronous", "page_size", "mode", "log_level", "control", "data_dir"):
+    for name in ("synchronous", "page_size", "mode", "log_level", "control", "data_dir", "static", "hubs"):
         assert re.search(rf"^#?\s*{name}\s*=", text, re.M), name

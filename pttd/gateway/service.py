@@ -505,7 +505,11 @@ class Gateway:
         return await self.write(u, fn)
 
     async def _follow_gossip(self, key: bytes) -> None:
-        """Follow a friend's direct-message envelopes (hosted elsewhere) from any peer."""
+        """Follow a friend's direct-message envelopes (hosted elsewhere) from any peer,
+        and ask the configured replicators to keep the friend's repository (so that the
+        envelopes arrive while the friend's gateway is offline)."""
+        for rep in self.cfg.replicators:
+            self._nursery.start_soon(self._ask_pin, rep, key)
         f = self.node.follows.get(key)
         prefix = f"/topics/{GOSSIP}/"
         if f is not None and f.persistent and any(prefix.startswith(p) for p in f.prefixes):
@@ -515,6 +519,13 @@ class Gateway:
             await self.node.follow(key, prefixes, [])
         except Exception as exc:
             log.warning("cannot follow %s for its direct messages: %s", key.hex()[:16], exc)
+
+    async def _ask_pin(self, replicator: str, key: bytes) -> None:
+        try:
+            await self.node.ask_to_pin(replicator, key)
+            log.info("replicator %s keeps %s", replicator, key.hex()[:16])
+        except Exception as exc:
+            log.warning("replicator %s did not pin %s: %s", replicator, key.hex()[:16], exc)
 
     async def send_dm(self, u: ChatUser, recipients: list[bytes], msg: dict, channel: dict | None):
         def fn(b: Batch, tx: Tx):

@@ -1,0 +1,130 @@
+"""Replicator mode: pinned repositories kept whole and live, and served to anyone.
+
+A pin is a row of ``pins`` and a persistent follow of the whole repository (``/``) from
+any peer that serves it (static peers, hubs' rendezvous, whoever connects). Pins come
+from ``[replicator] pins``, ``pttctl replicate KEY``, the old ``POST /load {"key": HEX}``
+on the replicator's HTTP port, and a gateway's ``pin`` over the wire (when one of its
+users adds a friend). Past ``max_repos`` pinned repositories, or a store of ``max_bytes``,
+a new pin is refused with a clear error. A replicator with ``[peers] hubs`` announces
+what it holds, so others find it through their hubs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+from starlette.requests import Request
+from starlette.routing import Route
+
+from .errors import NotFound, PttError
+from .gateway.chat import BadInput, check_key
+from .web import AsgiEndpoint, answer, make_app, not_allowed
+
+log = logging.getLogger("pttd.replicator")
+
+
+class PinRefused(PttError):
+    """A pin past the replicator's limits (HTTP 403)."""
+
+
+class Replicator:
+    def __init__(self, node):
+        self.node = node
+        self.store = node.store
+        self.cfg = node.cfg.replicator
+        self.pinned: set[bytes] = set()
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.node.replicator = self
+        rows = await self.node.db(self.store.query, "SELECT repo FROM pins")
+        self.pinned = {r[0] for r in rows}
+        for k in self.cfg.pins:
+            await self.pin(bytes.fromhex(k))
+        for key in self.pinned:
+            f = self.node.follows.get(key)
+            if f is None or f.prefixes != ["/"]:
+                await self.node.follow(key, ["/"], [])
+        log.info("replicator: %d pinned repositories", len(self.pinned))
+        task_status.started()
+
+    async def pin(self, key: bytes) -> dict:
+        if key == self.node.id:
+            raise PinRefused("that is the replicator's own repository")
+        if key not in self.pinned:
+            if len(self.pinned) >= self.cfg.max_repos:
+                raise PinRefused(f"this replicator is full ({self.cfg.max_repos} repositories pinned)")
+            if self.cfg.max_bytes:
+                size = await self.node.db(self.store.file_size)
+                if size >= self.cfg.max_bytes:
+                    raise PinRefused(f"this replicator's store is full ({size} of {self.cfg.max_bytes} bytes)")
+            await self.node.db(
+                self.store.execute, "INSERT OR IGNORE INTO pins(repo, added) VALUES (?, ?)", (key, int(time.time()))
+            )
+            self.pinned.add(key)
+            log.info("replicator: pinned %s", key.hex()[:16])
+        f = await self.node.follow(key, ["/"], [])  # the whole repository, live, from anyone
+        return self.describe(key, f)
+
+    async def unpin(self, key: bytes) -> dict:
+        if key not in self.pinned:
+            raise NotFound(f"{key.hex()} is not pinned here")
+        await self.node.db(self.store.execute, "DELETE FROM pins WHERE repo=?", (key,))
+        self.pinned.discard(key)
+        await self.node.unfollow(key)
+        log.info("replicator: unpinned %s (its data stays until gc)", key.hex()[:16])
+        return {"repository": key.hex(), "pinned": False}
+
+    def describe(self, key: bytes, f=None) -> dict:
+        f = f or self.node.follows.get(key)
+        info = f.info() if f is not None else {"repository": key.hex(), "state": "not followed"}
+        info["pinned"] = True
+        return info
+
+    def status(self) -> list[dict]:
+        return [self.describe(k) for k in sorted(self.pinned)]
+
+
+def build_replicator_app(rep: Replicator, cors_origins: list[str]):
+    """The old replicator's HTTP call, ``POST /load {"key": HEX}``, and a status page."""
+
+    def status_of(exc: BaseException) -> int:
+        if isinstance(exc, PinRefused):
+            return 403
+        if isinstance(exc, NotFound):
+            return 404
+        return 400
+
+    async def load(request: Request):
+        import json
+
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            raise BadInput("body", "is not JSON") from None
+        if isinstance(body, dict) and isinstance(body.get("data"), dict):
+            body = body["data"]
+        if not isinstance(body, dict):
+            raise BadInput("body", 'must be an object {"key": HEX}')
+        return await rep.pin(check_key(body.get("key"), "key"))
+
+    async def pins(request: Request):
+        return rep.status()
+
+    async def health(request: Request):
+        return "ok"
+
+    table = {"/load": {"POST": load}, "/pins": {"GET": pins}, "/health": {"GET": health}}
+
+    def endpoint(methods: dict):
+        async def handle(request: Request):
+            fn = methods.get(request.method)
+            if fn is None:
+                return not_allowed(request, methods)
+            return await answer(request, lambda: fn(request), status_of)
+
+        return handle
+
+    routes = [Route(p, AsgiEndpoint(endpoint(m))) for p, m in table.items()]
+    return make_app(routes, cors_origins, ["GET", "POST"], ["Content-Type"])
