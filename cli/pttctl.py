@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("dms", help="chat: direct-message conversations, opened")
     s = sub.add_parser("replicate", help="replicator: keep a repository whole and live (pin it)")
     s.add_argument("key")
-    s = sub.add_parser("unreplicate", help="replicator: stop keeping a repository (its data stays until gc)")
+    s = sub.add_parser(
+        "unreplicate", help="replicator: stop keeping a repository (what was synced of it stays in the store)"
+    )
     s.add_argument("key")
     s = sub.add_parser("join", help="join a hub (its wire address) with this data directory's repository")
     s.add_argument("hub", metavar="HOST:PORT")
@@ -237,9 +239,10 @@ def _human_daemon(command: str, d: dict, out) -> None:
 
 def _print_follow(f: dict, out) -> None:
     v = f["version"] if f["version"] is not None else "-"
+    lag = f["lag"] if f.get("lag") is not None else "-"
     prefixes = ",".join(f["prefixes"])
     extra = f"  ({f['error']})" if f.get("error") else ""
-    print(f"{f['repository']}  {f['state']:<8} version {v}  lag {f['lag']}  {prefixes}{extra}", file=out)
+    print(f"{f['repository']}  {f['state']:<8} version {v}  lag {lag}  {prefixes}{extra}", file=out)
 
 
 def run(args: argparse.Namespace) -> commands.Result:

@@ -606,6 +606,15 @@ class Node:
             raise PttError(f"hub {hub} refused: {ans['message']}")
         return ans["message"]
 
+    async def announce_to_hubs(self, repos: list[bytes]) -> None:
+        """Tell the connected hubs at once that we serve ``repos`` (besides each session's start)."""
+        for p in list(self.peers):
+            if p.dialed in self.cfg.hubs and not p.reason:
+                try:
+                    await p.send({"t": "announce", "repos": repos[:4096], "ports": self.listen_ports()})
+                except PeerGone:
+                    pass
+
     async def ask_to_pin(self, replicator: str, key: bytes, timeout: float = 30.0) -> str:
         """Ask the replicator at ``replicator`` (a wire address) to keep ``key``."""
         peer = await self.peer_for(replicator, timeout)

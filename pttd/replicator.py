@@ -35,6 +35,7 @@ class Replicator:
         self.store = node.store
         self.cfg = node.cfg.replicator
         self.pinned: set[bytes] = set()
+        self._lock = trio.Lock()  # the limit check and the pin are one step
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.node.replicator = self
@@ -50,22 +51,28 @@ class Replicator:
         task_status.started()
 
     async def pin(self, key: bytes) -> dict:
+        check_key(key.hex(), "repository")  # a valid Ed25519 public key
         if key == self.node.id:
             raise PinRefused("that is the replicator's own repository")
-        if key not in self.pinned:
-            if len(self.pinned) >= self.cfg.max_repos:
-                raise PinRefused(f"this replicator is full ({self.cfg.max_repos} repositories pinned)")
-            if self.cfg.max_bytes:
-                size = await self.node.db(self.store.file_size)
-                if size >= self.cfg.max_bytes:
-                    raise PinRefused(f"this replicator's store is full ({size} of {self.cfg.max_bytes} bytes)")
-            await self.node.db(
-                self.store.execute, "INSERT OR IGNORE INTO pins(repo, added) VALUES (?, ?)", (key, int(time.time()))
-            )
-            self.pinned.add(key)
-            log.info("replicator: pinned %s", key.hex()[:16])
+        async with self._lock:
+            if key not in self.pinned:
+                await self._add(key)
         f = await self.node.follow(key, ["/"], [])  # the whole repository, live, from anyone
         return self.describe(key, f)
+
+    async def _add(self, key: bytes) -> None:
+        if len(self.pinned) >= self.cfg.max_repos:
+            raise PinRefused(f"this replicator is full ({self.cfg.max_repos} repositories pinned)")
+        if self.cfg.max_bytes:
+            size = await self.node.db(self.store.file_size)
+            if size >= self.cfg.max_bytes:
+                raise PinRefused(f"this replicator's store is full ({size} of {self.cfg.max_bytes} bytes)")
+        await self.node.db(
+            self.store.execute, "INSERT OR IGNORE INTO pins(repo, added) VALUES (?, ?)", (key, int(time.time()))
+        )
+        self.pinned.add(key)
+        log.info("replicator: pinned %s", key.hex()[:16])
+        await self.node.announce_to_hubs([key])
 
     async def unpin(self, key: bytes) -> dict:
         if key not in self.pinned:
@@ -73,7 +80,7 @@ class Replicator:
         await self.node.db(self.store.execute, "DELETE FROM pins WHERE repo=?", (key,))
         self.pinned.discard(key)
         await self.node.unfollow(key)
-        log.info("replicator: unpinned %s (its data stays until gc)", key.hex()[:16])
+        log.info("replicator: unpinned %s (what was synced of it stays in the store)", key.hex()[:16])
         return {"repository": key.hex(), "pinned": False}
 
     def describe(self, key: bytes, f=None) -> dict:
@@ -99,8 +106,13 @@ def build_replicator_app(rep: Replicator, cors_origins: list[str]):
     async def load(request: Request):
         import json
 
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > 64 * 1024:
+                raise BadInput("body", "is larger than 65536 bytes")
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except ValueError:
             raise BadInput("body", "is not JSON") from None
         if isinstance(body, dict) and isinstance(body.get("data"), dict):

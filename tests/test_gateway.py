@@ -539,3 +539,22 @@ async def test_slow_or_oversized_request_heads_are_cut_off(tmp_path, monkeypatch
         assert answer.startswith(b"HTTP/1.1 431")
         await s.aclose()
         assert result(await g.web.get("/health")) == "ok"
+
+
+async def test_adding_a_friend_delivers_their_envelopes_already_held(tmp_path):
+    async with gateway(tmp_path, "gw1") as g1:
+        async with gateway(tmp_path, "gw2", peers=[g1.address]) as g2:
+            alice, ha = await login(g1.web, "alice")
+            bob, hb = await login(g2.web, "bob")
+            dave, hd = await login(g2.web, "dave")
+            result(await g2.web.post("/friends", json={"data": alice}, headers=hb))  # gw2 follows alice's envelopes
+            sent = result(await g1.web.post("/dm", json={"data": {"key": dave, "message": "early"}}, headers=ha))
+            seq = await g1.node.db(lambda: g1.node.dd.repository(alice).head().seq)
+            await wait_for(lambda: g2.node.follows[bytes.fromhex(alice)].local_seq == seq, 10)
+            assert result(await g2.web.get("/dm", headers=hd)) == []  # not dave's friend yet: not tried for him
+            result(await g2.web.post("/friends", json={"data": alice}, headers=hd))
+            with trio.fail_after(10):
+                while not result(await g2.web.get("/dm", headers=hd)):
+                    await trio.sleep(0.02)
+            convs = result(await g2.web.get("/dm", headers=hd))
+            assert [m["id"] for m in convs[0]["messages"]] == [sent["id"]]

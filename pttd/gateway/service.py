@@ -183,6 +183,13 @@ class Gateway:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._writer)
+            if self.cfg.replicators and self.key is not None:
+                # every start: a pin asked before may have failed, or the replicator is new
+                rows = await self.node.db(self.store.query, "SELECT DISTINCT friend FROM gw_friends")
+                for (friend,) in rows:
+                    if friend != self.node.id and not await self.node.db(self.is_hosted, friend):
+                        for rep in self.cfg.replicators:
+                            nursery.start_soon(self._ask_pin, rep, friend)
             task_status.started()
 
     # --- users ------------------------------------------------------------------------
@@ -385,6 +392,7 @@ class Gateway:
                 self._dispatch(r.tx.events)
                 for k in r.tx.follows:  # not in the writer's way
                     self._nursery.start_soon(self._follow_gossip, k)
+                    self._nursery.start_soon(self._catch_up, k, r.user)
         for key in changed:
             await self.node.publish(key)
 
@@ -519,6 +527,15 @@ class Gateway:
             await self.node.follow(key, prefixes, [])
         except Exception as exc:
             log.warning("cannot follow %s for its direct messages: %s", key.hex()[:16], exc)
+
+    async def _catch_up(self, friend: bytes, u: ChatUser) -> None:
+        """A new friend whose envelopes this daemon already holds (another user follows
+        them): the ones for ``u`` are delivered now, not only those of later syncs."""
+        try:
+            root = await self.node.db(self.node._stored_root, friend, None)
+        except USER_ERRORS:
+            return  # nothing stored yet: the follow's first sync brings them
+        self._dispatch(await self.node.db(self._receive_envelopes, friend, None, root, [u]))
 
     async def _ask_pin(self, replicator: str, key: bytes) -> None:
         try:
