@@ -186,6 +186,7 @@ class Node:
         self.synced_hooks: list = []
         self.rendezvous = None  # a hub: answers join and lookup, hears announce
         self.replicator = None  # a replicator: answers pin
+        self._gone_hooks: dict[Peer, list] = {}
 
     async def db(self, fn, *args, **kwargs):
         """Run a store call on the store's thread (one at a time)."""
@@ -332,6 +333,8 @@ class Node:
             peer.reason = peer.reason or "internal error"
         finally:
             self.peers.discard(peer)
+            for fn in self._gone_hooks.pop(peer, ()):
+                fn()
             for f in self.follows.values():
                 f.offers.pop(peer, None)
                 f.no_head.discard(peer)
@@ -571,6 +574,13 @@ class Node:
                     self.ensure_dial(a)
             await trio.sleep(delay)
             delay = min(delay * 2, 30.0)
+
+    def on_peer_gone(self, peer: Peer, fn) -> None:
+        """Call ``fn()`` when the session with ``peer`` ends."""
+        if peer in self.peers:
+            self._gone_hooks.setdefault(peer, []).append(fn)
+        else:
+            fn()
 
     def on_announce(self, peer: Peer, msg: dict) -> None:
         """A peer says it serves these repositories (a hub keeps that for lookups)."""

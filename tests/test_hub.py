@@ -226,3 +226,26 @@ async def test_the_hub_stream_resumes_from_last_event_id_or_sends_a_new_snapshot
                 assert ev["event"] == "snapshot" and len(ev["data"]["topics"]["t"]) == 3
             hub.running.daemon.stop()
             await hub.web.aclose()
+
+
+async def test_a_repository_announced_to_a_hub_is_found_without_a_join(tmp_path):
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, tmp_path)
+        server = await start_daemon(nursery, str(tmp_path / "server"), hubs=[hub.running.address])
+        await server.call("put", path="/notes", value=b"announced, never joined")
+        version = (await server.call("log", limit=1))["versions"][0]["version"]
+        seeker = await start_daemon(nursery, str(tmp_path / "seeker"), hubs=[hub.running.address])
+        await seeker.call("follow", repo=server.id)
+        await seeker.call("wait", repo=server.id, version=version, timeout=15)
+        assert result(await hub.web.get("/hub.json"))["joined"] == 0
+        # what a peer announced is forgotten when its session ends
+        key = bytes.fromhex(server.id)
+        assert hub.running.daemon.hub.lookup(key)
+        server.daemon.stop()
+        await server.stopped.wait()
+        with trio.fail_after(10):
+            while hub.running.daemon.hub.lookup(key):
+                await trio.sleep(0.02)
+        for r in (hub.running, seeker):
+            r.daemon.stop()
+        await hub.web.aclose()

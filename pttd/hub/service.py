@@ -81,7 +81,7 @@ class Hub:
         self.next_id = 1
         self.streams: set[HubStream] = set()
         self.ready = trio.Event()
-        self.announced: dict[bytes, dict[str, float]] = {}  # repository -> address -> when announced
+        self.announced: dict = {}  # peer -> (its addresses, the repositories it said it serves)
         self._incomplete: set[str] = set()  # repositories whose view is to be read whole again
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -195,23 +195,18 @@ class Hub:
         return True, f"joined with addresses {', '.join(res['addresses'])}"[:1000]
 
     def announce(self, peer, repos: list[bytes], ports: list[int]) -> None:
-        now = time.monotonic()
-        for key in repos:
-            book = self.announced.setdefault(key, {})
-            for a in self._peer_addresses(peer, ports):
-                book[a] = now
-            if len(book) > MAX_ADDRESSES:  # the oldest go
-                for a in sorted(book, key=book.get)[: len(book) - MAX_ADDRESSES]:
-                    del book[a]
-        if len(self.announced) > 100 * self.cfg.max_repos:
-            self.announced.clear()  # a flood: announcements are repeated on every session
+        """What a peer serves, kept per peer: its latest announcement replaces its earlier
+        ones (bounded: peers x 4096 keys), and is forgotten when the peer leaves."""
+        if peer not in self.announced:
+            self.node.on_peer_gone(peer, lambda: self.announced.pop(peer, None))
+        self.announced[peer] = (self._peer_addresses(peer, ports), set(repos[:4096]))
 
     def lookup(self, key: bytes) -> list[str]:
         out = list(self.joined.get(key.hex(), []))
-        for a in sorted(self.announced.get(key, {}), key=lambda a: -self.announced[key][a]):
-            if a not in out:
-                out.append(a)
-        return out
+        for addresses, repos in self.announced.values():
+            if key in repos:
+                out += [a for a in addresses if a not in out]
+        return out[:16]
 
     # --- the view -------------------------------------------------------------------
 
