@@ -43,6 +43,7 @@ from .wire import Connection, WireError
 log = logging.getLogger("pttd.node")
 
 MAX_PUSHED_BLOCKS = 64
+MAX_FOUND = 16  # addresses a follow dials on the hubs' word
 QUICK_ROWS = 64  # a write of at most this many blocks may be made in place (db_quick)
 QUICK_BYTES = 256 << 10  # ... and of at most this many bytes
 CLEAN_ENDS = ("peer closed the connection",)  # not worth a warning
@@ -88,6 +89,7 @@ class Follow:
     changed: trio.Event = field(default_factory=trio.Event)
     scope: trio.CancelScope | None = None
     row: object = None  # the store's RepoRow, once looked up
+    found: set[str] = field(default_factory=set)  # addresses the hubs gave for it (dialed, at most MAX_FOUND)
 
     def notify(self) -> None:
         self.changed.set()
@@ -281,6 +283,13 @@ class Node:
         self._dialers[addr] = scope
         self._nursery.start_soon(self._dial_loop, addr, scope)
 
+    def _stop_unneeded(self, addresses: set[str]) -> None:
+        """Stop dialing those of ``addresses`` that no follow and no setting needs."""
+        needed = {a for g in self.follows.values() for a in set(g.peers) | g.found}
+        needed |= set(self.cfg.peers) | set(self.cfg.hubs)
+        for a in addresses - needed:
+            self.stop_dial(a)
+
     def stop_dial(self, addr: str) -> None:
         scope = self._dialers.pop(addr, None)
         if scope is not None:
@@ -351,12 +360,9 @@ class Node:
             except PeerGone:
                 return
         if peer.dialed in self.cfg.hubs:  # tell a hub what we serve, for its lookups
-            owned = await self.db(
-                self.store.query,
-                "SELECT key FROM repos WHERE owned=1 UNION SELECT repo FROM pins LIMIT 4096",
-            )
+            served = await self.db(self._served)
             try:
-                await peer.send({"t": "announce", "repos": [r[0] for r in owned], "ports": self.listen_ports()})
+                await peer.send({"t": "announce", "repos": served, "ports": self.listen_ports()})
             except PeerGone:
                 return
 
@@ -484,7 +490,12 @@ class Node:
 
     # --- following ------------------------------------------------------------------
 
-    async def follow(self, key: bytes, prefixes: list[str], peers: list[str], persistent: bool = True) -> Follow:
+    async def follow(
+        self, key: bytes, prefixes: list[str], peers: list[str], persistent: bool = True, replace_peers: bool = False
+    ) -> Follow:
+        """Follow ``key`` under ``prefixes`` from ``peers`` (and anyone who serves it).
+        An existing follow takes the new prefixes, and the peers added to its own
+        (``replace_peers``: instead of its own)."""
         for p in prefixes:
             validate_path(p.rstrip("/") or "/") if p != "/" else None
         for a in peers:
@@ -493,7 +504,10 @@ class Node:
             raise PttError("this is the daemon's own repository")
         f = self.follows.get(key)
         if f is not None and f.persistent and persistent:
-            f.prefixes, f.peers = prefixes or ["/"], sorted(set(f.peers) | set(peers))
+            dropped = set(f.peers) - set(peers) if replace_peers else set()
+            f.prefixes = prefixes or ["/"]
+            f.peers = sorted(set(peers)) if replace_peers else sorted(set(f.peers) | set(peers))
+            self._stop_unneeded(dropped)
             await self.db(self.store.set_follow, key, f.prefixes, f.peers)
             for a in peers:
                 self.ensure_dial(a)
@@ -558,10 +572,7 @@ class Node:
                 await p.send({"t": "unsub", "repo": key})
             except PeerGone:
                 pass
-        still_needed = {a for g in self.follows.values() for a in g.peers} | set(self.cfg.peers) | set(self.cfg.hubs)
-        for a in f.peers:
-            if a not in still_needed:
-                self.stop_dial(a)
+        self._stop_unneeded(set(f.peers) | f.found)
         return True
 
     async def _rendezvous(self, f: Follow) -> None:
@@ -570,7 +581,10 @@ class Node:
         delay = 0.2
         while self.follows.get(f.key) is f and f.local_seq is None:
             for a in await self.look_up(f.key):
-                if a not in self.listen_addresses:
+                if len(f.found) >= MAX_FOUND:  # a hub cannot make us dial without end
+                    break
+                if a not in self.listen_addresses and a not in f.found:
+                    f.found.add(a)
                     self.ensure_dial(a)
             await trio.sleep(delay)
             delay = min(delay * 2, 30.0)
@@ -616,12 +630,18 @@ class Node:
             raise PttError(f"hub {hub} refused: {ans['message']}")
         return ans["message"]
 
-    async def announce_to_hubs(self, repos: list[bytes]) -> None:
-        """Tell the connected hubs at once that we serve ``repos`` (besides each session's start)."""
+    def _served(self) -> list[bytes]:
+        return [
+            r[0] for r in self.store.query("SELECT key FROM repos WHERE owned=1 UNION SELECT repo FROM pins LIMIT 4096")
+        ]
+
+    async def announce_to_hubs(self) -> None:
+        """Tell the connected hubs at once all we serve (an announcement replaces the last)."""
+        served = await self.db(self._served)
         for p in list(self.peers):
             if p.dialed in self.cfg.hubs and not p.reason:
                 try:
-                    await p.send({"t": "announce", "repos": repos[:4096], "ports": self.listen_ports()})
+                    await p.send({"t": "announce", "repos": served, "ports": self.listen_ports()})
                 except PeerGone:
                     pass
 

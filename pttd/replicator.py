@@ -38,12 +38,12 @@ class Replicator:
         self._lock = trio.Lock()  # the limit check and the pin are one step
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        self.node.replicator = self
         rows = await self.node.db(self.store.query, "SELECT repo FROM pins")
         self.pinned = {r[0] for r in rows}
         for k in self.cfg.pins:
             await self.pin(bytes.fromhex(k))
-        for key in self.pinned:
+        self.node.replicator = self  # pins over the wire from here on
+        for key in list(self.pinned):
             f = self.node.follows.get(key)
             if f is None or f.prefixes != ["/"]:
                 await self.node.follow(key, ["/"], [])
@@ -72,7 +72,7 @@ class Replicator:
         )
         self.pinned.add(key)
         log.info("replicator: pinned %s", key.hex()[:16])
-        await self.node.announce_to_hubs([key])
+        await self.node.announce_to_hubs()
 
     async def unpin(self, key: bytes) -> dict:
         if key not in self.pinned:

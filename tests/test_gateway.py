@@ -550,7 +550,8 @@ async def test_adding_a_friend_delivers_their_envelopes_already_held(tmp_path):
             result(await g2.web.post("/friends", json={"data": alice}, headers=hb))  # gw2 follows alice's envelopes
             sent = result(await g1.web.post("/dm", json={"data": {"key": dave, "message": "early"}}, headers=ha))
             seq = await g1.node.db(lambda: g1.node.dd.repository(alice).head().seq)
-            await wait_for(lambda: g2.node.follows[bytes.fromhex(alice)].local_seq == seq, 10)
+            key = bytes.fromhex(alice)
+            await wait_for(lambda: key in g2.node.follows and g2.node.follows[key].local_seq == seq, 10)
             assert result(await g2.web.get("/dm", headers=hd)) == []  # not dave's friend yet: not tried for him
             result(await g2.web.post("/friends", json={"data": alice}, headers=hd))
             with trio.fail_after(10):

@@ -42,3 +42,27 @@ def test_changes_name_what_a_stream_must_send_again():
     assert v.render("t", A, "1")["reactions"] == []
     assert v.apply(A, "/topics/t/1", None).messages == {("t", A, "1"): False}
     assert v.remove_repo(B).profiles == {B}
+
+
+def test_records_that_would_break_readers_are_refused_or_made_safe():
+    v = View(limits=Limits(max_messages_per_repo=5))
+    no_id = json.dumps({"topic": "t", "date": 1, "message": {"type": "text", "value": "x"}}).encode()
+    v.apply(A, "/topics/t/m1", no_id)  # no id: the path gives it
+    assert v.messages("t")[0]["id"] == "m1"
+    v.apply(A, "/topics/t/m2", b'{"id": "m2", "date": 2, "message": {"type": "text", "value": NaN}}')
+    v.apply(A, "/topics/t/m3", b"[" * 5000 + b"]" * 5000)
+    assert [m["id"] for m in v.messages("t")] == ["m1"]
+    json.dumps(v.messages("t"), allow_nan=False)  # what a browser can read
+    # reactions and moderation records count toward the repository's limit
+    for i in range(10):
+        v.apply(B, f"/topics/t/reactions/r{i}", json.dumps({"msgID": "m1", "emoji": "+", "date": i}).encode())
+    assert len(v.render("t", A, "m1")["reactions"]) == 5
+
+
+def test_many_reactions_are_shown_in_part_with_their_total():
+    v = View(limits=Limits(max_messages_per_repo=10_000))
+    v.apply(A, "/topics/t/m", post("m", 1))
+    for i in range(250):
+        v.apply(B, f"/topics/t/reactions/r{i:03d}", json.dumps({"msgID": "m", "emoji": "+", "date": i}).encode())
+    shown = v.render("t", A, "m")
+    assert len(shown["reactions"]) == 200 and shown["reactions_total"] == 250

@@ -185,11 +185,13 @@ class Gateway:
             nursery.start_soon(self._writer)
             if self.cfg.replicators and self.key is not None:
                 # every start: a pin asked before may have failed, or the replicator is new
-                rows = await self.node.db(self.store.query, "SELECT DISTINCT friend FROM gw_friends")
-                for (friend,) in rows:
-                    if friend != self.node.id and not await self.node.db(self.is_hosted, friend):
-                        for rep in self.cfg.replicators:
-                            nursery.start_soon(self._ask_pin, rep, friend)
+                rows = await self.node.db(
+                    self.store.query,
+                    "SELECT DISTINCT friend FROM gw_friends WHERE friend NOT IN (SELECT repo FROM gw_users)",
+                )
+                friends = [f for (f,) in rows if f != self.node.id]
+                for rep in self.cfg.replicators:
+                    nursery.start_soon(self._ask_pins, rep, friends)
             task_status.started()
 
     # --- users ------------------------------------------------------------------------
@@ -535,7 +537,14 @@ class Gateway:
             root = await self.node.db(self.node._stored_root, friend, None)
         except USER_ERRORS:
             return  # nothing stored yet: the follow's first sync brings them
-        self._dispatch(await self.node.db(self._receive_envelopes, friend, None, root, [u]))
+        try:
+            self._dispatch(await self.node.db(self._receive_envelopes, friend, None, root, [u]))
+        except Exception:
+            log.exception("envelopes of %s for %s not taken", friend.hex()[:16], u.name)
+
+    async def _ask_pins(self, replicator: str, keys: list[bytes]) -> None:
+        for key in keys:  # one after the other, over one session
+            await self._ask_pin(replicator, key)
 
     async def _ask_pin(self, replicator: str, key: bytes) -> None:
         try:

@@ -103,13 +103,15 @@ def build_hub_app(hub: Hub, cors_origins: list[str]) -> Starlette:
     async def events(request: Request):
         reader = _reader(request)
         last = request.headers.get("last-event-id") or request.query_params.get("lastEventId")
-        stream = HubStream(reader)
-        hub.streams.add(stream)
-        missed = hub.since(last)
-        snapshot = hub.snapshot(reader) if missed is None else None
-        top = hub.next_id - 1
 
         async def body():
+            # registered where it is removed, with no await since the snapshot (no delta
+            # falls between), and only once the answer is really being sent
+            missed = hub.since(last)
+            snapshot = hub.snapshot(reader) if missed is None else None
+            top = hub.next_id - 1
+            stream = HubStream(reader)
+            hub.streams.add(stream)
             try:
                 yield "retry: 1000\n\n"
                 if snapshot is not None:

@@ -85,8 +85,8 @@ class Hub:
         self._incomplete: set[str] = set()  # repositories whose view is to be read whole again
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        # syncs that land while the view is built wait for it (applying a change twice is harmless)
         self.node.synced_hooks.append(self._on_synced)
-        self.node.rendezvous = self
         rows = await self.node.db(self.store.query, "SELECT repo, addresses FROM hub_joins")
         blocked = set(self.cfg.blocked)
         for key, addrs in rows:
@@ -95,16 +95,16 @@ class Hub:
                 continue
             self.joined[key.hex()] = json.loads(addrs)
         started = time.perf_counter()
-        for author in self.joined:
-            changes = await self.node.db(self._read_repo, author)
-            del changes  # nobody is streaming yet
+        for author in list(self.joined):
+            await self._load(author)  # nobody is streaming yet: the changes go nowhere
         log.info(
             "hub view built from %d repositories in %.2f s: %d topics",
             len(self.joined),
             time.perf_counter() - started,
             len(self.view.topics),
         )
-        for author, addrs in self.joined.items():
+        self.node.rendezvous = self  # wire joins and lookups from here on
+        for author, addrs in list(self.joined.items()):
             await self._follow(author, addrs)
         self.ready.set()
         task_status.started()
@@ -135,7 +135,7 @@ class Hub:
         await self._follow(k, merged)
         if new:
             log.info("hub: %s joined (addresses: %s)", k[:16], ", ".join(merged) or "none given")
-            self._publish(await self.node.db(self._read_repo, k))
+            self._publish(await self._load(k))
         return {"public_key": k, "addresses": merged, "joined": True}
 
     def leave_message(self, key: bytes) -> bytes:
@@ -168,10 +168,10 @@ class Hub:
 
     async def _follow(self, k: str, addresses: list[str]) -> None:
         f = self.node.follows.get(bytes.fromhex(k))
-        if f is not None and f.persistent and f.prefixes == PREFIXES and set(addresses) <= set(f.peers):
+        if f is not None and f.persistent and f.prefixes == PREFIXES and set(addresses) == set(f.peers):
             return  # followed so already (restarted from the store with the daemon)
-        try:
-            await self.node.follow(bytes.fromhex(k), PREFIXES, addresses)
+        try:  # the addresses of the join replace those before: no growing list to dial
+            await self.node.follow(bytes.fromhex(k), PREFIXES, addresses, replace_peers=True)
         except PttError as exc:
             log.warning("hub: cannot follow %s: %s", k[:16], exc)
 
@@ -210,58 +210,78 @@ class Hub:
 
     # --- the view -------------------------------------------------------------------
 
-    def _read_repo(self, author: str) -> Changes:
-        """On the store thread: everything of ``author`` under the prefixes, as stored."""
-        ch = Changes()
+    # The store thread only reads: it collects the entries, and the view (read by the
+    # event loop at any time) is changed on the event loop, never beside it.
+
+    def _read_repo(self, author: str) -> tuple[list[tuple[str, bytes | None]], bool]:
+        """On the store thread: ``author``'s entries under the prefixes as stored; and
+        whether that was all of them (not: not synced that far yet)."""
+        entries: list[tuple[str, bytes | None]] = []
         row = self.store.find_repo(bytes.fromhex(author))
         if row is None or self.store.head_seq(row) is None:
-            return ch
+            return entries, True
         repo = Repository(self.store, row, None)
         root = repo.head().commit.root
+        complete = True
         for prefix in _BPREFIXES:
             try:
                 for key, ref in tree.iterate(root, prefix, self.store.load_node):
-                    ch.merge(self._apply(repo, author, key, ref))
-            except USER_ERRORS as exc:  # not synced that far yet: read whole at the next sync
+                    entries.append((key_to_path(key), self._value(repo, ref)))
+            except USER_ERRORS as exc:
                 log.info("hub: %s not complete yet: %s", author[:16], exc)
-                self._incomplete.add(author)
-        return ch
+                complete = False
+        return entries, complete
 
-    def _apply(self, repo: Repository, author: str, key: bytes, ref) -> Changes:
-        if ref is None:
-            value = None
-        elif isinstance(ref, bytes):
-            value = ref
-        elif tree.ref_size(ref) > self.cfg.max_message_bytes:
-            value = b"x" * (self.cfg.max_message_bytes + 1)  # refused by size, unread
-        else:
-            try:
-                value = b"".join(repo._read_ref(ref))
-            except USER_ERRORS:
-                return Changes()
-        return self.view.apply(author, key_to_path(key), value)
+    def _value(self, repo: Repository, ref) -> bytes | None:
+        if ref is None or isinstance(ref, bytes):
+            return ref
+        if tree.ref_size(ref) > self.cfg.max_message_bytes:
+            return b"x" * (self.cfg.max_message_bytes + 1)  # refused by size, unread
+        try:
+            return b"".join(repo._read_ref(ref))
+        except USER_ERRORS:
+            return None
 
-    def _diff_repo(self, author: str, old_root: bytes | None, new_root: bytes) -> Changes:
-        if old_root is None or author in self._incomplete:
-            self._incomplete.discard(author)
-            ch = self.view.remove_repo(author)  # read whole again: what is gone goes too
-            ch.merge(self._read_repo(author))
-            return ch
-        ch = Changes()
+    def _diff_entries(self, author: str, old_root: bytes, new_root: bytes) -> tuple[list, bool]:
+        """On the store thread: the entries that changed under the prefixes."""
+        entries: list[tuple[str, bytes | None]] = []
         repo = Repository(self.store, self.store.find_repo(bytes.fromhex(author)), None)
         try:
             for key, _old, new in tree.diff(old_root, new_root, self.store.load_node, _BPREFIXES):
-                ch.merge(self._apply(repo, author, key, new))
+                entries.append((key_to_path(key), self._value(repo, new)))
         except USER_ERRORS as exc:
             log.info("hub: diff of %s stopped: %s", author[:16], exc)
-            self._incomplete.add(author)
+            return entries, False
+        return entries, True
+
+    def _feed(self, author: str, entries, complete: bool, whole: bool) -> Changes:
+        """On the event loop: the entries into the view (``whole``: they are all of the
+        repository, what is not among them goes)."""
+        ch = self.view.remove_repo(author) if whole else Changes()
+        for path, value in entries:
+            try:
+                ch.merge(self.view.apply(author, path, value))
+            except Exception:  # a bug of ours on some entry: that entry is skipped, not the rest
+                log.exception("hub: entry %s of %s not taken", path, author[:16])
+        if not complete:
+            self._incomplete.add(author)  # read whole at its next sync
         return ch
 
+    async def _load(self, author: str) -> Changes:
+        entries, complete = await self.node.db(self._read_repo, author)
+        return self._feed(author, entries, complete, whole=author in self.view.repos)
+
     async def _on_synced(self, key: bytes, old_root: bytes | None, new_root: bytes) -> None:
+        await self.ready.wait()
         author = key.hex()
         if author not in self.joined:
             return
-        self._publish(await self.node.db(self._diff_repo, author, old_root, new_root))
+        if old_root is None or author in self._incomplete:
+            self._incomplete.discard(author)
+            self._publish(await self._load(author))
+            return
+        entries, complete = await self.node.db(self._diff_entries, author, old_root, new_root)
+        self._publish(self._feed(author, entries, complete, whole=False))
 
     # --- deltas and streams ---------------------------------------------------------
 
@@ -289,7 +309,7 @@ class Hub:
         if not event_id:
             return None
         epoch, _, n = event_id.partition("-")
-        if epoch != self.epoch or not n.isdigit():
+        if epoch != self.epoch or not (n.isascii() and n.isdigit()):
             return None
         n = int(n)
         if n >= self.next_id:

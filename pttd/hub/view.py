@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 log = logging.getLogger("pttd.hub")
 
 GOSSIP = "__gossiping"
+MAX_REACTIONS_SHOWN = 200  # per message; the total is given beside when there are more
 FOLDERS = ("reactions", "moderation", "curators")
 
 
@@ -51,6 +52,7 @@ class _Repo:
     profile: dict = field(default_factory=dict)
     topics: dict[str, int] = field(default_factory=dict)  # topic -> messages taken from it
     messages: int = 0
+    records: int = 0  # reactions and moderation records taken
 
 
 class View:
@@ -116,9 +118,9 @@ class View:
             self._skip(author, f"{path}: {len(value)} bytes, more than {self.limits.max_message_bytes}")
             return None
         try:
-            return json.loads(value)
-        except ValueError:
-            self._skip(author, f"{path}: not JSON")
+            return json.loads(value, parse_constant=_no_constant)
+        except (ValueError, RecursionError):
+            self._skip(author, f"{path}: not JSON (or NaN, Infinity, or nested too deep)")
             return None
 
     def _skip(self, author: str, reason: str) -> None:
@@ -183,6 +185,14 @@ class View:
                 cur.pop(rid, None)
             return  # changes what a reader sees, not the view: streams recheck per reader
         index = self.reactions if kind == "reactions" else self.moderation
+        repo = self.repos[author]
+        if rec is not None and (kind, topic, author, rid) not in self._targets:
+            if repo.records >= self.limits.max_messages_per_repo:
+                self._skip(author, f"more than {self.limits.max_messages_per_repo} reactions and moderation records")
+                return
+            repo.records += 1
+        elif rec is None and (kind, topic, author, rid) in self._targets:
+            repo.records -= 1
         old_msg = self._targets.pop((kind, topic, author, rid), None)
         if old_msg is not None:
             recs = index.get((topic, old_msg), {})
@@ -225,7 +235,8 @@ class View:
         if reader is not None:
             trusted = trusted | {reader} | set(self.curators.get((topic, reader), {}).values())
         state = None
-        for (mod, _rid), rec in sorted(recs.items(), key=lambda kv: kv[1].get("date", 0)):
+        # the newest record wins; ties broken the same way live and after a restart
+        for (mod, _rid), rec in sorted(recs.items(), key=lambda kv: (kv[1].get("date", 0), kv[0])):
             if mod in trusted and rec.get("author", author) == author:
                 state = rec.get("type", "hide")
         return state == "hide"
@@ -235,13 +246,17 @@ class View:
         if post is None:
             return None
         out = dict(post)
+        out["id"], out["topic"] = mid, topic  # as its path says, whatever the record claims
         out["author"] = author
         out["name"] = self.name(author)
         reactions = []
         for (ra, rid), rec in self.reactions.get((topic, mid), {}).items():
             if rec.get("author", author) == author:
                 reactions.append({"id": rid, "author": ra, "emoji": rec.get("emoji")})
-        out["reactions"] = sorted(reactions, key=lambda r: (r["author"], r["id"]))
+        reactions.sort(key=lambda r: (r["author"], r["id"]))
+        out["reactions"] = reactions[:MAX_REACTIONS_SHOWN]
+        if len(reactions) > MAX_REACTIONS_SHOWN:
+            out["reactions_total"] = len(reactions)
         return out
 
     def messages(
@@ -269,6 +284,10 @@ class View:
     def profiles(self, authors=None) -> dict[str, dict]:
         keys = self.repos if authors is None else authors
         return {a: dict(self.repos[a].profile) for a in keys if a in self.repos}
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON a browser can read")
 
 
 def _valid_post(post, topic: str, mid: str) -> bool:
