@@ -55,6 +55,9 @@ class GatewayConfig:
     user_cache: int = 4096  # hosted users kept decoded in memory
     event_retention: int = 100_000  # live-stream events kept for Last-Event-ID
     replicators: list[str] = field(default_factory=list)  # wire addresses: asked to pin users' friends
+    login_window: float = 300.0  # seconds over which failed logins are counted
+    login_failures_per_account: int = 5  # more within the window: 429 for that account
+    login_failures_per_address: int = 20  # more within the window: 429 for that client address
 
 
 @dataclass
@@ -194,7 +197,16 @@ def validate(cfg: Config, where: str = "settings") -> None:
     parse_address(g.http)
     if g.token_ttl <= 0:
         raise ConfigError(f"{where}: [gateway] token_ttl must be positive")
-    for name in ("max_body", "group_max", "user_cache", "event_retention"):
+    if g.login_window <= 0:
+        raise ConfigError(f"{where}: [gateway] login_window must be positive")
+    for name in (
+        "max_body",
+        "group_max",
+        "user_cache",
+        "event_retention",
+        "login_failures_per_account",
+        "login_failures_per_address",
+    ):
         if getattr(g, name) < 1:
             raise ConfigError(f"{where}: [gateway] {name} must be at least 1")
     r = cfg.replicator

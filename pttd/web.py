@@ -33,7 +33,7 @@ async def answer(
         status = status_of(exc)
         if status >= 500:
             log.error("%s %s: %s", request.method, request.url.path, exc)
-        return error(status, str(exc))
+        return error(status, str(exc), getattr(exc, "headers", None))
     except ClientDisconnect:
         return error(400, "the client went away before its request was complete")
     except Exception:

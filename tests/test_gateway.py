@@ -559,3 +559,23 @@ async def test_adding_a_friend_delivers_their_envelopes_already_held(tmp_path):
                     await trio.sleep(0.02)
             convs = result(await g2.web.get("/dm", headers=hd))
             assert [m["id"] for m in convs[0]["messages"]] == [sent["id"]]
+
+
+async def test_failed_logins_are_rate_limited_per_account_and_per_address(tmp_path):
+    async with gateway(tmp_path, login_failures_per_address=8) as g:
+        http = g.web
+        good = {"data": {"username": "ann", "password": "the right one"}}
+        result(await http.post("/register", json=good))
+        bad = {"data": {"username": "ann", "password": "a wrong one"}}
+        for _ in range(5):
+            assert "wrong" in result(await http.post("/login", json=bad), 401)
+        r = await http.post("/login", json=bad)  # the 6th inside the window
+        assert r.status_code == 429 and int(r.headers["retry-after"]) > 0 and "too many" in r.json()["error"]
+        r = await http.post("/login", json=good)  # the account is closed for the window, even to its password
+        assert r.status_code == 429
+        # per address: failures on other accounts from this address count too (8 here)
+        for i in range(3):
+            other = {"data": {"username": f"nobody{i}", "password": "whatever1"}}
+            assert result(await http.post("/login", json=other), 401)
+        r = await http.post("/login", json={"data": {"username": "someone", "password": "whatever1"}})
+        assert r.status_code == 429 and "address" in r.json()["error"]

@@ -29,7 +29,7 @@ from ..errors import Conflict, NotFound, PttError
 from ..web import AsgiEndpoint, answer, make_app, not_allowed
 from . import chat
 from .chat import BadInput, ChatUser
-from .service import BACKLOG_PAGE, Forbidden, Gateway, ServerError, Unauthorized
+from .service import BACKLOG_PAGE, Forbidden, Gateway, ServerError, TooMany, Unauthorized
 
 log = logging.getLogger("pttd.http")
 
@@ -55,6 +55,8 @@ def _status(exc: BaseException) -> int:
         return 409
     if isinstance(exc, TooLarge):
         return 413
+    if isinstance(exc, TooMany):
+        return 429
     if isinstance(exc, ServerError):
         return 500
     return 400
@@ -198,12 +200,13 @@ def _int_param(request: Request, name: str, low: int = 0, high: int = MAX_INT) -
     return n
 
 
-@route("POST", "/login", "Log in with a local account", LOGIN, body=CREDENTIALS, auth=False, errors=("401",))
+@route("POST", "/login", "Log in with a local account", LOGIN, body=CREDENTIALS, auth=False, errors=("401", "429"))
 async def login(gw: Gateway, request: Request, data, user):
     data = chat.data_object(data)
     if "id_token" in data:
         raise Forbidden("OpenID Connect login is not configured on this gateway")
-    u = await gw.login(data.get("username"), data.get("password"))
+    client = request.client.host if request.client else None
+    u = await gw.login(data.get("username"), data.get("password"), client)
     return await _logged_in(gw, u, data)
 
 

@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -59,6 +59,42 @@ class Unauthorized(PttError):
 
 class Forbidden(PttError):
     """A call this gateway does not allow (HTTP 403)."""
+
+
+class TooMany(PttError):
+    """Too many failed logins (HTTP 429, with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class Failures:
+    """Failed attempts per key (an account, a client address) within a sliding window."""
+
+    def __init__(self, window: float, limit: int, cap: int = 100_000):
+        self.window, self.limit, self.cap = window, limit, cap
+        self._seen: dict[str, deque[float]] = {}
+
+    def check(self, key: str, what: str) -> None:
+        times = self._seen.get(key)
+        if not times:
+            return
+        now = time.monotonic()
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if len(times) >= self.limit:
+            retry = int(times[0] + self.window - now) + 1
+            raise TooMany(f"too many failed logins for this {what}: try again in {retry} s", retry)
+
+    def add(self, key: str) -> None:
+        if len(self._seen) >= self.cap:  # a flood of keys: the oldest counts go first
+            for k in list(self._seen)[: self.cap // 4]:
+                del self._seen[k]
+        self._seen.setdefault(key, deque()).append(time.monotonic())
+
+    def clear(self, key: str) -> None:
+        self._seen.pop(key, None)
 
 
 class ServerError(PttError):
@@ -170,6 +206,8 @@ class Gateway:
         self._by_topic: dict[str, set[Stream]] = {}
         self._hash_limiter = trio.CapacityLimiter(2)  # Argon2id: 64 MiB and ~0.1 s each
         self._dummy_hash: bytes | None = None
+        self._failed_accounts = Failures(self.cfg.login_window, self.cfg.login_failures_per_account)
+        self._failed_addresses = Failures(self.cfg.login_window, self.cfg.login_failures_per_address)
         self._events_added = 0
         self._heads: dict[bytes, object] = {}  # hosted repository -> its newest commit (SignedCommit)
         self._nursery: trio.Nursery | None = None
@@ -270,9 +308,26 @@ class Gateway:
         if self.key is None:
             raise Forbidden("this daemon hosts no users (start it with --mode gateway)")
 
-    async def login(self, name, password) -> ChatUser:
+    async def login(self, name, password, client: str | None = None) -> ChatUser:
+        """A password login; refused (429) after too many failures for the account or
+        the client address within ``login_window``."""
         name = self._check_name(name)
         pw = self.check_password(password)
+        self._failed_accounts.check(name, "account")
+        if client:
+            self._failed_addresses.check(client, "address")
+        try:
+            u = await self._login(name, pw)
+        except Unauthorized:
+            self._failed_accounts.add(name)
+            if client:
+                self._failed_addresses.add(client)
+            log.info("failed login for %r from %s", name, client or "?")
+            raise
+        self._failed_accounts.clear(name)
+        return u
+
+    async def _login(self, name: str, pw: bytes) -> ChatUser:
         rows = await self.node.db(self.store.query, "SELECT repo, password FROM gw_users WHERE name=?", (name,))
         stored = rows[0][1].encode() if rows and rows[0][1] else None
         if stored is None:
