@@ -579,3 +579,50 @@ async def test_failed_logins_are_rate_limited_per_account_and_per_address(tmp_pa
             assert result(await http.post("/login", json=other), 401)
         r = await http.post("/login", json={"data": {"username": "someone", "password": "whatever1"}})
         assert r.status_code == 429 and "address" in r.json()["error"]
+
+
+async def test_bring_your_own_key_login(tmp_path, monkeypatch):
+    from nacl.signing import SigningKey
+
+    from pttd.gateway import service
+
+    async with trio.open_nursery() as nursery:
+        own = await start_daemon(nursery, str(tmp_path / "own"))  # the user's own node
+        await own.call("chat_post", topic="mine", text="from my own node")
+        async with gateway(tmp_path, peers=[own.address]) as g:
+            http = g.web
+            sk = own.node.identity
+            key = own.id
+
+            async def challenge() -> dict:
+                return result(await http.get("/login/challenge", params={"key": key}))
+
+            def signed(c: dict, signer=sk) -> dict:
+                return {
+                    "key": key,
+                    "nonce": c["nonce"],
+                    "signature": signer.sign(bytes.fromhex(c["sign"])).signature.hex(),
+                }
+
+            c = await challenge()
+            res = result(await http.post("/login", json={"data": signed(c)}))
+            assert res["key"] == key
+            h = {"Authorization": f"Bearer {res['token']}"}
+            assert result(await http.get("/me", headers=h)) == key
+            # replayed, by another key, expired: refused, and nothing made
+            assert "challenge" in result(await http.post("/login", json={"data": signed(c)}), 401)
+            c2 = await challenge()
+            assert "signature" in result(
+                await http.post("/login", json={"data": signed(c2, SigningKey.generate())}), 401
+            )
+            monkeypatch.setattr(service, "CHALLENGE_TTL", -1)
+            c3 = await challenge()
+            assert "expired" in result(await http.post("/login", json={"data": signed(c3)}), 401)
+            # reads work (the gateway follows the repository from the owner's node)
+            with trio.fail_after(10):  # 404 "no version yet" until the first sync
+                while (r := await http.get("/topics", headers=h)).status_code != 200 or r.json()["result"] != ["mine"]:
+                    await trio.sleep(0.02)
+            # writes are refused with a clear error: the gateway holds no secret key
+            err = result(await http.post("/topics/mine", json={"data": "via the gateway"}, headers=h), 403)
+            assert "your own node" in err
+        own.daemon.stop()

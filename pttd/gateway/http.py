@@ -103,6 +103,11 @@ LOGIN = {
     "required": ["key", "token"],
     "properties": {"key": KEY, "token": {"type": "string"}},
 }
+KEY_LOGIN = {
+    "type": "object",
+    "required": ["key", "nonce", "signature"],
+    "properties": {"key": KEY, "nonce": {"type": "string"}, "signature": {"type": "string"}},
+}
 CREDENTIALS = {
     "type": "object",
     "required": ["username", "password"],
@@ -200,11 +205,22 @@ def _int_param(request: Request, name: str, low: int = 0, high: int = MAX_INT) -
     return n
 
 
-@route("POST", "/login", "Log in with a local account", LOGIN, body=CREDENTIALS, auth=False, errors=("401", "429"))
+@route(
+    "POST",
+    "/login",
+    "Log in: a local account, or a key (signature of a challenge)",
+    LOGIN,
+    body={"oneOf": [CREDENTIALS, KEY_LOGIN]},
+    auth=False,
+    errors=("401", "429"),
+)
 async def login(gw: Gateway, request: Request, data, user):
     data = chat.data_object(data)
     if "id_token" in data:
         raise Forbidden("OpenID Connect login is not configured on this gateway")
+    if "signature" in data:  # bring your own key
+        u = await gw.key_login(data.get("key"), data.get("nonce"), data.get("signature"))
+        return await _logged_in(gw, u, data)
     client = request.client.host if request.client else None
     u = await gw.login(data.get("username"), data.get("password"), client)
     return await _logged_in(gw, u, data)
@@ -215,6 +231,23 @@ async def _logged_in(gw: Gateway, u: ChatUser, data: dict) -> dict:
         chat.check_key(data["friend"], "data.friend")
         await gw.add_friend(u, {"key": data["friend"]})
     return {"key": u.hex, "token": gw.issue_token(u)}
+
+
+@route(
+    "GET",
+    "/login/challenge",
+    "A single-use nonce to sign for a key login (bring your own key)",
+    {
+        "type": "object",
+        "required": ["nonce", "sign", "expires_in"],
+        "properties": {"nonce": {"type": "string"}, "sign": {"type": "string"}, "expires_in": {"type": "integer"}},
+    },
+    auth=False,
+    query=[{"name": "key", "in": "query", "required": True, "schema": KEY}],
+    errors=("429",),
+)
+async def login_challenge(gw: Gateway, request: Request, data, user):
+    return gw.challenge(request.query_params.get("key"))
 
 
 @route("POST", "/register", "Create a local account (when registration is open)", LOGIN, body=CREDENTIALS, auth=False)

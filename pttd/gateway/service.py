@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import jwt
 import trio
 from nacl import pwhash
-from nacl.exceptions import InvalidkeyError
-from nacl.signing import SigningKey
+from nacl.exceptions import BadSignatureError, InvalidkeyError
+from nacl.signing import SigningKey, VerifyKey
 
 from protocol import tree
 from protocol.commit import Commit, sign_commit
@@ -46,6 +46,8 @@ _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@\-]{0,63}")
 MIN_PASSWORD = 8
 MAX_PASSWORD = 1024
 TOKEN_CACHE = 65536
+CHALLENGE_TTL = 120  # seconds a key-login challenge stays valid
+MAX_CHALLENGES = 10_000
 MAX_FRIENDS = 1000  # each friend hosted elsewhere is a repository this daemon follows
 HEAD_CACHE = 65536
 TRIM_EVERY = 1024
@@ -206,6 +208,7 @@ class Gateway:
         self._by_topic: dict[str, set[Stream]] = {}
         self._hash_limiter = trio.CapacityLimiter(2)  # Argon2id: 64 MiB and ~0.1 s each
         self._dummy_hash: bytes | None = None
+        self._challenges: dict[str, tuple[bytes, float]] = {}  # nonce -> (key, expiry)
         self._failed_accounts = Failures(self.cfg.login_window, self.cfg.login_failures_per_account)
         self._failed_addresses = Failures(self.cfg.login_window, self.cfg.login_failures_per_address)
         self._events_added = 0
@@ -257,10 +260,12 @@ class Gateway:
         if not rows:
             return None
         name, sealed = rows[0]
-        sk = self.key.unseal(sealed)
+        sk = self.key.unseal(sealed) if sealed else None  # none: the user brought their own key
         row = self.store.find_repo(key)
         if row is None:
-            raise PttError(f"hosted user {name}: repository {key.hex()} is missing from the store")
+            if sk is not None:
+                raise PttError(f"hosted user {name}: repository {key.hex()} is missing from the store")
+            row = self.store.add_repo(key, owned=False)  # followed; nothing synced yet
         return ChatUser(name, Repository(self.store, row, sk))
 
     async def user(self, key: bytes) -> ChatUser | None:
@@ -347,6 +352,50 @@ class Gateway:
             raise Unauthorized("wrong username or password")
         return u
 
+    # --- bring your own key --------------------------------------------------------------
+
+    def challenge(self, key_hex) -> dict:
+        """A fresh single-use nonce for a key login, valid for CHALLENGE_TTL seconds."""
+        key = chat.check_key(key_hex, "key")
+        now = time.monotonic()
+        for n in [n for n, (_k, exp) in self._challenges.items() if exp < now]:
+            del self._challenges[n]
+        if len(self._challenges) >= MAX_CHALLENGES:
+            raise TooMany("too many key logins under way: try again shortly", 5)
+        nonce = os.urandom(32).hex()
+        self._challenges[nonce] = (key, now + CHALLENGE_TTL)
+        return {"nonce": nonce, "sign": self.challenge_message(key, nonce).hex(), "expires_in": CHALLENGE_TTL}
+
+    def challenge_message(self, key: bytes, nonce: str) -> bytes:
+        """What the key signs: it names this gateway and the key, so it serves nowhere else."""
+        return b"pttd gateway login\n" + self.node.id + key + bytes.fromhex(nonce)
+
+    async def key_login(self, key_hex, nonce, signature) -> ChatUser:
+        key = chat.check_key(key_hex, "data.key")
+        entry = self._challenges.pop(nonce, None) if isinstance(nonce, str) else None
+        if entry is None or entry[0] != key or entry[1] < time.monotonic():
+            raise Unauthorized("unknown, used or expired challenge: ask GET /login/challenge again")
+        try:
+            VerifyKey(key).verify(self.challenge_message(key, nonce), bytes.fromhex(signature))
+        except (BadSignatureError, ValueError, TypeError):
+            raise Unauthorized("the signature does not match the key and the challenge") from None
+        u = await self.user(key)
+        if u is not None:
+            return u
+        self._require_key()
+        name = f"key:{key.hex()}"
+        await self.node.db(
+            self.store.execute,
+            "INSERT OR IGNORE INTO gw_users(name, repo, sealed_key, password, created) VALUES (?, ?, ?, NULL, ?)",
+            (name, key, b"", int(time.time())),
+        )
+        try:  # the owner runs their own node: this gateway follows the repository whole
+            await self.node.follow(key, ["/"], [])
+        except PttError as exc:
+            log.warning("cannot follow %s: %s", key.hex()[:16], exc)
+        log.info("key login of %s, not hosted here before: following it", key.hex()[:16])
+        return await self.user(key)
+
     async def test_login(self, ident) -> ChatUser:
         if not isinstance(ident, str) or not _NAME.fullmatch(ident):
             raise BadInput("data.id", "must be 1-64 of A-Z a-z 0-9 _ . @ -")
@@ -407,6 +456,11 @@ class Gateway:
     async def write(self, user: ChatUser, fn: Callable[[Batch, Tx], object]):
         """Apply ``fn(batch, tx)`` to the user's repository as one commit; its result,
         once durable (shared with the writes that arrived together)."""
+        if not user.repo.writable:
+            raise Forbidden(
+                "this gateway does not hold your repository's key (you logged in with your own key): "
+                "write through your own node; reading works here"
+            )
         req = WriteRequest(user, fn)
         await self._send.send(req)
         await req.done.wait()
