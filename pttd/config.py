@@ -48,7 +48,8 @@ class GatewayConfig:
     passphrase_env: str = "PTTD_GATEWAY_PASSPHRASE"  # if set in the environment: the key comes from it
     registration: bool = False  # POST /register open to anyone
     test_login: bool = False  # POST /test-login: log in by a bare id (development only)
-    token_ttl: float = 86400.0  # seconds a login token is valid
+    token_ttl: float = 900.0  # seconds an access token is valid (renewed with POST /refresh)
+    refresh_ttl: float = 30 * 86400.0  # seconds a login session (its refresh token) lasts
     cors_origins: list[str] = field(default_factory=lambda: ["*"])
     max_body: int = 1 << 20  # bytes of one request body
     group_max: int = 256  # writes of many users sharing one store transaction
@@ -195,8 +196,8 @@ def validate(cfg: Config, where: str = "settings") -> None:
         raise ConfigError(f"{where}: [wire] want_batch must be at most 4096")
     g = cfg.gateway
     parse_address(g.http)
-    if g.token_ttl <= 0:
-        raise ConfigError(f"{where}: [gateway] token_ttl must be positive")
+    if g.token_ttl <= 0 or g.refresh_ttl < g.token_ttl:
+        raise ConfigError(f"{where}: [gateway] token_ttl must be positive and refresh_ttl at least token_ttl")
     if g.login_window <= 0:
         raise ConfigError(f"{where}: [gateway] login_window must be positive")
     for name in (

@@ -35,7 +35,7 @@ from .errors import CorruptBlock, DataDirError, ForkDetected, MissingBlock, NotF
 
 log = logging.getLogger("pttd.store")
 
-SCHEMA_VERSION = 5  # 2: follows, partial (issue 3); 3: gateway tables (issue 4); 4: hub joins; 5: pins
+SCHEMA_VERSION = 6  # 2: follows, partial (issue 3); 3: gateway tables (issue 4); 4: hub joins; 5: pins; 6: sessions
 # 64 KiB: chunks of 4-32 KiB left 16 KiB pages about 64% full (104 MB of pages for a
 # 64 MiB value); 64 KiB pages fill about 90%, which took storing a large value from
 # ~110-170 to ~210-260 MB/s here, with small writes no slower.
@@ -125,6 +125,14 @@ CREATE TABLE IF NOT EXISTS gw_dms(
     PRIMARY KEY(user, sender, path)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS gw_friends(friend BLOB NOT NULL, user BLOB NOT NULL, PRIMARY KEY(friend, user)) WITHOUT ROWID;
+-- Gateway login sessions: a refresh token (its hash) per login; logout revokes one.
+CREATE TABLE IF NOT EXISTS gw_sessions(
+    id TEXT PRIMARY KEY,
+    user BLOB NOT NULL,
+    refresh_hash BLOB NOT NULL,
+    expires INTEGER NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0
+);
 -- Hub mode: the repositories that joined, and where they said they are served.
 CREATE TABLE IF NOT EXISTS hub_joins(repo BLOB PRIMARY KEY, addresses TEXT NOT NULL, joined INTEGER NOT NULL);
 -- Replicator mode: the repositories pinned (kept whole and live, served to anyone).

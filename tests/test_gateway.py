@@ -626,3 +626,34 @@ async def test_bring_your_own_key_login(tmp_path, monkeypatch):
             err = result(await http.post("/topics/mine", json={"data": "via the gateway"}, headers=h), 403)
             assert "your own node" in err
         own.daemon.stop()
+
+
+async def test_login_sessions_refresh_and_logout(tmp_path):
+    async with gateway(tmp_path) as g:
+        http = g.web
+        creds = {"data": {"username": "ann", "password": "the right one"}}
+        first = result(await http.post("/register", json=creds))
+        assert first["expires_in"] == 900 and first["refresh_token"]
+        h = {"Authorization": f"Bearer {first['token']}"}
+        renewed = result(await http.post("/refresh", json={"data": {"refresh_token": first["refresh_token"]}}))
+        assert renewed["key"] == first["key"] and renewed["refresh_token"] != first["refresh_token"]
+        assert result(await http.get("/me", headers={"Authorization": f"Bearer {renewed['token']}"})) == first["key"]
+        # a spent refresh token used again: the session is revoked (it was copied)
+        again = await http.post("/refresh", json={"data": {"refresh_token": first["refresh_token"]}})
+        assert again.status_code == 401 and "used already" in again.json()["error"]
+        assert "logged out" in result(
+            await http.get("/me", headers={"Authorization": f"Bearer {renewed['token']}"}), 401
+        )
+        assert "session has ended" in result(
+            await http.post("/refresh", json={"data": {"refresh_token": renewed["refresh_token"]}}), 401
+        )
+        # logout ends one session, not the others
+        a = result(await http.post("/login", json=creds))
+        b = result(await http.post("/login", json=creds))
+        ha, hb = ({"Authorization": f"Bearer {x['token']}"} for x in (a, b))
+        assert result(await http.post("/logout", headers=ha)) is True
+        assert "logged out" in result(await http.get("/me", headers=ha), 401)
+        assert result(await http.get("/me", headers=hb)) == first["key"]
+        assert result(await http.post("/refresh", json={"data": {"refresh_token": a["refresh_token"]}}), 401)
+        assert "not a refresh token" in result(await http.post("/refresh", json={"data": {"refresh_token": 5}}), 400)
+        del h

@@ -100,8 +100,13 @@ DELETED = {
 }
 LOGIN = {
     "type": "object",
-    "required": ["key", "token"],
-    "properties": {"key": KEY, "token": {"type": "string"}},
+    "required": ["key", "token", "refresh_token", "expires_in"],
+    "properties": {
+        "key": KEY,
+        "token": {"type": "string"},
+        "refresh_token": {"type": "string"},
+        "expires_in": {"type": "integer"},
+    },
 }
 KEY_LOGIN = {
     "type": "object",
@@ -230,7 +235,7 @@ async def _logged_in(gw: Gateway, u: ChatUser, data: dict) -> dict:
     if "friend" in data:
         chat.check_key(data["friend"], "data.friend")
         await gw.add_friend(u, {"key": data["friend"]})
-    return {"key": u.hex, "token": gw.issue_token(u)}
+    return {"key": u.hex, **await gw.start_session(u)}
 
 
 @route(
@@ -280,6 +285,30 @@ async def test_login(gw: Gateway, request: Request, data, user):
     data = chat.data_object(data)
     u = await gw.test_login(data.get("id"))
     return await _logged_in(gw, u, data)
+
+
+@route(
+    "POST",
+    "/refresh",
+    "A new access token (and refresh token) for a login session; the refresh token used is spent",
+    LOGIN,
+    body={"type": "object", "required": ["refresh_token"], "properties": {"refresh_token": {"type": "string"}}},
+    auth=False,
+    errors=("401",),
+)
+async def refresh(gw: Gateway, request: Request, data, user):
+    data = chat.data_object(data)
+    u, tokens = await gw.refresh(data.get("refresh_token"))
+    return {"key": u.hex, **tokens}
+
+
+@route("POST", "/logout", "End this login session: its tokens stop working", {"type": "boolean"})
+async def logout(gw: Gateway, request: Request, data, user: ChatUser):
+    sid = gw.session_of(_token(request))
+    if sid is None:
+        raise BadInput("token", "belongs to no login session (a token made by an operator tool)")
+    await gw.revoke(sid)
+    return True
 
 
 @route("GET", "/me", "The user's repository key", KEY)

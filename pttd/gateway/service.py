@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import jwt
 import trio
+from blake3 import blake3
 from nacl import pwhash
 from nacl.exceptions import BadSignatureError, InvalidkeyError
 from nacl.signing import SigningKey, VerifyKey
@@ -214,13 +215,16 @@ class Gateway:
         self._events_added = 0
         self._heads: dict[bytes, object] = {}  # hosted repository -> its newest commit (SignedCommit)
         self._nursery: trio.Nursery | None = None
-        self._tokens: dict[str, tuple[bytes, float]] = {}  # verified token -> (user, expiry)
+        self._tokens: dict[str, tuple] = {}  # verified token -> (user, expiry, session id)
+        self._revoked: set[str] = set()  # sessions logged out (or revoked) and not yet expired
         self._in_topic: set[tuple[str, bytes]] = set()  # (topic, user) known in gw_topics
         self.groups = 0  # transactions the writer made (for the bench and status)
         self.writes = 0
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.node.synced_hooks.append(self._on_synced)
+        if self.key is not None:
+            self._revoked = await self.node.db(self._load_revoked)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._writer)
@@ -418,10 +422,68 @@ class Gateway:
 
     # --- tokens -----------------------------------------------------------------------
 
-    def issue_token(self, u: ChatUser) -> str:
+    def issue_token(self, u: ChatUser, sid: str | None = None) -> str:
+        """A short-lived access token (``token_ttl``), of login session ``sid``."""
         now = int(time.time())
         claims = {"sub": u.hex, "name": u.name, "iat": now, "exp": now + int(self.cfg.token_ttl)}
+        if sid is not None:
+            claims["sid"] = sid
         return jwt.encode(claims, self.key.token_secret, algorithm="HS256")
+
+    async def start_session(self, u: ChatUser) -> dict:
+        """A login: a session with a refresh token (``refresh_ttl``) and an access token."""
+        sid, refresh = os.urandom(16).hex(), os.urandom(32).hex()
+        expires = int(time.time() + self.cfg.refresh_ttl)
+        await self.node.db(
+            self.store.execute,
+            "INSERT INTO gw_sessions(id, user, refresh_hash, expires) VALUES (?, ?, ?, ?)",
+            (sid, u.key, _hash_token(refresh), expires),
+        )
+        return {
+            "token": self.issue_token(u, sid),
+            "refresh_token": f"{sid}.{refresh}",
+            "expires_in": int(self.cfg.token_ttl),
+        }
+
+    async def refresh(self, refresh_token) -> tuple[ChatUser, dict]:
+        """A new access token and a new refresh token for a session; the refresh token
+        used is spent, and a spent one used again ends the session (it was copied)."""
+        if not isinstance(refresh_token, str) or refresh_token.count(".") != 1:
+            raise BadInput("data.refresh_token", "is not a refresh token")
+        sid, secret = refresh_token.split(".")
+        rows = await self.node.db(
+            self.store.query, "SELECT user, refresh_hash, expires, revoked FROM gw_sessions WHERE id=?", (sid,)
+        )
+        if not rows or rows[0][3] or rows[0][2] < time.time():
+            raise Unauthorized("the session has ended (logged out, expired or revoked): log in again")
+        key, stored, _expires, _revoked = rows[0]
+        if stored != _hash_token(secret):
+            await self.revoke(sid)
+            log.warning("a spent refresh token was used again: session %s of %s revoked", sid[:8], key.hex()[:16])
+            raise Unauthorized("this refresh token was used already: the session is revoked, log in again")
+        new = os.urandom(32).hex()
+        await self.node.db(
+            self.store.execute, "UPDATE gw_sessions SET refresh_hash=? WHERE id=?", (_hash_token(new), sid)
+        )
+        u = await self.user(key)
+        if u is None:
+            raise Unauthorized("the session names no user of this gateway")
+        return u, {
+            "token": self.issue_token(u, sid),
+            "refresh_token": f"{sid}.{new}",
+            "expires_in": int(self.cfg.token_ttl),
+        }
+
+    async def revoke(self, sid: str) -> None:
+        await self.node.db(self.store.execute, "UPDATE gw_sessions SET revoked=1 WHERE id=?", (sid,))
+        self._revoked.add(sid)
+        for t in [t for t, v in self._tokens.items() if v[2] == sid]:
+            del self._tokens[t]
+
+    def _load_revoked(self) -> set[str]:
+        now = int(time.time())
+        self.store.execute("DELETE FROM gw_sessions WHERE expires < ?", (now,))
+        return {r[0] for r in self.store.query("SELECT id FROM gw_sessions WHERE revoked=1")}
 
     async def authenticate(self, token: str | None) -> ChatUser:
         if not token:
@@ -429,7 +491,7 @@ class Gateway:
         if self.key is None:
             raise Unauthorized("this daemon hosts no users")
         known = self._tokens.get(token)
-        if known is not None and known[1] > time.time():
+        if known is not None and known[1] > time.time() and known[2] not in self._revoked:
             u = await self.user(known[0])
             if u is not None:
                 return u
@@ -442,14 +504,25 @@ class Gateway:
             raise Unauthorized("the login token has expired: log in again") from None
         except (jwt.InvalidTokenError, ValueError, TypeError):
             raise Unauthorized("the login token is not valid") from None
+        sid = claims.get("sid")
+        if sid is not None and sid in self._revoked:
+            raise Unauthorized("this login was logged out: log in again")
         u = await self.user(key)
         if u is None:
             raise Unauthorized("the login token names no user of this gateway")
         # checked once: later calls with it cost a lookup (until it expires)
         if len(self._tokens) >= TOKEN_CACHE:
             self._tokens.clear()
-        self._tokens[token] = (key, claims["exp"])
+        self._tokens[token] = (key, claims["exp"], sid)
         return u
+
+    def session_of(self, token: str | None) -> str | None:
+        try:
+            claims = jwt.decode(token, self.key.token_secret, algorithms=["HS256"], options={"verify_exp": False})
+        except (jwt.InvalidTokenError, TypeError):
+            return None
+        sid = claims.get("sid")
+        return sid if isinstance(sid, str) else None
 
     # --- writes -----------------------------------------------------------------------
 
@@ -858,3 +931,7 @@ def _discard(index: dict, key, item) -> None:
         group.discard(item)
         if not group:
             del index[key]
+
+
+def _hash_token(secret: str) -> bytes:
+    return blake3(secret.encode(), derive_key_context="pttd gateway refresh tokens v1").digest()
