@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     ua.add_argument("--no-password", action="store_true", help="no password login (for users of other logins)")
     ua.add_argument("--profile-name", help="the profile name (default: the user name)")
     us.add_parser("list", help="list hosted users")
+    us.add_parser(
+        "rotate-token-key", help="a new login-token signing key (tokens signed before work until they expire)"
+    )
     sub.add_parser("topics", help="chat: topics this repository posted to")
     s = sub.add_parser("post", help="chat: post a text message to a topic")
     s.add_argument("topic")
@@ -204,6 +207,11 @@ def _human_daemon(command: str, d: dict, out) -> None:
         _print_follow(d, out)
     elif command == "unfollow":
         print(f"no longer following {d['repository']}", file=out)
+    elif command == "user" and "kid" in d:
+        print(
+            f"token key rotated: {d['kid']} (the previous one accepted {d['previous_accepted_for_seconds']} s more)",
+            file=out,
+        )
     elif command == "user":
         for u in d.get("users", [d]):
             print(f"{u['key']}  {u['name']}", file=out)
@@ -353,6 +361,8 @@ def _chat_call(client: ControlClient, args: argparse.Namespace) -> dict:
     if c == "user":
         if args.user_command == "list":
             return client.call("user_list", {})
+        if args.user_command == "rotate-token-key":
+            return client.call("token_rotate", {})
         password = None
         if args.password_stdin:
             password = sys.stdin.readline().rstrip("\n")

@@ -225,7 +225,7 @@ class ControlServer:
             key = _hex_key(args.get("repo")) or own
             message = await node.join_hub(hub, key, args.get("token") or "", float(args.get("timeout") or 30))
             return {"hub": hub, "repository": key.hex(), "joined": True, "message": message}
-        if cmd in ("user_add", "user_list") or cmd.startswith("chat_"):
+        if cmd in ("user_add", "user_list", "token_rotate") or cmd.startswith("chat_"):
             return await chat_command(self.gateway, cmd, args)
         raise PttError(f"unknown command {cmd!r}")
 
@@ -280,6 +280,8 @@ async def chat_command(gw, cmd: str, args: dict) -> dict:
         return {"name": u.name, "key": u.hex}
     if cmd == "user_list":
         return {"users": await gw.list_users()}
+    if cmd == "token_rotate":
+        return await gw.rotate_token_key()
     u = await gw.local_user()
     if cmd == "chat_topics":
         return {"topics": await gw.read(chat.topics, u.repo)}

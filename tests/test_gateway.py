@@ -657,3 +657,23 @@ async def test_login_sessions_refresh_and_logout(tmp_path):
         assert result(await http.post("/refresh", json={"data": {"refresh_token": a["refresh_token"]}}), 401)
         assert "not a refresh token" in result(await http.post("/refresh", json={"data": {"refresh_token": 5}}), 400)
         del h
+
+
+async def test_rotating_the_token_key_logs_nobody_out_at_once(tmp_path):
+    async with gateway(tmp_path) as g:
+        http = g.web
+        creds = {"data": {"username": "ann", "password": "the right one"}}
+        before = result(await http.post("/register", json=creds))
+        old = {"Authorization": f"Bearer {before['token']}"}
+        rotated = await g.call("token_rotate")
+        assert rotated["previous_accepted_for_seconds"] == 960
+        after = result(await http.post("/login", json=creds))
+        assert jwt.get_unverified_header(after["token"])["kid"] == rotated["kid"]
+        assert jwt.get_unverified_header(before["token"])["kid"] != rotated["kid"]
+        assert result(await http.get("/me", headers=old)) == before["key"]  # still good
+        # once the old key's tokens have expired, it is refused; a refresh gives a new one
+        g.gateway.key.old_until = 0
+        g.gateway._tokens.clear()
+        assert "not valid" in result(await http.get("/me", headers=old), 401)
+        fresh = result(await http.post("/refresh", json={"data": {"refresh_token": before["refresh_token"]}}))
+        assert result(await http.get("/me", headers={"Authorization": f"Bearer {fresh['token']}"})) == before["key"]

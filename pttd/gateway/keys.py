@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 
+from blake3 import blake3
 from nacl import pwhash
 from nacl.exceptions import CryptoError
 from nacl.secret import SecretBox
@@ -60,6 +61,8 @@ class GatewayKey:
     def __init__(self, key: bytes):
         self._box = SecretBox(key)
         self.token_secret = b""  # set by load(): from the store
+        self.old_secret: bytes | None = None  # the one before a rotation, accepted until old_until
+        self.old_until = 0.0
 
     @staticmethod
     def from_passphrase(passphrase: str, salt: bytes) -> bytes:
@@ -125,7 +128,47 @@ class GatewayKey:
                     "the token-signing secret in this store does not open with the gateway key"
                 ) from None
         gk.token_secret = secret
+        old = store.get_meta("gateway_token_old")
+        if old is not None:
+            try:
+                until, sealed_old = old.split(":", 1)
+                gk.old_secret, gk.old_until = gk._box.decrypt(bytes.fromhex(sealed_old)), float(until)
+            except (CryptoError, ValueError):
+                raise DataDirError("the previous token-signing secret does not open with the gateway key") from None
         return gk
+
+    @staticmethod
+    def kid(secret: bytes) -> str:
+        """Names a signing secret in a token's header, without revealing it."""
+        return blake3(secret, derive_key_context="pttd gateway token key id v1").hexdigest()[:16]
+
+    def secret_for(self, kid: str | None, now: float) -> bytes | None:
+        """The secret a token's ``kid`` names: the current one (also for no kid), or the
+        one before a rotation until its tokens have expired."""
+        if kid is None or kid == self.kid(self.token_secret):
+            return self.token_secret
+        if self.old_secret is not None and kid == self.kid(self.old_secret) and now < self.old_until:
+            return self.old_secret
+        return None
+
+    def rotate_token_secret(self, store: Store, keep_old_for: float) -> str:
+        """A new token-signing secret; the current one still accepted for ``keep_old_for``
+        seconds (its tokens' lifetime), so nobody is logged out at once."""
+        import time
+
+        new = random(32)
+        until = time.time() + keep_old_for
+        with store.write():
+            store.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('gateway_token_secret', ?)",
+                (self._box.encrypt(new).hex(),),
+            )
+            store.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('gateway_token_old', ?)",
+                (f"{until}:{self._box.encrypt(self.token_secret).hex()}",),
+            )
+        self.old_secret, self.old_until, self.token_secret = self.token_secret, until, new
+        return self.kid(new)
 
     def seal(self, sk: SigningKey) -> bytes:
         return bytes(self._box.encrypt(bytes(sk)))
@@ -167,6 +210,11 @@ def rekey(store: Store, old: GatewayKey, new_key_file: str | None, new_passphras
             "INSERT OR REPLACE INTO meta(key, value) VALUES ('gateway_token_secret', ?)",
             (new._box.encrypt(old.token_secret).hex(),),
         )
+        if old.old_secret is not None:
+            store.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('gateway_token_old', ?)",
+                (f"{old.old_until}:{new._box.encrypt(old.old_secret).hex()}",),
+            )
         if salt_hex is not None:
             store.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('gateway_kdf_salt', ?)", (salt_hex,))
         else:

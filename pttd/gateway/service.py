@@ -428,7 +428,16 @@ class Gateway:
         claims = {"sub": u.hex, "name": u.name, "iat": now, "exp": now + int(self.cfg.token_ttl)}
         if sid is not None:
             claims["sid"] = sid
-        return jwt.encode(claims, self.key.token_secret, algorithm="HS256")
+        kid = self.key.kid(self.key.token_secret)
+        return jwt.encode(claims, self.key.token_secret, algorithm="HS256", headers={"kid": kid})
+
+    async def rotate_token_key(self) -> dict:
+        """A new token-signing secret; tokens signed before stay valid until they expire."""
+        self._require_key()
+        keep = self.cfg.token_ttl + 60
+        kid = await self.node.db(self.key.rotate_token_secret, self.store, keep)
+        log.info("token-signing key rotated: new kid %s, the previous one accepted for %d s more", kid, keep)
+        return {"kid": kid, "previous_accepted_for_seconds": int(keep)}
 
     async def start_session(self, u: ChatUser) -> dict:
         """A login: a session with a refresh token (``refresh_ttl``) and an access token."""
@@ -496,9 +505,10 @@ class Gateway:
             if u is not None:
                 return u
         try:
-            claims = jwt.decode(
-                token, self.key.token_secret, algorithms=["HS256"], options={"require": ["exp", "sub"]}, leeway=5
-            )
+            secret = self.key.secret_for(jwt.get_unverified_header(token).get("kid"), time.time())
+            if secret is None:
+                raise jwt.InvalidTokenError("signed with a key this gateway no longer accepts")
+            claims = jwt.decode(token, secret, algorithms=["HS256"], options={"require": ["exp", "sub"]}, leeway=5)
             key = bytes.fromhex(claims["sub"])
         except jwt.ExpiredSignatureError:
             raise Unauthorized("the login token has expired: log in again") from None
@@ -518,7 +528,8 @@ class Gateway:
 
     def session_of(self, token: str | None) -> str | None:
         try:
-            claims = jwt.decode(token, self.key.token_secret, algorithms=["HS256"], options={"verify_exp": False})
+            secret = self.key.secret_for(jwt.get_unverified_header(token).get("kid"), time.time())
+            claims = jwt.decode(token, secret or b"", algorithms=["HS256"], options={"verify_exp": False})
         except (jwt.InvalidTokenError, TypeError):
             return None
         sid = claims.get("sid")
