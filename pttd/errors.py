@@ -43,4 +43,28 @@ class ForkDetected(Conflict):
     """Two different signed commits with the same seq: the writer forked its history."""
 
 
+class Unauthorized(PttError):
+    """A missing, expired or forged token, or wrong credentials (HTTP 401)."""
+
+
+class Forbidden(PttError):
+    """A call this daemon does not allow (HTTP 403)."""
+
+
+class TooLarge(PttError):
+    """A request body over its limit (HTTP 413)."""
+
+
+class TooMany(PttError):
+    """Too many attempts (HTTP 429, with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class ServerError(PttError):
+    """A failure of the daemon, not of the request (HTTP 500)."""
+
+
 USER_ERRORS = (PttError, FormatError, PathError, SignatureError)

@@ -18,14 +18,14 @@ import trio
 from starlette.requests import Request
 from starlette.routing import Route
 
-from .errors import NotFound, PttError
-from .gateway.chat import BadInput, check_key
-from .web import AsgiEndpoint, answer, make_app, not_allowed
+from .errors import Forbidden, NotFound
+from .gateway.chat import check_key
+from .web import AsgiEndpoint, answer, make_app, not_allowed, read_object
 
 log = logging.getLogger("pttd.replicator")
 
 
-class PinRefused(PttError):
+class PinRefused(Forbidden):
     """A pin past the replicator's limits (HTTP 403)."""
 
 
@@ -96,29 +96,8 @@ class Replicator:
 def build_replicator_app(rep: Replicator, cors_origins: list[str]):
     """The old replicator's HTTP call, ``POST /load {"key": HEX}``, and a status page."""
 
-    def status_of(exc: BaseException) -> int:
-        if isinstance(exc, PinRefused):
-            return 403
-        if isinstance(exc, NotFound):
-            return 404
-        return 400
-
     async def load(request: Request):
-        import json
-
-        raw = b""
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > 64 * 1024:
-                raise BadInput("body", "is larger than 65536 bytes")
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise BadInput("body", "is not JSON") from None
-        if isinstance(body, dict) and isinstance(body.get("data"), dict):
-            body = body["data"]
-        if not isinstance(body, dict):
-            raise BadInput("body", 'must be an object {"key": HEX}')
+        body = await read_object(request, 64 * 1024)
         return await rep.pin(check_key(body.get("key"), "key"))
 
     async def pins(request: Request):
@@ -134,7 +113,7 @@ def build_replicator_app(rep: Replicator, cors_origins: list[str]):
             fn = methods.get(request.method)
             if fn is None:
                 return not_allowed(request, methods)
-            return await answer(request, lambda: fn(request), status_of)
+            return await answer(request, lambda: fn(request))
 
         return handle
 

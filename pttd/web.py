@@ -14,18 +14,63 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .errors import USER_ERRORS
+from protocol.errors import FormatError, PathError
+
+from .errors import USER_ERRORS, Conflict, Forbidden, NotFound, ServerError, TooLarge, TooMany, Unauthorized
 
 log = logging.getLogger("pttd.http")
+
+
+_STATUS = (
+    (Unauthorized, 401),
+    (Forbidden, 403),
+    (NotFound, 404),
+    (Conflict, 409),
+    (TooLarge, 413),
+    (TooMany, 429),
+    (ServerError, 500),
+)
+
+
+def status_of(exc: BaseException) -> int:
+    """The HTTP status of an error pttd reports: 400 unless its kind says otherwise."""
+    if isinstance(exc, (PathError, FormatError)):
+        return 400
+    for kind, status in _STATUS:
+        if isinstance(exc, kind):
+            return status
+    return 400
+
+
+async def read_object(request, limit: int) -> dict:
+    """A JSON object body of at most ``limit`` bytes, bare or wrapped as ``{"data": {...}}``
+    (the hub's and the replicator's calls take both, as the earlier clients sent them)."""
+    import json
+
+    from .gateway.chat import BadInput
+
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise TooLarge(f"the request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise BadInput("body", "is not JSON") from None
+    if isinstance(body, dict) and isinstance(body.get("data"), dict):
+        body = body["data"]
+    if not isinstance(body, dict):
+        raise BadInput("body", "must be a JSON object")
+    return body
 
 
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def answer(
-    request: Request, call: Callable[[], Awaitable], status_of: Callable[[BaseException], int]
-) -> Response:
+async def answer(request: Request, call: Callable[[], Awaitable]) -> Response:
     """``{"result": ...}`` of ``call()``, or ``{"error": ...}`` with the status its error has."""
     try:
         result = await call()

@@ -22,44 +22,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from protocol.errors import FormatError, PathError
-
 from .. import __version__
-from ..errors import Conflict, NotFound, PttError
+from ..errors import Forbidden, NotFound, TooLarge
 from ..web import AsgiEndpoint, answer, make_app, not_allowed
 from . import chat
 from .chat import BadInput, ChatUser
-from .service import BACKLOG_PAGE, Forbidden, Gateway, ServerError, TooMany, Unauthorized
+from .service import BACKLOG_PAGE, Gateway
 
 log = logging.getLogger("pttd.http")
 
 KEEPALIVE = 15.0  # seconds between comment lines on a quiet event stream
 MAX_LIMIT = 10_000
 MAX_INT = 2**53  # dates and ids in JSON: what every client's numbers hold exactly
-
-
-class TooLarge(PttError):
-    pass
-
-
-def _status(exc: BaseException) -> int:
-    if isinstance(exc, (BadInput, PathError, FormatError)):
-        return 400
-    if isinstance(exc, Unauthorized):
-        return 401
-    if isinstance(exc, Forbidden):
-        return 403
-    if isinstance(exc, NotFound):
-        return 404
-    if isinstance(exc, Conflict):
-        return 409
-    if isinstance(exc, TooLarge):
-        return 413
-    if isinstance(exc, TooMany):
-        return 429
-    if isinstance(exc, ServerError):
-        return 500
-    return 400
 
 
 # --- schemas for the OpenAPI description -------------------------------------------------
@@ -675,7 +649,7 @@ def _endpoint(gw: Gateway, ops: dict[str, Op]):
                 params["post"] = chat.check_id(params["post"], "post")
             return await op.handler(gw, request, data, user, **params)
 
-        return await answer(request, call, _status)
+        return await answer(request, call)
 
     return endpoint
 

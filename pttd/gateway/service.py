@@ -34,7 +34,17 @@ from nacl.signing import SigningKey, VerifyKey
 from protocol import tree
 from protocol.commit import Commit, sign_commit
 
-from ..errors import USER_ERRORS, Conflict, CorruptBlock, MissingBlock, PttError
+from ..errors import (
+    USER_ERRORS,
+    Conflict,
+    CorruptBlock,
+    Forbidden,
+    MissingBlock,
+    PttError,
+    ServerError,
+    TooMany,
+    Unauthorized,
+)
 from ..repo import Batch, Repository
 from . import chat
 from .chat import GOSSIP, BadInput, ChatUser
@@ -54,22 +64,6 @@ HEAD_CACHE = 65536
 TRIM_EVERY = 1024
 BACKLOG_PAGE = 1000
 STREAM_BUFFER = 1024  # events queued for one slow stream before it is closed (it resumes)
-
-
-class Unauthorized(PttError):
-    """A missing, expired or forged token, or wrong credentials (HTTP 401)."""
-
-
-class Forbidden(PttError):
-    """A call this gateway does not allow (HTTP 403)."""
-
-
-class TooMany(PttError):
-    """Too many failed logins (HTTP 429, with Retry-After)."""
-
-    def __init__(self, message: str, retry_after: int):
-        super().__init__(message)
-        self.headers = {"Retry-After": str(retry_after)}
 
 
 class Failures:
@@ -98,10 +92,6 @@ class Failures:
 
     def clear(self, key: str) -> None:
         self._seen.pop(key, None)
-
-
-class ServerError(PttError):
-    """A failure of the gateway, not of the request (HTTP 500)."""
 
 
 @dataclass

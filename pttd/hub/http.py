@@ -15,7 +15,6 @@ Answers are {"result": ...} or {"error": "..."} as at the gateway.
 
 from __future__ import annotations
 
-import json
 import logging
 
 import trio
@@ -24,43 +23,14 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from ..errors import NotFound
-from ..gateway.chat import BadInput, check_id
-from ..gateway.http import KEEPALIVE, MAX_LIMIT, TooLarge, _int_param, _sse
-from ..web import AsgiEndpoint, answer, make_app, not_allowed
-from .service import Hub, HubBadInput, HubError, HubStream
+from ..gateway.chat import check_id
+from ..gateway.http import KEEPALIVE, MAX_LIMIT, _int_param, _sse
+from ..web import AsgiEndpoint, answer, make_app, not_allowed, read_object
+from .service import Hub, HubBadInput, HubStream
 
 log = logging.getLogger("pttd.http")
 
 MAX_BODY = 64 * 1024
-
-
-def _status(exc: BaseException) -> int:
-    if isinstance(exc, HubError):
-        return 403
-    if isinstance(exc, NotFound):
-        return 404
-    if isinstance(exc, TooLarge):
-        return 413
-    return 400
-
-
-async def _body(request: Request) -> dict:
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > MAX_BODY:
-            raise TooLarge(f"the request body is larger than {MAX_BODY} bytes")
-        chunks.append(chunk)
-    try:
-        body = json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError):
-        raise BadInput("body", "is not JSON") from None
-    if isinstance(body, dict) and isinstance(body.get("data"), dict):
-        body = body["data"]
-    if not isinstance(body, dict):
-        raise BadInput("body", 'must be an object {"public_key": ...}')
-    return body
 
 
 def _reader(request: Request) -> str | None:
@@ -74,11 +44,11 @@ def _reader(request: Request) -> str | None:
 
 def build_hub_app(hub: Hub, cors_origins: list[str]) -> Starlette:
     async def join(request: Request):
-        b = await _body(request)
+        b = await read_object(request, MAX_BODY)
         return await hub.join(b.get("public_key"), b.get("addresses"), b.get("token"))
 
     async def leave(request: Request):
-        b = await _body(request)
+        b = await read_object(request, MAX_BODY)
         return await hub.leave(b.get("public_key"), b.get("signature"), b.get("token"))
 
     async def hub_json(request: Request):
@@ -154,7 +124,7 @@ def build_hub_app(hub: Hub, cors_origins: list[str]) -> Starlette:
             fn = methods.get(request.method)
             if fn is None:
                 return not_allowed(request, methods)
-            return await answer(request, lambda: fn(request), _status)
+            return await answer(request, lambda: fn(request))
 
         return handle
 

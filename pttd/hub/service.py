@@ -28,7 +28,7 @@ from protocol import tree
 from protocol.paths import key_to_path
 
 from ..config import parse_address
-from ..errors import USER_ERRORS, NotFound, PttError
+from ..errors import USER_ERRORS, Forbidden, NotFound, PttError
 from ..gateway.chat import BadInput, check_key
 from ..repo import Repository
 from .view import Changes, Limits, View
@@ -41,7 +41,7 @@ MAX_ADDRESSES = 8
 STREAM_BUFFER = 256
 
 
-class HubError(PttError):
+class HubError(Forbidden):
     """A join or leave this hub refuses (HTTP 403)."""
 
 
