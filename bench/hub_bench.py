@@ -25,9 +25,7 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +36,7 @@ sys.path.insert(0, ROOT)
 import httpx  # noqa: E402
 import trio  # noqa: E402
 
+from bench.daemon_proc import Proc  # noqa: E402
 from pttd.datadir import DataDir  # noqa: E402
 from pttd.gateway import chat  # noqa: E402
 from pttd.repo import Repository  # noqa: E402
@@ -45,46 +44,6 @@ from pttd.repo import Repository  # noqa: E402
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-class Proc:
-    def __init__(self, data_dir: str, mode: str, *extra: str):
-        self.data_dir = data_dir
-        self.log_path = data_dir + ".log"
-        self.started = time.monotonic()
-        with open(self.log_path, "w") as errlog:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cli.pttd_main", "start", "--mode", mode, "--data-dir", data_dir]
-                + ["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", *extra],
-                cwd=ROOT,
-                stderr=errlog,
-            )
-
-    def info(self, timeout: float = 300.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"pttd exited: {open(self.log_path).read()[-2000:]}")
-            try:
-                info = json.load(open(os.path.join(self.data_dir, "run.json")))
-                if info.get("pid") == self.proc.pid:
-                    return info
-            except (FileNotFoundError, ValueError):
-                pass
-            time.sleep(0.01)
-        raise SystemExit("pttd did not start")
-
-    def peak_mb(self) -> float:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        return 0.0
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=120)
 
 
 def make_hub_dir(path: str, repos: int, messages: int) -> int:

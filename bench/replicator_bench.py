@@ -22,9 +22,7 @@ import json
 import os
 import random
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +30,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from pttd.control import ControlClient  # noqa: E402
+from bench.daemon_proc import Proc  # noqa: E402
 from pttd.datadir import DataDir  # noqa: E402
 from pttd.gateway import chat  # noqa: E402
 from pttd.repo import Repository  # noqa: E402
@@ -40,46 +38,6 @@ from pttd.repo import Repository  # noqa: E402
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-class Proc:
-    def __init__(self, data_dir: str, mode: str, *extra: str):
-        self.data_dir = data_dir
-        self.log_path = data_dir + ".log"
-        with open(self.log_path, "w") as errlog:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cli.pttd_main", "start", "--mode", mode, "--data-dir", data_dir]
-                + ["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--log-level", "WARNING", *extra],
-                cwd=ROOT,
-                stderr=errlog,
-            )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"pttd exited: {open(self.log_path).read()[-2000:]}")
-            try:
-                self.info = json.load(open(os.path.join(data_dir, "run.json")))
-                if self.info.get("pid") == self.proc.pid:
-                    break
-            except (FileNotFoundError, ValueError):
-                pass
-            time.sleep(0.01)
-        self.control = ControlClient(self.info["control"])
-
-    def call(self, cmd: str, **args):
-        return self.control.call(cmd, args)
-
-    def peak_mb(self) -> float:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        return 0.0
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=120)
 
 
 def make_owner(path: str, repos: int, messages: int) -> list[str]:
@@ -133,8 +91,8 @@ def main() -> None:
         log(f"making {args.repos} repositories x {args.messages} messages ...")
         keys = make_owner(owner_dir, args.repos, args.messages)
         baseline = read_all(owner_dir, keys)
-        owner = Proc(owner_dir, "node")
-        rep = Proc(os.path.join(base, "rep"), "replicator", "--peer", owner.info["listen"][0])
+        owner = Proc(owner_dir, "node", log_level="WARNING")
+        rep = Proc(os.path.join(base, "rep"), "replicator", "--peer", owner.info()["listen"][0], log_level="WARNING")
         try:
             heads = {k: owner.call("log", repo=k, limit=1)["versions"][0]["version"] for k in keys}
             log("pinning ...")
