@@ -189,6 +189,7 @@ class Node:
         self.rendezvous = None  # a hub: answers join and lookup, hears announce
         self.replicator = None  # a replicator: answers pin
         self._gone_hooks: dict[Peer, list] = {}
+        self.peer_joined = trio.Event()
 
     async def db(self, fn, *args, **kwargs):
         """Run a store call on the store's thread (one at a time)."""
@@ -331,6 +332,8 @@ class Node:
             return False
         peer = Peer(self, conn, outbound, dialed)
         self.peers.add(peer)
+        self.peer_joined.set()  # wakes whoever waits for a session (peer_for)
+        self.peer_joined = trio.Event()
         log.info("peer %s connected (%s, %s)", peer.name, "out" if outbound else "in", conn.peer_mode)
         try:
             async with trio.open_nursery() as nursery:
@@ -612,7 +615,7 @@ class Node:
                 for p in self.peers:
                     if p.dialed == address and not p.reason:
                         return p
-                await trio.sleep(0.02)
+                await self.peer_joined.wait()
         raise PttError(f"no session with {address} within {timeout:g} s")
 
     async def join_hub(self, hub: str, key: bytes, token: str, timeout: float = 30.0) -> str:

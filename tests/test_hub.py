@@ -6,6 +6,7 @@ import os
 
 import httpx
 import trio
+from nacl.signing import SigningKey
 
 from tests.gwutil import SSE, gateway, login, result
 from tests.netutil import start_daemon
@@ -130,7 +131,7 @@ async def test_joins_are_checked_and_a_bad_repository_does_not_break_the_view(tm
     async with gateway(tmp_path, "g1") as g1:
         alice, ha = await login(g1.web, "alice")
         async with trio.open_nursery() as nursery:
-            hub = await start_hub(nursery, tmp_path, join_token="sesame", max_message_bytes=200)
+            hub = await start_hub(nursery, tmp_path, join_token="sesame", max_message_bytes=200, max_repos=1)
             web = hub.web
             assert "token" in result(await web.post("/join", json={"public_key": alice}), 403)
             assert "public_key" in result(await web.post("/join", json={"public_key": "xx", "token": "sesame"}), 400)
@@ -140,6 +141,9 @@ async def test_joins_are_checked_and_a_bad_repository_does_not_break_the_view(tm
             assert "not allowed" in result(await web.get("/join"), 405)
             ok = {"data": {"public_key": alice, "addresses": [g1.address], "token": "sesame"}}  # the wrapped shape too
             assert result(await web.post("/join", json=ok))["joined"] is True
+            other = bytes(SigningKey.generate().verify_key).hex()
+            full = await web.post("/join", json={"public_key": other, "token": "sesame"})
+            assert full.status_code == 403 and "full" in full.json()["error"]  # max_repos = 1
             big = result(await g1.web.post("/topics/t", json={"data": "x" * 500}, headers=ha))
             small = result(await g1.web.post("/topics/t", json={"data": "fits"}, headers=ha))
             msgs = await wait_view(hub, "t", lambda ms: len(ms) >= 1)
