@@ -52,6 +52,8 @@ class GatewayConfig:
     refresh_ttl: float = 30 * 86400.0  # seconds a login session (its refresh token) lasts
     cors_origins: list[str] = field(default_factory=lambda: ["*"])
     max_body: int = 1 << 20  # bytes of one request body
+    max_file: int = 16 << 20  # bytes of one file attached to a message (POST /files)
+    hub_url: str = ""  # the hub's HTTP address the web client shows topics from, e.g. http://hub.example:9989
     group_max: int = 256  # writes of many users sharing one store transaction
     user_cache: int = 4096  # hosted users kept decoded in memory
     event_retention: int = 100_000  # live-stream events kept for Last-Event-ID

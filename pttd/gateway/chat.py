@@ -61,6 +61,25 @@ class ChatUser:
         return self.repo.id
 
 
+IMAGE_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+)
+
+
+def sniff_image(content: bytes) -> str | None:
+    """The type of an image a browser may show inline, from its first bytes (never from
+    what the uploader claims: an "image" that is HTML or SVG could run a script)."""
+    for magic, ctype in IMAGE_MAGIC:
+        if content.startswith(magic):
+            return ctype
+    if content[:4] == b"RIFF" and content[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 import trio
 from starlette.applications import Starlette
@@ -28,6 +30,7 @@ from ..web import AsgiEndpoint, answer, make_app, not_allowed
 from . import chat
 from .chat import BadInput, ChatUser
 from .service import BACKLOG_PAGE, Gateway
+from .static import WebClient
 
 log = logging.getLogger("pttd.http")
 
@@ -157,6 +160,8 @@ class Op:
     auth: bool = True
     query: list[dict] = field(default_factory=list)
     stream: bool = False
+    raw: bool = False  # the body is the bytes themselves (a file), not JSON {"data": ...}
+    answers: str = "application/json"  # what a 200 carries
     errors: tuple[str, ...] = ()  # statuses besides those every call of its kind may answer
 
 
@@ -590,6 +595,80 @@ def _sse(eid: int | None, kind: str, payload) -> str:
     return f"{head}event: {kind}\ndata: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
+FILE = {
+    "type": "object",
+    "required": ["id", "key", "name", "size", "type", "url"],
+    "properties": {
+        "id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+        "key": KEY,
+        "name": {"type": "string"},
+        "size": {"type": "integer"},
+        "type": {
+            "type": "string",
+            "description": "image/png, image/jpeg, image/gif, image/webp or application/octet-stream",
+        },
+        "url": {"type": "string"},
+    },
+}
+FILE_ID = re.compile(r"[0-9a-f]{32}")
+
+
+@route(
+    "POST",
+    "/files",
+    "Store a file (the body's bytes) in the user's repository, to attach to a message",
+    FILE,
+    body={"type": "string", "format": "binary"},
+    raw=True,
+    query=[{"name": "name", "in": "query", "schema": {"type": "string", "maxLength": 255}, "description": "file name"}],
+)
+async def upload_file(gw: Gateway, request: Request, data: bytes, user: ChatUser):
+    name = chat.check_text(request.query_params.get("name") or "file", "name", 255)
+    if any(c in name for c in "/\\") or any(ord(c) < 32 for c in name):
+        raise BadInput("name", "must be a file name without slashes or control characters")
+    return await gw.store_file(user, data, name)
+
+
+@route(
+    "GET",
+    "/files/{key}/{file}",
+    "A file of any repository (fetched from the network if not stored here); images inline, others as downloads",
+    None,
+    query=[
+        {"name": "name", "in": "query", "schema": {"type": "string", "maxLength": 255}, "description": "download name"}
+    ],
+    answers="application/octet-stream",
+)
+async def download_file(gw: Gateway, request: Request, data, user: ChatUser, key: str, file: str):
+    repo = chat.check_key(key, "key")
+    if not FILE_ID.fullmatch(file):
+        raise BadInput("file", "must be 32 hex digits (a file id)")
+    content = await gw.read_file(repo, file)
+    image = chat.sniff_image(content)
+    headers = {
+        # immutable: the id is the content's hash
+        "Cache-Control": "private, max-age=31536000, immutable",
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "default-src 'none'; sandbox",
+    }
+    if image is None:
+        name = request.query_params.get("name") or f"{file}.bin"
+        plain = "".join(c if c.isalnum() or c in "._- " else "_" for c in name)[:255] or "file"
+        headers["Content-Disposition"] = f"attachment; filename=\"{plain}\"; filename*=UTF-8''{quote(name[:255])}"
+    return Response(content, media_type=image or "application/octet-stream", headers=headers)
+
+
+@route(
+    "GET",
+    "/gateway.json",
+    "What this gateway offers: its login methods and the hub the web client shows topics from",
+    {"type": "object"},
+    auth=False,
+)
+async def gateway_info(gw: Gateway, request: Request, data, user):
+    return gw.info()
+
+
 @route("GET", "/health", "Liveness: answers at once, does no work", {"type": "string"}, auth=False)
 async def health(gw: Gateway, request: Request, data, user):
     return "ok"
@@ -624,6 +703,19 @@ async def _read_body(request: Request, limit: int):
     return body["data"]
 
 
+async def _read_raw(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise TooLarge(f"the file is larger than {limit} bytes")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise TooLarge(f"the file is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _token(request: Request) -> str | None:
     auth = request.headers.get("authorization")
     if auth:
@@ -641,7 +733,10 @@ def _endpoint(gw: Gateway, ops: dict[str, Op]):
 
         async def call():
             user = await gw.authenticate(_token(request)) if op.auth else None
-            data = await _read_body(request, gw.cfg.max_body) if op.body is not None else None
+            if op.raw:
+                data = await _read_raw(request, gw.cfg.max_file)
+            else:
+                data = await _read_body(request, gw.cfg.max_body) if op.body is not None else None
             params = dict(request.path_params)
             if "topic" in params:
                 params["topic"] = chat.check_id(params["topic"], "topic", topic=True)
@@ -666,11 +761,20 @@ def openapi() -> dict:
             params.insert(0, TOPIC_PARAM)
         if "{post}" in op.path:
             params.insert(1, POST_PARAM)
+        if "{key}" in op.path:
+            params.insert(0, {"name": "key", "in": "path", "required": True, "schema": KEY})
+        if "{file}" in op.path:
+            params.insert(1, {"name": "file", "in": "path", "required": True, "schema": {"type": "string"}})
         responses: dict = {}
         if op.stream:
             responses["200"] = {
                 "description": "an event stream",
                 "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            }
+        elif op.answers != "application/json":
+            responses["200"] = {
+                "description": "the bytes",
+                "content": {op.answers: {"schema": {"type": "string", "format": "binary"}}},
             }
         else:
             schema = {"type": "object", "required": ["result"], "properties": {"result": op.result}}
@@ -693,7 +797,12 @@ def openapi() -> dict:
             item["parameters"] = params
         if op.auth:
             item["security"] = [{"bearer": []}, {"token": []}]
-        if op.body is not None:
+        if op.raw:
+            item["requestBody"] = {
+                "required": True,
+                "content": {"application/octet-stream": {"schema": op.body}},
+            }
+        elif op.body is not None:
             item["requestBody"] = {
                 "required": True,
                 "content": {
@@ -733,5 +842,8 @@ def build_app(gw: Gateway) -> Starlette:
         return JSONResponse(spec)
 
     routes.append(Route("/openapi.json", openapi_json, methods=["GET"]))
+    web = WebClient(gw.cfg.hub_url)
+    routes.append(Route("/", web.serve, methods=["GET", "HEAD"]))
+    routes.append(Route("/app/{path:path}", web.serve, methods=["GET", "HEAD"]))
     headers = ["Authorization", "Content-Type", "Last-Event-ID"]
     return make_app(routes, gw.cfg.cors_origins, ["GET", "POST", "PUT", "DELETE"], headers)

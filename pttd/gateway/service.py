@@ -34,12 +34,14 @@ from nacl.signing import SigningKey, VerifyKey
 from protocol import tree
 from protocol.commit import Commit, sign_commit
 
+from .. import __version__
 from ..errors import (
     USER_ERRORS,
     Conflict,
     CorruptBlock,
     Forbidden,
     MissingBlock,
+    NotFound,
     PttError,
     ServerError,
     TooMany,
@@ -63,6 +65,7 @@ MAX_FRIENDS = 1000  # each friend hosted elsewhere is a repository this daemon f
 HEAD_CACHE = 65536
 TRIM_EVERY = 1024
 BACKLOG_PAGE = 1000
+FILE_FETCH_TIMEOUT = 20.0  # seconds to find a repository's head before fetching a file of it
 STREAM_BUFFER = 1024  # events queued for one slow stream before it is closed (it resumes)
 
 
@@ -208,6 +211,7 @@ class Gateway:
         self._tokens: dict[str, tuple] = {}  # verified token -> (user, expiry, session id)
         self._revoked: set[str] = set()  # sessions logged out (or revoked) and not yet expired
         self._in_topic: set[tuple[str, bytes]] = set()  # (topic, user) known in gw_topics
+        self._joined: set[bytes] = set()  # hosted users the hubs were asked to take in, this run
         self.groups = 0  # transactions the writer made (for the bench and status)
         self.writes = 0
 
@@ -431,6 +435,7 @@ class Gateway:
 
     async def start_session(self, u: ChatUser) -> dict:
         """A login: a session with a refresh token (``refresh_ttl``) and an access token."""
+        self.join_hubs(u)
         sid, refresh = os.urandom(16).hex(), os.urandom(32).hex()
         expires = int(time.time() + self.cfg.refresh_ttl)
         await self.node.db(
@@ -794,6 +799,89 @@ class Gateway:
         recipient = other if sender == u.key else u.key
         return chat.open_envelope(u.repo._key, other, raw, sender, recipient)
 
+    def info(self) -> dict:
+        """What a client (the web page) needs to know before logging in."""
+        return {
+            "version": __version__,
+            "key": self.node.id.hex(),
+            "hub": self.cfg.hub_url or None,
+            "max_file": self.cfg.max_file,
+            "login": {
+                "password": self.key is not None,
+                "register": bool(self.cfg.registration) and self.key is not None,
+                "key": True,
+                "test_login": bool(self.cfg.test_login) and self.key is not None,
+                "oidc": [],
+            },
+        }
+
+    # --- files ------------------------------------------------------------------------
+
+    async def store_file(self, u: ChatUser, content: bytes, name: str) -> dict:
+        """A file attached to a message, stored in the user's repository as one value
+        (chunked when large, so sync and dedupe apply) at ``/files/<id>``; the id is its
+        content hash, so the same file twice is stored once and a link never changes."""
+        if not content:
+            raise BadInput("body", "is empty: send the file's bytes")
+        fid = blake3(content).hexdigest()[:32]
+
+        def fn(b: Batch, tx: Tx):
+            path = f"/files/{fid}"
+            if not b.exists(path):
+                b.put(path, content)
+            return fid
+
+        await self.write(u, fn)
+        return {
+            "id": fid,
+            "key": u.hex,
+            "name": name,
+            "size": len(content),
+            "type": chat.sniff_image(content) or "application/octet-stream",
+            "url": f"/files/{u.hex}/{fid}",
+        }
+
+    async def read_file(self, key: bytes, fid: str) -> bytes:
+        """A file of any repository: read here if stored, else fetched from a peer that
+        serves it (found through the hubs), following the repository's profile only."""
+        path = f"/files/{fid}"
+        try:
+            found = await self.node.db(_read_value, self.store, key, path, None)
+        except MissingBlock:
+            found = False  # the repository is followed sparsely: the file is elsewhere
+        if found is not False:
+            if found is None:
+                raise NotFound(f"no file {fid} in repository {key.hex()}")
+            return found
+        f = self.node.follows.get(key)
+        if f is None or f.local_seq is None:
+            await self.node.follow(key, ["/profile.json"], [], persistent=False)
+            f = await self.node.wait_version(key, 0, FILE_FETCH_TIMEOUT)
+        at = f.local_seq
+        _, value = await self.node.fetch_path(key, path, at, then=lambda: _read_value(self.store, key, path, at))
+        if value is None or value is False:
+            raise NotFound(f"no file {fid} in repository {key.hex()}")
+        return value
+
+    # --- hubs --------------------------------------------------------------------------
+
+    def join_hubs(self, u: ChatUser) -> None:
+        """Ask the hubs of ``[peers] hubs`` to take a hosted user in (once per run), so
+        that what they post shows in the hubs' combined view."""
+        if not self.node.cfg.hubs or u.key in self._joined or self._nursery is None:
+            return
+        self._joined.add(u.key)
+        for hub in self.node.cfg.hubs:
+            self._nursery.start_soon(self._join_hub, hub, u)
+
+    async def _join_hub(self, hub: str, u: ChatUser) -> None:
+        try:
+            await self.node.join_hub(hub, u.key, "")
+            log.info("hub %s took in %s (%s)", hub, u.name, u.hex[:16])
+        except Exception as exc:
+            self._joined.discard(u.key)  # asked again at the next login
+            log.warning("hub %s did not take in %s: %s", hub, u.name, exc)
+
     # --- envelopes arriving by sync ---------------------------------------------------
 
     async def _on_synced(self, key: bytes, old_root: bytes | None, new_root: bytes) -> None:
@@ -923,6 +1011,15 @@ def create_users(store, key: GatewayKey, users: list[tuple[str, str | None, str]
             )
             made.append(ChatUser(name, repo))
     return made
+
+
+def _read_value(store, key: bytes, path: str, version: int | None):
+    """The value at ``path`` of a stored repository (None: no such path); False when no
+    version of the repository is stored. MissingBlock: the path is not stored here."""
+    row = store.find_repo(key)
+    if row is None or store.head_seq(row) is None:
+        return False
+    return Repository(store, row, None).value(path, version)
 
 
 def _discard(index: dict, key, item) -> None:

@@ -1,0 +1,94 @@
+"""What the gateway serves for the web client: the page, /gateway.json, files."""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import trio
+
+from tests.gwutil import gateway, login, result
+from tests.netutil import start_daemon
+
+PNG = b"\x89PNG\r\n\x1a\n" + os.urandom(3000)
+
+
+async def test_the_page_is_served_with_a_strict_policy(tmp_path):
+    async with gateway(tmp_path, hub_url="http://127.0.0.1:9989") as g:
+        r = await g.web.get("/")
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/html")
+        csp = r.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "connect-src 'self' http://127.0.0.1:9989" in csp
+        again = await g.web.get("/", headers={"If-None-Match": r.headers["etag"]})
+        assert again.status_code == 304
+        assert result(await g.web.get("/app/no-such-file.js"), 404)
+        info = result(await g.web.get("/gateway.json"))
+        assert info["hub"] == "http://127.0.0.1:9989"
+        assert info["login"] == {"password": True, "register": True, "key": True, "test_login": True, "oidc": []}
+
+
+async def test_files_upload_and_download(tmp_path):
+    async with gateway(tmp_path, max_file=100_000) as g:
+        alice, ha = await login(g.web, "alice")
+        bob, hb = await login(g.web, "bob")
+        f = result(await g.web.post("/files", params={"name": "cat.png"}, content=PNG, headers=ha))
+        assert f["key"] == alice and f["size"] == len(PNG) and f["type"] == "image/png"
+        assert f["name"] == "cat.png" and f["url"] == f"/files/{alice}/{f['id']}"
+        # the same bytes again: the same id (stored once)
+        assert result(await g.web.post("/files", content=PNG, headers=ha))["id"] == f["id"]
+
+        r = await g.web.get(f["url"], headers=hb)  # any logged-in user may read it
+        assert r.status_code == 200 and r.content == PNG
+        assert r.headers["content-type"] == "image/png"
+        assert "content-disposition" not in r.headers
+
+        # a page claiming to be anything is sent as a download, never rendered
+        html = b"<html><script>alert(1)</script></html>"
+        h = result(await g.web.post("/files", params={"name": "x.html"}, content=html, headers=ha))
+        assert h["type"] == "application/octet-stream"
+        r = await g.web.get(h["url"], params={"name": "x.html"}, headers=hb)
+        assert r.content == html and r.headers["content-type"] == "application/octet-stream"
+        assert r.headers["content-disposition"].startswith('attachment; filename="x.html"')
+        assert "sandbox" in r.headers["content-security-policy"]
+
+        # and token in the query (an <img src>) works
+        token = hb["Authorization"].split()[1]
+        assert (await g.web.get(f["url"], params={"token": token})).status_code == 200
+
+        assert "larger than 100000" in result(await g.web.post("/files", content=b"x" * 100_001, headers=ha), 413)
+        assert "empty" in result(await g.web.post("/files", content=b"", headers=ha), 400)
+        assert "slashes" in result(await g.web.post("/files", params={"name": "a/b"}, content=b"x", headers=ha), 400)
+        assert result(await g.web.get(f["url"]), 401)
+        assert "32 hex" in result(await g.web.get(f"/files/{alice}/nothex", headers=hb), 400)
+        assert "no file" in result(await g.web.get(f"/files/{alice}/{'0' * 32}", headers=hb), 404)
+        # nothing was stored by the refused uploads: the user's files are the two
+        me = await g.call("ls", prefix="/files/", repo=alice)
+        assert len(me["entries"]) == 2
+
+
+async def test_hosted_users_join_the_hub_and_files_cross_gateways(tmp_path):
+    async with trio.open_nursery() as nursery:
+        hub = await start_daemon(nursery, os.path.join(tmp_path, "hub"), mode="hub")
+        async with (
+            gateway(tmp_path, "g1", hubs=[hub.address]) as g1,
+            gateway(tmp_path, "g2", hubs=[hub.address]) as g2,
+            httpx.AsyncClient(base_url=hub.http, timeout=10.0) as hubweb,
+        ):
+            alice, ha = await login(g1.web, "alice")
+            bob, hb = await login(g2.web, "bob")
+            f = result(await g1.web.post("/files", params={"name": "cat.png"}, content=PNG, headers=ha))
+            post = {"type": "file", "value": {k: f[k] for k in ("id", "key", "name", "size", "type")}}
+            result(await g1.web.post("/topics/general", json={"data": post}, headers=ha))
+            # the login joined alice to the hub: her post shows in its combined view
+            with trio.fail_after(10):
+                while True:
+                    view = result(await hubweb.get("/topics/general"))
+                    if any(m["message"]["type"] == "file" for m in view):
+                        break
+                    await trio.sleep(0.05)
+            # bob's gateway has never stored alice's repository: it finds her through the hub
+            r = await g2.web.get(f["url"], headers=hb)
+            assert r.status_code == 200, r.text
+            assert r.content == PNG
+            nursery.cancel_scope.cancel()
