@@ -86,6 +86,43 @@ class ReplicatorConfig:
     max_bytes: int = 0  # a pin is refused once the store is this large (0: no limit)
 
 
+OIDC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+
+
+@dataclass
+class OidcProvider:
+    """One ``[[oidc]]`` table of the config."""
+
+    name: str = ""  # shown on the login button
+    issuer: str = ""  # the token's iss, exactly; names the accounts (issuer + subject)
+    issuer_aliases: list[str] = field(default_factory=list)  # other spellings of iss (Google: accounts.google.com)
+    client_id: str = ""  # the audience the token must be for
+    jwks: str = ""  # the provider's keys: an https:// (or http://) URL, or a file path
+    authorization_endpoint: str = ""  # where the web client sends the browser to log in
+    allowed_domains: list[str] = field(default_factory=list)  # email domains allowed ([]: any)
+    algorithms: list[str] = field(default_factory=lambda: ["RS256", "ES256"])
+    leeway: float = 60.0  # seconds of clock skew allowed for exp, nbf, iat
+    jwks_max_age: float = 3600.0  # seconds the keys are cached before a fetch
+    jwks_min_refresh: float = 30.0  # seconds at least between two fetches
+
+    def check(self, where: str) -> None:
+        for name in ("name", "issuer", "client_id", "jwks"):
+            if not getattr(self, name):
+                raise ConfigError(f"{where}: [[oidc]] {self.name or '?'}: {name} is required")
+        bad = [a for a in self.algorithms if a not in OIDC_ALGORITHMS]
+        if bad or not self.algorithms:
+            raise ConfigError(
+                f"{where}: [[oidc]] {self.name}: algorithms {bad or '[]'} not accepted "
+                f"(asymmetric ones only: {', '.join(sorted(OIDC_ALGORITHMS))})"
+            )
+        if self.leeway < 0 or self.leeway > 600 or self.jwks_max_age <= 0 or self.jwks_min_refresh < 0:
+            raise ConfigError(f"{where}: [[oidc]] {self.name}: leeway must be 0-600 s, jwks_max_age positive")
+
+    @property
+    def issuers(self) -> set[str]:
+        return {self.issuer, *self.issuer_aliases}
+
+
 @dataclass
 class Config:
     data_dir: str | None = None
@@ -102,6 +139,7 @@ class Config:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     hub: HubConfig = field(default_factory=HubConfig)
     replicator: ReplicatorConfig = field(default_factory=ReplicatorConfig)
+    oidc: list[OidcProvider] = field(default_factory=list)  # [[oidc]] tables: OpenID Connect providers
 
 
 # section -> {key: (object path, type)}
@@ -149,6 +187,9 @@ def load(path: str | None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
     for section, values in raw.items():
+        if section == "oidc":
+            cfg.oidc = _providers(values, path)
+            continue
         layout = _LAYOUT.get(section)
         if layout is None or not isinstance(values, dict):
             raise ConfigError(f"config {path}: unknown section [{section}]")
@@ -165,6 +206,26 @@ def load(path: str | None) -> Config:
             _set(cfg, dotted, value)
     validate(cfg, path)
     return cfg
+
+
+def _providers(tables, path: str) -> list[OidcProvider]:
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"config {path}: oidc must be tables [[oidc]], one per provider")
+    kinds = {f.name: type(getattr(OidcProvider(), f.name)) for f in dataclasses.fields(OidcProvider)}
+    providers = []
+    for t in tables:
+        p = OidcProvider()
+        for key, value in t.items():
+            typ = kinds.get(key)
+            if typ is None:
+                raise ConfigError(f"config {path}: unknown setting {key!r} in [[oidc]]")
+            if typ is float and type(value) is int:
+                value = float(value)
+            if type(value) is not typ or (typ is list and not all(isinstance(x, str) for x in value)):
+                raise ConfigError(f"config {path}: [[oidc]] {key} must be a {typ.__name__}, not {value!r}")
+            setattr(p, key, value)
+        providers.append(p)
+    return providers
 
 
 def validate(cfg: Config, where: str = "settings") -> None:
@@ -221,6 +282,11 @@ def validate(cfg: Config, where: str = "settings") -> None:
             raise ConfigError(f"{where}: [replicator] pins: {k!r} is not a repository key (64 lowercase hex digits)")
     for a in cfg.gateway.replicators:
         parse_address(a)
+    names = [p.name for p in cfg.oidc]
+    for p in cfg.oidc:
+        p.check(where)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: [[oidc]] provider names must differ")
     h = cfg.hub
     parse_address(h.http)
     for name in ("max_repos", "max_topics_per_repo", "max_messages_per_repo", "max_message_bytes", "stream_history"):

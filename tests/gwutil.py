@@ -13,13 +13,13 @@ from tests.netutil import start_daemon
 
 
 @asynccontextmanager
-async def gateway(tmp_path, name: str = "gw", peers=(), hubs=(), **gw_options):
+async def gateway(tmp_path, name: str = "gw", peers=(), hubs=(), oidc=(), **gw_options):
     """A gateway daemon (test logins and registration on) with an HTTP client as ``.web``."""
     options = {"test_login": True, "registration": True}
     options.update(gw_options)
     async with trio.open_nursery() as nursery:
         g = await start_daemon(
-            nursery, os.path.join(tmp_path, name), mode="gateway", gateway=options, peers=peers, hubs=hubs
+            nursery, os.path.join(tmp_path, name), mode="gateway", gateway=options, peers=peers, hubs=hubs, oidc=oidc
         )
         async with httpx.AsyncClient(base_url=g.http, timeout=10.0) as http:
             g.web = http

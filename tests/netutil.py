@@ -21,9 +21,11 @@ def fast_config(
     hub: dict | None = None,
     hubs=(),
     replicator: dict | None = None,
+    oidc=(),
     **wire,
 ) -> Config:
     cfg = Config(data_dir=data_dir, synchronous="NORMAL", mode=mode, peers=list(peers), hubs=list(hubs))
+    cfg.oidc = list(oidc)
     cfg.wire.listen = "127.0.0.1:0"
     cfg.gateway.http = "127.0.0.1:0"
     cfg.hub.http = "127.0.0.1:0"

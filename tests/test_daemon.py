@@ -204,5 +204,9 @@ def test_config_example_lists_every_setting_with_its_default():
             # set to its default, or shown commented out
             assert getattr(obj, f.name) == getattr(default, f.name) or f.name in ("listen", "http"), (section, f.name)
             assert re.search(rf"^#?\s*{f.name}\s*=", text, re.M), f"config.example.toml lacks [{section}] {f.name}"
+    from pttd.config import OidcProvider
+
+    for f in dataclasses.fields(OidcProvider):
+        assert re.search(rf"^#\s*{f.name}\s*=", text, re.M), f"config.example.toml lacks [[oidc]] {f.name}"
     for name in ("synchronous", "page_size", "mode", "log_level", "control", "data_dir", "static", "hubs"):
         assert re.search(rf"^#?\s*{name}\s*=", text, re.M), name

@@ -90,6 +90,19 @@ KEY_LOGIN = {
     "required": ["key", "nonce", "signature"],
     "properties": {"key": KEY, "nonce": {"type": "string"}, "signature": {"type": "string"}},
 }
+ID_TOKEN_LOGIN = {
+    "type": "object",
+    "required": ["id_token"],
+    "properties": {
+        "id_token": {
+            "oneOf": [
+                {"type": "string", "description": "a JWT of a configured provider"},
+                {"type": "object", "required": ["id_token"], "properties": {"id_token": {"type": "string"}}},
+            ]
+        },
+        "friend": KEY,
+    },
+}
 CREDENTIALS = {
     "type": "object",
     "required": ["username", "password"],
@@ -192,20 +205,24 @@ def _int_param(request: Request, name: str, low: int = 0, high: int = MAX_INT) -
 @route(
     "POST",
     "/login",
-    "Log in: a local account, or a key (signature of a challenge)",
+    "Log in: a local account, a key (signature of a challenge), or an OpenID Connect id_token",
     LOGIN,
-    body={"oneOf": [CREDENTIALS, KEY_LOGIN]},
+    body={"oneOf": [CREDENTIALS, KEY_LOGIN, ID_TOKEN_LOGIN]},
     auth=False,
     errors=("401", "429"),
 )
 async def login(gw: Gateway, request: Request, data, user):
     data = chat.data_object(data)
+    client = request.client.host if request.client else None
     if "id_token" in data:
-        raise Forbidden("OpenID Connect login is not configured on this gateway")
+        token = data["id_token"]
+        if isinstance(token, dict) and "id_token" in token:  # the earlier client's shape
+            token = token["id_token"]
+        u = await gw.oidc_login(token, client)
+        return await _logged_in(gw, u, data)
     if "signature" in data:  # bring your own key
         u = await gw.key_login(data.get("key"), data.get("nonce"), data.get("signature"))
         return await _logged_in(gw, u, data)
-    client = request.client.host if request.client else None
     u = await gw.login(data.get("username"), data.get("password"), client)
     return await _logged_in(gw, u, data)
 

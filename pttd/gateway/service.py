@@ -51,6 +51,7 @@ from ..repo import Batch, Repository
 from . import chat
 from .chat import GOSSIP, BadInput, ChatUser
 from .keys import GatewayKey
+from .oidc import Verifier
 
 log = logging.getLogger("pttd.gateway")
 
@@ -211,6 +212,7 @@ class Gateway:
         self._tokens: dict[str, tuple] = {}  # verified token -> (user, expiry, session id)
         self._revoked: set[str] = set()  # sessions logged out (or revoked) and not yet expired
         self._in_topic: set[tuple[str, bytes]] = set()  # (topic, user) known in gw_topics
+        self.oidc = Verifier(node.cfg.oidc)
         self._joined: set[bytes] = set()  # hosted users the hubs were asked to take in, this run
         self.groups = 0  # transactions the writer made (for the bench and status)
         self.writes = 0
@@ -348,6 +350,38 @@ class Gateway:
         u = await self.user(rows[0][0])
         if u is None:
             raise Unauthorized("wrong username or password")
+        return u
+
+    # --- OpenID Connect -----------------------------------------------------------------
+
+    async def oidc_login(self, token, client: str | None = None) -> ChatUser:
+        """A login with a provider's ``id_token``: its issuer and subject name one hosted
+        repository, created at the first login with the token's ``name`` as profile name.
+        A refused token is logged with its reason and counts as a failed login."""
+        self._require_key()
+        if client:
+            self._failed_addresses.check(client, "address")
+        try:
+            provider, claims = await self.oidc.verify(token)
+        except Unauthorized as exc:
+            if client:
+                self._failed_addresses.add(client)
+            log.warning("OpenID Connect login refused (from %s): %s", client or "?", exc)
+            raise
+        name = f"oidc:{provider.issuer} {claims['sub']}"
+        rows = await self.node.db(self.store.query, "SELECT repo FROM gw_users WHERE name=?", (name,))
+        if rows:
+            u = await self.user(rows[0][0])
+            if u is not None:
+                return u
+        profile_name = _display_name(claims)
+        try:
+            u = await self.node.db(self._create_user, name, None, profile_name)
+        except Conflict:  # created by a concurrent login
+            rows = await self.node.db(self.store.query, "SELECT repo FROM gw_users WHERE name=?", (name,))
+            return await self.user(rows[0][0])
+        self._remember(u)
+        log.info("OpenID Connect: new user %r of %s, repository %s", profile_name, provider.name, u.hex[:16])
         return u
 
     # --- bring your own key --------------------------------------------------------------
@@ -811,7 +845,7 @@ class Gateway:
                 "register": bool(self.cfg.registration) and self.key is not None,
                 "key": True,
                 "test_login": bool(self.cfg.test_login) and self.key is not None,
-                "oidc": [],
+                "oidc": self.oidc.public() if self.key is not None else [],
             },
         }
 
@@ -1011,6 +1045,17 @@ def create_users(store, key: GatewayKey, users: list[tuple[str, str | None, str]
             )
             made.append(ChatUser(name, repo))
     return made
+
+
+def _display_name(claims: dict) -> str:
+    """The profile name of a new OpenID Connect user: the token's ``name``, else the
+    email's local part; printable, at most 64 characters."""
+    for raw in (claims.get("name"), str(claims.get("email") or "").split("@")[0]):
+        if isinstance(raw, str):
+            name = "".join(c for c in raw if c.isprintable()).strip()[:64]
+            if name:
+                return name
+    return "user"
 
 
 def _read_value(store, key: bytes, path: str, version: int | None):
