@@ -1,0 +1,130 @@
+// DOM helpers. Every string from outside (messages, names, keys, file names) goes into
+// the page as a Text node or an attribute value: nothing here parses HTML.
+
+const FORBIDDEN = new Set(['innerHTML', 'outerHTML', 'style', 'srcdoc']);
+
+/** h('li', {class: 'msg', onclick: fn, text: 'x'}, child, 'text', [more]) */
+export function h(tag, props, ...children) {
+  const el = tag.startsWith('svg:')
+    ? document.createElementNS('http://www.w3.org/2000/svg', tag.slice(4))
+    : document.createElement(tag);
+  if (props) {
+    for (const [k, v] of Object.entries(props)) {
+      if (v == null || v === false) continue;
+      if (FORBIDDEN.has(k)) throw new Error(`h(): ${k} is not allowed`);
+      if (k === 'class') el.setAttribute('class', v);
+      else if (k === 'text') el.textContent = v;
+      else if (k === 'dataset') Object.assign(el.dataset, v);
+      else if (k.startsWith('on') && typeof v === 'function') el.addEventListener(k.slice(2), v);
+      else if (k === 'value' || k === 'checked' || k === 'disabled' || k === 'hidden') el[k] = v;
+      else el.setAttribute(k, v === true ? '' : String(v));
+    }
+  }
+  append(el, children);
+  return el;
+}
+
+function append(el, children) {
+  for (const c of children) {
+    if (c == null || c === false) continue;
+    if (Array.isArray(c)) append(el, c);
+    else el.append(c); // a string becomes a Text node
+  }
+}
+
+export function clear(el) {
+  while (el.firstChild) el.firstChild.remove();
+}
+
+export function shortKey(key) {
+  return typeof key === 'string' ? key.slice(0, 8) + '…' : '?';
+}
+
+const timeFmt = new Intl.DateTimeFormat(undefined, { hour: '2-digit', minute: '2-digit' });
+const fullFmt = new Intl.DateTimeFormat(undefined, { dateStyle: 'full', timeStyle: 'medium' });
+const dayFmt = new Intl.DateTimeFormat(undefined, { weekday: 'long', day: 'numeric', month: 'long', year: 'numeric' });
+
+export function fmtTime(ms) {
+  return timeFmt.format(ms);
+}
+export function fmtFull(ms) {
+  return fullFmt.format(ms);
+}
+
+/** The local calendar day of a date, as YYYY-MM-DD (day separators). */
+export function dayKey(ms) {
+  const d = new Date(ms);
+  return `${d.getFullYear()}-${String(d.getMonth() + 1).padStart(2, '0')}-${String(d.getDate()).padStart(2, '0')}`;
+}
+
+export function fmtDay(ms, now = Date.now()) {
+  const k = dayKey(ms);
+  if (k === dayKey(now)) return 'Today';
+  if (k === dayKey(now - 86400000)) return 'Yesterday';
+  return dayFmt.format(ms);
+}
+
+export function fmtSize(n) {
+  if (!Number.isFinite(n) || n < 0) return '';
+  if (n < 1024) return `${n} B`;
+  const units = ['KB', 'MB', 'GB'];
+  let v = n / 1024;
+  let i = 0;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  return `${v < 10 ? v.toFixed(1) : Math.round(v)} ${units[i]}`;
+}
+
+/** Text with http(s) links made clickable; everything stays text nodes. */
+export function linkify(text) {
+  const out = [];
+  const re = /\bhttps?:\/\/[^\s<>"']+[^\s<>"'.,;:!?)\]]/g;
+  let last = 0;
+  for (let m; (m = re.exec(text)); ) {
+    let url;
+    try {
+      url = new URL(m[0]);
+    } catch {
+      continue;
+    }
+    if (url.protocol !== 'http:' && url.protocol !== 'https:') continue;
+    if (m.index > last) out.push(text.slice(last, m.index));
+    out.push(h('a', { href: url.href, target: '_blank', rel: 'noopener noreferrer' }, m[0]));
+    last = m.index + m[0].length;
+  }
+  if (last < text.length) out.push(text.slice(last));
+  return out;
+}
+
+export const HEX64 = /^[0-9a-fA-F]{64}$/;
+export const ID_RE = /^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$/;
+
+export function validTopic(name) {
+  return ID_RE.test(name) && !name.includes('..') && name !== '__gossiping';
+}
+
+/** Copy text to the clipboard (the API where allowed, else a selected field). */
+export async function copyText(text) {
+  if (navigator.clipboard && window.isSecureContext) {
+    try {
+      await navigator.clipboard.writeText(text);
+      return true;
+    } catch {
+      /* fall back below */
+    }
+  }
+  const ta = h('textarea', { class: 'offscreen', readonly: true, 'aria-hidden': 'true' });
+  ta.value = text;
+  document.body.append(ta);
+  ta.select();
+  let ok = false;
+  try {
+    ok = document.execCommand('copy');
+  } catch {
+    ok = false;
+  }
+  ta.remove();
+  return ok;
+}
