@@ -83,6 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
     ua.add_argument("--no-password", action="store_true", help="no password login (for users of other logins)")
     ua.add_argument("--profile-name", help="the profile name (default: the user name)")
     us.add_parser("list", help="list hosted users")
+    ue = us.add_parser(
+        "export",
+        help="write a user's repository key pair, sealed with a passphrase, to move the account "
+        "(its writes here are refused from then on)",
+    )
+    ue.add_argument("name")
+    ue.add_argument("-o", "--output", required=True, help="the account file to write (created, mode 0600)")
+    ue.add_argument("--keep", action="store_true", help="a copy only: the user keeps writing here (risks a fork)")
+    ue.add_argument("--passphrase-env", help="read the passphrase from this environment variable (else asked)")
+    ui = us.add_parser("import", help="host the account of an account file (its repository is synced first)")
+    ui.add_argument("file", help="the account file (- for stdin)")
+    ui.add_argument("--name", help="the login name here (default: the exported one)")
+    ui.add_argument(
+        "--peer", action="append", default=[], help="HOST:PORT serving the repository (its old gateway); repeatable"
+    )
+    ui.add_argument("--passphrase-env", help="read the passphrase from this environment variable (else asked)")
+    ui.add_argument("--timeout", type=float, default=60.0, help="seconds to sync the repository (default 60)")
     us.add_parser(
         "rotate-token-key", help="a new login-token signing key (tokens signed before work until they expire)"
     )
@@ -356,6 +373,18 @@ def _remote(client: ControlClient, args: argparse.Namespace) -> commands.Result:
     return commands.Result(data, ok=data.get("ok", True) if c == "verify" else True)
 
 
+def _passphrase(env: str | None, confirm: bool) -> str:
+    if env:
+        value = os.environ.get(env)
+        if value is None:
+            raise PttError(f"environment variable {env} is not set")
+        return value
+    value = getpass.getpass("passphrase of the account file: ")
+    if confirm and getpass.getpass("again: ") != value:
+        raise PttError("the two passphrases differ")
+    return value
+
+
 def _chat_call(client: ControlClient, args: argparse.Namespace) -> dict:
     c = args.command
     if c == "user":
@@ -363,6 +392,33 @@ def _chat_call(client: ControlClient, args: argparse.Namespace) -> dict:
             return client.call("user_list", {})
         if args.user_command == "rotate-token-key":
             return client.call("token_rotate", {})
+        if args.user_command == "export":
+            passphrase = _passphrase(args.passphrase_env, confirm=True)
+            try:  # made first: a user is never marked moved without their file written
+                fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except OSError as exc:
+                raise PttError(f"cannot create {args.output}: {exc.strerror}") from None
+            with os.fdopen(fd, "w") as f:
+                try:
+                    res = client.call("user_export", {"name": args.name, "passphrase": passphrase, "keep": args.keep})
+                except BaseException:
+                    os.unlink(args.output)
+                    raise
+                f.write(json.dumps(res["account"], indent=1) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            return {"name": res["name"], "key": res["key"], "file": args.output, "moved": res["moved"]}
+        if args.user_command == "import":
+            try:
+                raw = sys.stdin.read() if args.file == "-" else open(args.file).read(1 << 20)
+                doc = json.loads(raw)
+            except OSError as exc:
+                raise PttError(f"cannot read {args.file}: {exc.strerror}") from None
+            except ValueError:
+                raise PttError(f"{args.file} is not an account file (not JSON)") from None
+            passphrase = _passphrase(args.passphrase_env, confirm=False)
+            call = {"account": doc, "passphrase": passphrase, "name": args.name, "peers": args.peer}
+            return client.call("user_import", {**call, "timeout": args.timeout})
         password = None
         if args.password_stdin:
             password = sys.stdin.readline().rstrip("\n")

@@ -225,7 +225,7 @@ class ControlServer:
             key = _hex_key(args.get("repo")) or own
             message = await node.join_hub(hub, key, args.get("token") or "", float(args.get("timeout") or 30))
             return {"hub": hub, "repository": key.hex(), "joined": True, "message": message}
-        if cmd in ("user_add", "user_list", "token_rotate") or cmd.startswith("chat_"):
+        if cmd in ("user_add", "user_list", "token_rotate", "user_export", "user_import") or cmd.startswith("chat_"):
             return await chat_command(self.gateway, cmd, args)
         raise PttError(f"unknown command {cmd!r}")
 
@@ -282,6 +282,17 @@ async def chat_command(gw, cmd: str, args: dict) -> dict:
         return {"users": await gw.list_users()}
     if cmd == "token_rotate":
         return await gw.rotate_token_key()
+    if cmd == "user_export":
+        doc = await gw.export_user(args.get("name"), args.get("passphrase"), bool(args.get("keep")))
+        return {"name": args.get("name"), "key": doc["key"], "moved": not args.get("keep"), "account": doc}
+    if cmd == "user_import":
+        peers = args.get("peers") or []
+        if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):
+            raise PttError("peers must be a list of HOST:PORT")
+        u = await gw.import_user(
+            args.get("account"), args.get("passphrase"), args.get("name"), peers, float(args.get("timeout") or 60)
+        )
+        return {"name": u.name, "key": u.hex, "version": await gw.read(gw.store.head_seq, u.repo.row)}
     u = await gw.local_user()
     if cmd == "chat_topics":
         return {"topics": await gw.read(chat.topics, u.repo)}

@@ -741,6 +741,7 @@ class Node:
             return None
         sc = best[1].commit
         if f.local_seq is not None and (sc.seq < f.local_seq or (sc.seq == f.local_seq and sc.address == f.local_hash)):
+            f.no_head.update(f.offers)  # they answered: nothing newer there (sync_once waits for that)
             f.offers.clear()
             return None
         return best

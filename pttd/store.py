@@ -35,7 +35,9 @@ from .errors import CorruptBlock, DataDirError, ForkDetected, MissingBlock, NotF
 
 log = logging.getLogger("pttd.store")
 
-SCHEMA_VERSION = 6  # 2: follows, partial (issue 3); 3: gateway tables (issue 4); 4: hub joins; 5: pins; 6: sessions
+SCHEMA_VERSION = (
+    7  # 2: follows, partial (issue 3); 3: gateway tables (issue 4); 4: hub joins; 5: pins; 6: sessions; 7: moved users
+)
 # 64 KiB: chunks of 4-32 KiB left 16 KiB pages about 64% full (104 MB of pages for a
 # 64 MiB value); 64 KiB pages fill about 90%, which took storing a large value from
 # ~110-170 to ~210-260 MB/s here, with small writes no slower.
@@ -133,6 +135,9 @@ CREATE TABLE IF NOT EXISTS gw_sessions(
     expires INTEGER NOT NULL,
     revoked INTEGER NOT NULL DEFAULT 0
 );
+-- Gateway users exported to another home (pttctl user export): their writes here are
+-- refused, so that two gateways never both sign versions of one repository (a fork).
+CREATE TABLE IF NOT EXISTS gw_moved(repo BLOB PRIMARY KEY, moved INTEGER NOT NULL);
 -- Hub mode: the repositories that joined, and where they said they are served.
 CREATE TABLE IF NOT EXISTS hub_joins(repo BLOB PRIMARY KEY, addresses TEXT NOT NULL, joined INTEGER NOT NULL);
 -- Replicator mode: the repositories pinned (kept whole and live, served to anyone).

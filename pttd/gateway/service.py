@@ -48,7 +48,7 @@ from ..errors import (
     Unauthorized,
 )
 from ..repo import Batch, Repository
-from . import chat
+from . import account, chat
 from .chat import GOSSIP, BadInput, ChatUser
 from .keys import GatewayKey
 from .oidc import Verifier
@@ -213,7 +213,10 @@ class Gateway:
         self._revoked: set[str] = set()  # sessions logged out (or revoked) and not yet expired
         self._in_topic: set[tuple[str, bytes]] = set()  # (topic, user) known in gw_topics
         self.oidc = Verifier(node.cfg.oidc)
-        self._joined: set[bytes] = set()  # hosted users the hubs were asked to take in, this run
+        self._joined: set[bytes] = set()
+        self._moved: set[bytes] = (
+            set()
+        )  # users exported elsewhere: writes refused  # hosted users the hubs were asked to take in, this run
         self.groups = 0  # transactions the writer made (for the bench and status)
         self.writes = 0
 
@@ -221,6 +224,8 @@ class Gateway:
         self.node.synced_hooks.append(self._on_synced)
         if self.key is not None:
             self._revoked = await self.node.db(self._load_revoked)
+            rows = await self.node.db(self.store.query, "SELECT repo FROM gw_moved")
+            self._moved = {r for (r,) in rows}
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._writer)
@@ -351,6 +356,113 @@ class Gateway:
         if u is None:
             raise Unauthorized("wrong username or password")
         return u
+
+    # --- account moves ------------------------------------------------------------------
+
+    async def export_user(self, name, passphrase, keep: bool = False) -> dict:
+        """The account file of hosted user ``name`` (see pttd.gateway.account). Unless
+        ``keep``, the user's writes here are refused from now on: the repository moves,
+        and two homes signing versions of it would fork it. Its data stays here, served
+        to peers, until the operator removes it."""
+        self._require_key()
+        rows = await self.node.db(
+            self.store.query, "SELECT repo, sealed_key, password FROM gw_users WHERE name=?", (name,)
+        )
+        if not rows:
+            raise NotFound(f"no user {name!r} on this gateway")
+        repo, sealed, password = rows[0]
+        if not sealed:
+            raise Conflict(f"user {name!r} brought their own key: this gateway holds no key to export")
+        sk = self.key.unseal(sealed)
+        doc = await trio.to_thread.run_sync(account.seal_account, sk, name, password, passphrase)
+        if not keep:
+            await self.node.db(
+                self.store.execute,
+                "INSERT OR REPLACE INTO gw_moved(repo, moved) VALUES (?, ?)",
+                (repo, int(time.time())),
+            )
+            self._moved.add(repo)
+            log.info("user %r exported: its writes here are refused from now on", name)
+        return doc
+
+    async def import_user(self, doc, passphrase, name=None, peers=(), timeout: float = 60.0) -> ChatUser:
+        """Host the account of an account file: its repository is first brought whole
+        from the network (its old home, a replicator, anyone found through the hubs), so
+        that the next version signed here follows the last one signed there."""
+        self._require_key()
+        sk, old_name, password = await trio.to_thread.run_sync(account.open_account, doc, passphrase)
+        name = old_name if name is None else self._check_name(name, "name")
+        if not name or len(name) > 512:
+            raise BadInput("name", "must be 1-512 characters")
+        key = bytes(sk.verify_key)
+        taken = await self.node.db(
+            self.store.query, "SELECT name, repo FROM gw_users WHERE name=? OR repo=?", (name, key)
+        )
+        for n, r in taken:
+            moved = await self.node.db(self.store.query, "SELECT 1 FROM gw_moved WHERE repo=?", (r,))
+            if r == key and moved:
+                continue  # coming back: taken in again below
+            raise Conflict(f"user {n!r} already exists here" + (" with that repository" if r == key else ""))
+        try:
+            f = await self.node.sync_once(key, list(peers), timeout)
+        except PttError as exc:
+            raise PttError(
+                f"cannot bring repository {key.hex()} here: {exc}. Give --peer HOST:PORT of its old "
+                "gateway (or a replicator of it): taking it in without its history would fork it"
+            ) from None
+        if f.local_seq is None:
+            raise PttError(f"no peer served repository {key.hex()} (give --peer HOST:PORT of its old gateway)")
+        await self.node.unfollow(key)  # hosted from now on: this daemon signs its versions
+
+        def take_in() -> None:
+            with self.store.write():
+                self.store.execute("UPDATE repos SET owned=1 WHERE key=?", (key,))
+                self.store.execute("DELETE FROM gw_users WHERE repo=?", (key,))
+                self.store.execute(
+                    "INSERT INTO gw_users(name, repo, sealed_key, password, created) VALUES (?, ?, ?, ?, ?)",
+                    (name, key, self.key.seal(sk), password, int(time.time())),
+                )
+                self.store.execute("DELETE FROM gw_moved WHERE repo=?", (key,))
+
+        await self.node.db(take_in)
+        self._moved.discard(key)
+        self._users.pop(key, None)
+        u = await self.user(key)
+        await self._index_account(u)
+        log.info("user %r imported: repository %s at version %d", name, key.hex()[:16], f.local_seq)
+        self._nursery.start_soon(self.node.announce_to_hubs)
+        return u
+
+    async def _index_account(self, u: ChatUser) -> None:
+        """The gateway's indexes for an account taken in: its topics, its friends (whose
+        envelopes it follows) and the direct messages it sent them."""
+        topics = await self.read(chat.topics, u.repo)
+        friends = [bytes.fromhex(f["key"]) for f in await self.read(chat.sealed_list, u, "/friends/")]
+
+        def index() -> None:
+            with self.store.write():
+                for t in topics:
+                    self.store.execute("INSERT OR IGNORE INTO gw_topics(topic, repo) VALUES (?, ?)", (t, u.key))
+                for f in friends:
+                    self.store.execute("INSERT OR IGNORE INTO gw_friends(friend, user) VALUES (?, ?)", (f, u.key))
+                root = self.store.load_commit(u.repo.row, self.store.head_seq(u.repo.row)).commit.root
+                prefix = f"/topics/{GOSSIP}/".encode()
+                for k, ref in tree.iterate(root, prefix, self.store.load_node):
+                    raw = ref if isinstance(ref, bytes) else b"".join(u.repo._read_ref(ref))
+                    for f in friends:
+                        plain = chat.open_envelope(u.repo._key, f, raw, u.key, f)
+                        if plain is not None:
+                            self.store.execute(
+                                "INSERT OR IGNORE INTO gw_dms(user, sender, path, peer, date) VALUES (?, ?, ?, ?, ?)",
+                                (u.key, u.key, k.decode(), f, plain["date"]),
+                            )
+                            break
+
+        await self.node.db(index)
+        for f in friends:
+            if not await self.node.db(self.is_hosted, f):
+                await self._follow_gossip(f)
+            await self._catch_up(f, u)
 
     # --- OpenID Connect -----------------------------------------------------------------
 
@@ -573,6 +685,11 @@ class Gateway:
             raise Forbidden(
                 "this gateway does not hold your repository's key (you logged in with your own key): "
                 "write through your own node; reading works here"
+            )
+        if user.key in self._moved:
+            raise Forbidden(
+                "this account was exported to another home (pttctl user export): it is written there, "
+                "not here, so that its repository does not fork"
             )
         req = WriteRequest(user, fn)
         await self._send.send(req)
