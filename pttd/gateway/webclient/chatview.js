@@ -5,7 +5,7 @@
 // the keyboard focus; arrow keys walk the messages.
 
 import { fileURL } from './api.js';
-import { dayKey, fmtDay, fmtFull, fmtSize, fmtTime, h, linkify } from './dom.js';
+import { dayKey, fmtDay, fmtFull, fmtSize, fmtTime, h, icon, linkify } from './dom.js';
 import { flushNow, msgKey, nameOf, state } from './store.js';
 import { errorToast, toast } from './ui.js';
 
@@ -340,7 +340,7 @@ export class ChatView {
           download(v);
         },
       },
-      h('span', { class: 'file-icon', 'aria-hidden': 'true' }, '📄'),
+      icon('file'),
       h('span', { class: 'file-name' }, name),
       size ? h('span', { class: 'file-size' }, size) : null,
     );
@@ -510,10 +510,10 @@ export class ChatView {
     const mine = m.author === state.me;
     const btn = (label, title, fn, cls = '') =>
       h('button', { type: 'button', class: `tool ${cls}`, title, 'aria-label': title, onclick: fn }, label);
-    if (this.o.react) t.append(btn('☺', 'Add a reaction', () => this.openPicker(m), 'react'));
-    if (this.o.edit && mine && m.message.type === 'text') t.append(btn('✎', 'Edit', () => this.startEdit(m), 'edit'));
-    if (this.o.del && mine) t.append(btn('🗑', 'Delete', () => this.askDelete(m), 'delete'));
-    if (this.o.hide && !mine) t.append(btn('⊘', 'Hide this message (for you)', () => this.hide(m), 'hide'));
+    if (this.o.react) t.append(btn(icon('smile'), 'Add a reaction', () => this.openPicker(m), 'react'));
+    if (this.o.edit && mine && m.message.type === 'text') t.append(btn(icon('edit'), 'Edit', () => this.startEdit(m), 'edit'));
+    if (this.o.del && mine) t.append(btn(icon('trash'), 'Delete', () => this.askDelete(m), 'delete'));
+    if (this.o.hide && !mine) t.append(btn(icon('hide'), 'Hide this message (for you)', () => this.hide(m), 'hide'));
   }
 
   openPicker(m) {
@@ -565,7 +565,7 @@ export class ChatView {
         },
       },
       buttons,
-      h('button', { type: 'button', class: 'tool', 'aria-label': 'Close', onclick: close }, '✕'),
+      h('button', { type: 'button', class: 'tool', 'aria-label': 'Close', onclick: close }, icon('close')),
     );
     t.append(picker);
     buttons[0].focus();
@@ -686,7 +686,7 @@ export class ChatView {
     const file = h('input', { type: 'file', class: 'offscreen', tabindex: '-1', 'aria-hidden': 'true' });
     const progress = h('progress', { max: 1, value: 0 });
     const upName = h('span', { class: 'up-name' });
-    const upCancel = h('button', { type: 'button', class: 'tool', 'aria-label': 'Cancel the upload' }, '✕');
+    const upCancel = h('button', { type: 'button', class: 'tool', 'aria-label': 'Cancel the upload' }, icon('close'));
     const up = h('div', { class: 'upload', hidden: true, role: 'status' }, upName, progress, upCancel);
     this.uploadBar = { up, progress, upName };
     const grow = () => {
@@ -756,7 +756,7 @@ export class ChatView {
         'aria-label': 'Attach a file',
         onclick: () => file.click(),
       },
-      '📎',
+      icon('attach'),
     );
     return h(
       'form',

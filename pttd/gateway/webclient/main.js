@@ -6,7 +6,7 @@
 
 import * as api from './api.js';
 import { ChatView } from './chatview.js';
-import { clear, h, validTopic } from './dom.js';
+import { clear, h, icon, validTopic } from './dom.js';
 import { loginView, oidcReturn } from './login.js';
 import { addFriend, peopleView } from './people.js';
 import {
@@ -21,7 +21,6 @@ import {
   applyUpdate,
   changed,
   conv,
-  convKeyOf,
   convList,
   convTitle,
   markRead,
@@ -257,7 +256,7 @@ function buildShell() {
   const menu = h(
     'button',
     { type: 'button', id: 'menu', class: 'menu', 'aria-label': 'Topics and conversations', 'aria-expanded': 'false', 'aria-controls': 'sidebar' },
-    '☰',
+    icon('menu'),
   );
   const title = h('span', { class: 'topbar-title' });
   const topics = h('ul', { id: 'topic-list', class: 'nav-list', 'aria-labelledby': 'topics-h' });
@@ -436,7 +435,7 @@ function drawConvs() {
           h(
             'a',
             { href, class: u ? 'unread' : '', 'aria-current': here ? 'page' : null, dataset: { conv: c.key } },
-            h('span', { class: 'label' }, c.channel ? `🔒 ${convTitle(c)}` : `@ ${convTitle(c)}`),
+            h('span', { class: 'label' }, c.channel ? `≡ ${convTitle(c)}` : `@ ${convTitle(c)}`),
             badge(u),
           ),
         ),
@@ -580,7 +579,7 @@ function showConv(key) {
     shell.main.append(h('p', { class: 'loading' }, state.convsLoaded ? 'There is no such conversation.' : 'Loading…'));
     return;
   }
-  const title = c.channel ? `🔒 ${convTitle(c)}` : `@ ${convTitle(c)}`;
+  const title = c.channel ? `≡ ${convTitle(c)}` : `@ ${convTitle(c)}`;
   current.title = title;
   const others = c.channel ? c.channel.members.filter((k) => k !== state.me) : [c.peer];
   const strangers = others.filter((k) => !state.friends.some((f) => f.key === k));
