@@ -458,3 +458,45 @@ async def test_reconnect_keyboard_and_history_pages(tmp_path):
             assert errors == []
             running["hub"].daemon.stop()
             running["g2"].daemon.stop()
+
+
+def key_login(gw: str, seed: str, key: str) -> list[str]:
+    with sync_api.sync_playwright() as pw:
+        b = Browser(pw)
+        # the gateway may answer reads 404 until it has synced the repository, and writes 403
+        b.allowed.append(re.compile(r"status of 40[34]"))
+        try:
+            page = b.page(gw + "/", viewport={"width": 1000, "height": 700})
+            page.fill("#login-seed", seed)
+            page.get_by_role("button", name="Log in with key").click()
+            expect(page.locator("#main")).to_be_attached()
+            assert page.locator("#login-seed").count() == 0
+            page.click("#people-link")
+            expect(page.locator("#my-key")).to_have_text(key)
+            # the gateway does not hold this key: a write is refused, and the page says why
+            page.click("#new-topic")
+            page.fill("#new-topic-name", "mine")
+            page.locator("#new-topic-name").press("Enter")
+            expect(page.locator(".toast.error", has_text="write through your own node")).to_be_visible()
+            # the seed was not kept anywhere
+            stored = page.evaluate("JSON.stringify(Object.assign({}, localStorage, sessionStorage))")
+            assert seed not in stored
+            return b.errors
+        finally:
+            b.close()
+
+
+async def test_bring_your_own_key_login(tmp_path):
+    async with trio.open_nursery() as nursery:
+        hub = await start_daemon(nursery, os.path.join(tmp_path, "hub"), mode="hub")
+        node = await start_daemon(nursery, os.path.join(tmp_path, "node"), hubs=[hub.address])
+        keys = os.path.join(tmp_path, "node", "keys")
+        (name,) = [n for n in os.listdir(keys) if n.endswith(".key")]
+        with open(os.path.join(keys, name)) as f:
+            seed = f.read().strip()
+        async with gateway(tmp_path, "g1", hubs=[hub.address], hub_url=hub.http) as g1:
+            with trio.fail_after(60):
+                errors = await trio.to_thread.run_sync(key_login, g1.http, seed, name[: -len(".key")])
+        assert errors == []
+        node.daemon.stop()
+        nursery.cancel_scope.cancel()

@@ -51,6 +51,7 @@ const enc = encodeURIComponent;
 // --- boot ---------------------------------------------------------------------------------
 
 async function boot() {
+  performance.mark('pttd:boot'); // the modules are loaded
   try {
     info = await api.publicCall('GET', 'gateway.json');
   } catch (e) {
@@ -111,7 +112,8 @@ function stop() {
   view = null;
   current = null;
   down.clear();
-  window.removeEventListener('hashchange', route);
+  window.removeEventListener("hashchange", route);
+  shell = null;
 }
 
 // --- the chat --------------------------------------------------------------------------------
@@ -149,7 +151,7 @@ function start() {
   route();
 }
 
-async function load() {
+async function load(attempt = 0) {
   const tries = [
     api.call('GET', 'profile').then((p) => {
       state.profile = p && typeof p === 'object' ? p : { name: '' };
@@ -165,7 +167,17 @@ async function load() {
   if (!hubURL) tries.push(loadGatewayTopics());
   const results = await Promise.allSettled(tries);
   const failed = results.find((r) => r.status === 'rejected');
-  if (failed && api.getSession()) errorToast(failed.reason, 'Loading failed');
+  if (!failed || !api.getSession()) return;
+  const e = failed.reason;
+  // logged in with one's own key: the gateway has not synced the repository yet
+  if (e && e.status === 404 && /no version yet/.test(e.message) && attempt < 20) {
+    if (attempt === 0) toast('Your repository is being fetched from your node: this may take a moment.');
+    setTimeout(() => {
+      if (api.getSession() && shell) load(attempt + 1);
+    }, 3000);
+    return;
+  }
+  errorToast(e, 'Loading failed');
 }
 
 /** Without a hub: the topics this user wrote to, from the gateway (own posts only). */
@@ -222,7 +234,10 @@ function openStreams() {
       name: 'hub',
       url: async (last) => `${hubURL}/events?reader=${enc(state.me)}${last ? `&lastEventId=${enc(last)}` : ''}`,
       events: {
-        snapshot: (s) => applySnapshot(s),
+        snapshot: (s) => {
+          performance.mark('pttd:snapshot');
+          applySnapshot(s);
+        },
         update: (u) => applyUpdate(u),
         profiles: (p) => applyProfiles(p.profiles, p.removed),
       },
