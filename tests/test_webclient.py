@@ -14,10 +14,12 @@ through the helpers it is given.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import struct
+import time
 import zlib
 from contextlib import asynccontextmanager
 
@@ -500,3 +502,90 @@ async def test_bring_your_own_key_login(tmp_path):
         assert errors == []
         node.daemon.stop()
         nursery.cancel_scope.cancel()
+
+
+class FakeProvider:
+    """An OpenID Connect provider's authorization endpoint (implicit flow): it "logs in"
+    at once and sends the browser back with a signed id_token in the URL fragment."""
+
+    def __init__(self, client_id: str):
+        import http.server
+        import threading
+        import urllib.parse
+
+        import jwt
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key()))
+        self.jwks = {"keys": [{**jwk, "kid": "k1", "use": "sig", "alg": "RS256"}]}
+        provider = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                q = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+                now = int(time.time())
+                claims = {
+                    "iss": provider.issuer,
+                    "sub": "user-42",
+                    "aud": client_id,
+                    "iat": now,
+                    "exp": now + 300,
+                    "nonce": q.get("nonce"),
+                    "name": "Olive",
+                    "email": "olive@example.org",
+                }
+                token = jwt.encode(claims, provider.key, algorithm="RS256", headers={"kid": "k1"})
+                frag = urllib.parse.urlencode({"id_token": token, "state": q.get("state", "")})
+                self.send_response(302)
+                self.send_header("Location", f"{q['redirect_uri']}#{frag}")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.issuer = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def oidc_login(gw: str) -> list[str]:
+    with sync_api.sync_playwright() as pw:
+        b = Browser(pw)
+        try:
+            page = b.page(gw + "/", viewport={"width": 1000, "height": 700})
+            page.get_by_role("button", name="Log in with Test ID").click()
+            expect(page.locator(".me-name")).to_have_text("Olive")
+            assert "id_token" not in page.url, "the token is taken out of the URL"
+            page.reload()  # still logged in after a reload
+            expect(page.locator(".me-name")).to_have_text("Olive")
+            return b.errors
+        finally:
+            b.close()
+
+
+async def test_openid_connect_login(tmp_path):
+    from pttd.config import OidcProvider
+
+    provider = FakeProvider("pttd-web")
+    try:
+        jwks = os.path.join(tmp_path, "jwks.json")
+        with open(jwks, "w") as f:
+            json.dump(provider.jwks, f)
+        oidc = OidcProvider(
+            name="Test ID",
+            issuer=provider.issuer,
+            client_id="pttd-web",
+            jwks=jwks,
+            authorization_endpoint=provider.issuer + "/authorize",
+        )
+        async with gateway(tmp_path, "g1", oidc=[oidc]) as g1:
+            with trio.fail_after(60):
+                errors = await trio.to_thread.run_sync(oidc_login, g1.http)
+        assert errors == []
+    finally:
+        provider.close()

@@ -173,13 +173,16 @@ export function loginView(info, message) {
     sections.push(form);
   }
 
-  if (Array.isArray(login.oidc) && login.oidc.length) {
+  const providers = (Array.isArray(login.oidc) ? login.oidc : []).filter(
+    (p) => p && typeof p.authorization_endpoint === 'string' && /^https?:\/\//.test(p.authorization_endpoint),
+  );
+  if (providers.length) {
     sections.push(
       h(
         'div',
         { class: 'card' },
         h('h2', { text: 'Log in with a provider' }),
-        login.oidc.map((p) =>
+        providers.map((p) =>
           h('button', { type: 'button', class: 'oidc', onclick: () => startOIDC(p) }, `Log in with ${p.name || p.issuer}`),
         ),
       ),
