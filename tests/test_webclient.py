@@ -556,6 +556,7 @@ class FakeProvider:
 def oidc_login(gw: str) -> list[str]:
     with sync_api.sync_playwright() as pw:
         b = Browser(pw)
+        b.allowed.append(re.compile(r"status of 401"))  # the wrong password, on purpose
         try:
             page = b.page(gw + "/", viewport={"width": 1000, "height": 700})
             page.get_by_role("button", name="Log in with Test ID").click()
@@ -563,12 +564,28 @@ def oidc_login(gw: str) -> list[str]:
             assert "id_token" not in page.url, "the token is taken out of the URL"
             page.reload()  # still logged in after a reload
             expect(page.locator(".me-name")).to_have_text("Olive")
+            page.click("#logout")
+            expect(page.get_by_role("heading", name="Log in with a password")).to_be_visible()
+            assert page.evaluate("localStorage.getItem('pttd.session')") is None
+            # a new account with a password, then a log out and a log in with it
+            page.fill("#login-user", "erin")
+            page.fill("#login-pass", "correct horse")
+            page.click("#register")
+            expect(page.locator(".me-name")).to_have_text("erin")
+            page.click("#logout")
+            page.fill("#login-user", "erin")
+            page.fill("#login-pass", "wrong horse!")
+            page.get_by_role("button", name="Log in", exact=True).click()
+            expect(page.locator(".login .status")).to_have_text("wrong username or password")
+            page.fill("#login-pass", "correct horse")
+            page.get_by_role("button", name="Log in", exact=True).click()
+            expect(page.locator(".me-name")).to_have_text("erin")
             return b.errors
         finally:
             b.close()
 
 
-async def test_openid_connect_login(tmp_path):
+async def test_openid_connect_and_password_logins(tmp_path):
     from pttd.config import OidcProvider
 
     provider = FakeProvider("pttd-web")
