@@ -260,11 +260,31 @@ def two_users(g1: str, g2: str, image: bytes) -> list[str]:
             expect(msg(alice, "hello back").locator(".author")).to_have_text("Bob")
             shot(alice, "direct-messages.png")
 
-            # unread: a post while bob reads the conversation marks the topic
+            # a private channel of friends, each message encrypted to each member
+            alice.click("#people-link")
+            alice.fill("#channel-name", "project")
+            alice.locator("label.check input").check()
+            alice.get_by_role("button", name="Create channel").click()
+            expect(alice.locator("h1#chat-title")).to_have_text("≡ project")
+            alice.locator("textarea.input").fill("channel hello")
+            alice.locator("textarea.input").press("Enter")
+            bob_channel = bob.locator("#conv-list a", has_text="project")
+            expect(bob_channel.locator(".badge")).to_have_text("1")
+            bob_channel.click()
+            expect(msg(bob, "channel hello")).to_have_count(1)
+            bob.locator("textarea.input").fill("channel reply")
+            bob.locator("textarea.input").press("Enter")
+            expect(msg(alice, "channel reply")).to_have_count(1)
+
+            # unread: a post while bob reads a conversation marks the topic, across a reload
             alice.locator('#topic-list a[data-topic="general"]').click()
             alice.locator("textarea.input").fill("are you there?")
             alice.locator("textarea.input").press("Enter")
             expect(bob_general.locator(".badge")).to_have_text("1")
+            bob.reload()
+            expect(bob_general.locator(".badge")).to_have_text("1")
+            expect(bob_channel).to_be_visible()
+            expect(bob_channel.locator(".badge")).to_have_count(0)
             bob_general.click()
             expect(msg(bob, "are you there?")).to_have_count(1)
             expect(bob_general.locator(".badge")).to_have_count(0)
