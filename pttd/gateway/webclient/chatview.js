@@ -589,6 +589,13 @@ export class ChatView {
       },
       'Cancel',
     );
+    t.onkeydown = (e) => {
+      if (e.key === 'Escape' && this.confirming) {
+        e.preventDefault();
+        e.stopPropagation();
+        cancel.click();
+      }
+    };
     t.append(
       h('span', { class: 'confirm' }, 'Delete this message?'),
       h(
@@ -600,7 +607,7 @@ export class ChatView {
             this.confirming = null;
             try {
               await this.o.del(m);
-              this.list.focus();
+              this.refocus();
             } catch (e) {
               errorToast(e, 'The message was not deleted');
             }
@@ -613,9 +620,18 @@ export class ChatView {
     cancel.focus();
   }
 
+  /** After the focused message went away: the list's tab stop, else the composer. */
+  refocus() {
+    flushNow();
+    const li = this.els.get(this.active) || this.tabStop;
+    if (li && li.isConnected) li.focus();
+    else this.focusComposer();
+  }
+
   async hide(m) {
     try {
       await this.o.hide(m);
+      this.refocus();
       toast('Hidden for you.');
     } catch (e) {
       errorToast(e, 'The message was not hidden');
