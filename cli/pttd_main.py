@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=cfg.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    daemon = Daemon(cfg)
+    daemon = Daemon(cfg, own_process=True)
     try:
         trio.run(daemon.run)
     except USER_ERRORS as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -94,8 +95,24 @@ def _write_json_atomic(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def quiet_gc() -> None:
+    """Fewer, shorter pauses of Python's cycle collector in a long-running daemon.
+
+    Measured on a gateway under 64 clients: with the defaults the collector ran ~1,600
+    times in 17 s, 1.4 s in all, and its full collections paused everything for 30 ms at
+    the median and 118 ms at worst, straight into the tail latency. What was made at
+    start (modules, config, a hub's view) is frozen: never scanned again. The young
+    generation is collected every 50,000 allocations instead of 700: a daemon's objects
+    are mostly acyclic and short-lived (requests, frames, blocks), freed by reference
+    counting before any collection."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 class Daemon:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, own_process: bool = False):
+        self.own_process = own_process  # the whole process is this daemon's (pttd start): tune its GC
         if cfg.mode not in MODES:
             raise DataDirError(f"unknown mode {cfg.mode!r} (one of {', '.join(MODES)})")
         self.cfg = cfg
@@ -175,6 +192,8 @@ class Daemon:
                         log.info("POST /test-login is disabled (enable it only for development: [gateway] test_login)")
                 await trio.to_thread.run_sync(_write_json_atomic, self.run_file, run_info)
                 log.info("ready: mode=%s node=%s data_dir=%s", self.mode, node_id, dd.path)
+                if self.own_process:
+                    quiet_gc()
                 self.ready.set()
                 nursery.start_soon(self._signals)
                 await self._stop.wait()
