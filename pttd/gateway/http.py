@@ -1,4 +1,4 @@
-"""The gateway's HTTP API: an ASGI app (Starlette), served by pttd.gateway.server (h11 on trio).
+"""The gateway's HTTP API: an ASGI app (Starlette), served by pttd.gateway.server (httptools on trio).
 
 Every route is declared once with ``@route``: method, path, what it reads and answers;
 the same declarations route the requests and make the OpenAPI description served at
@@ -19,14 +19,13 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 import trio
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .. import __version__
 from ..errors import Forbidden, NotFound, TooLarge
-from ..web import AsgiEndpoint, answer, make_app, not_allowed
+from ..web import AsgiEndpoint, FastApp, answer, make_app, not_allowed
 from . import chat
 from .chat import BadInput, ChatUser
 from .service import BACKLOG_PAGE, Gateway
@@ -845,7 +844,7 @@ def openapi() -> dict:
     }
 
 
-def build_app(gw: Gateway) -> Starlette:
+def build_app(gw: Gateway) -> FastApp:
     by_path: dict[str, dict[str, Op]] = {}
     for op in OPS:
         by_path.setdefault(op.path, {})[op.method] = op

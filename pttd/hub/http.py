@@ -18,14 +18,13 @@ from __future__ import annotations
 import logging
 
 import trio
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from ..gateway.chat import check_id
 from ..gateway.http import KEEPALIVE, MAX_LIMIT, _int_param, _sse
-from ..web import AsgiEndpoint, answer, make_app, not_allowed, read_object
+from ..web import AsgiEndpoint, FastApp, answer, make_app, not_allowed, read_object
 from .service import Hub, HubBadInput, HubStream
 
 log = logging.getLogger("pttd.http")
@@ -42,7 +41,7 @@ def _reader(request: Request) -> str | None:
     return r
 
 
-def build_hub_app(hub: Hub, cors_origins: list[str]) -> Starlette:
+def build_hub_app(hub: Hub, cors_origins: list[str]) -> FastApp:
     async def join(request: Request):
         b = await read_object(request, MAX_BODY)
         return await hub.join(b.get("public_key"), b.get("addresses"), b.get("token"))
