@@ -91,4 +91,10 @@ async def test_hosted_users_join_the_hub_and_files_cross_gateways(tmp_path):
             r = await g2.web.get(f["url"], headers=hb)
             assert r.status_code == 200, r.text
             assert r.content == PNG
+            # a later file: bob's gateway now holds an older version of alice's repository,
+            # and asks for a newer one rather than answering that the file is not there
+            later = result(await g1.web.post("/files", params={"name": "b.bin"}, content=b"later file", headers=ha))
+            r = await g2.web.get(later["url"], headers=hb)
+            assert r.status_code == 200 and r.content == b"later file", r.text
+            assert "no file" in result(await g2.web.get(f"/files/{alice}/{'0' * 32}", headers=hb), 404)
             nursery.cancel_scope.cancel()

@@ -567,7 +567,10 @@ async def events(gw: Gateway, request: Request, data, user: ChatUser):
 
     async def body():
         try:
-            yield "retry: 1000\n\n"
+            # where the stream starts: a client that reconnects before any event comes
+            # resumes from here (an event with an id and no data sets EventSource's
+            # lastEventId without being dispatched)
+            yield f"retry: 1000\nid: {after}\n\n"
             if lost:
                 yield _sse(None, "reset", {"reason": "events after your Last-Event-ID were dropped: reload"})
             last = after

@@ -67,6 +67,7 @@ HEAD_CACHE = 65536
 TRIM_EVERY = 1024
 BACKLOG_PAGE = 1000
 FILE_FETCH_TIMEOUT = 20.0  # seconds to find a repository's head before fetching a file of it
+FILE_REFRESH_TIMEOUT = 5.0  # seconds to ask peers for a newer head when a file is not in the one held
 STREAM_BUFFER = 1024  # events queued for one slow stream before it is closed (it resumes)
 
 
@@ -1000,14 +1001,20 @@ class Gateway:
             found = await self.node.db(_read_value, self.store, key, path, None)
         except MissingBlock:
             found = False  # the repository is followed sparsely: the file is elsewhere
-        if found is not False:
-            if found is None:
-                raise NotFound(f"no file {fid} in repository {key.hex()}")
-            return found
+        if isinstance(found, bytes):
+            return found  # the id is the content's hash: any version that has it will do
+        if found is None and await self.node.db(self.is_hosted, key):
+            raise NotFound(f"no file {fid} in repository {key.hex()}")
+        # Not hosted here: the copy held (if any) may be older than the link, or sparse.
         f = self.node.follows.get(key)
         if f is None or f.local_seq is None:
             await self.node.follow(key, ["/profile.json"], [], persistent=False)
             f = await self.node.wait_version(key, 0, FILE_FETCH_TIMEOUT)
+        else:
+            try:  # the newest head the peers have (one round trip; a one-off follow is not live)
+                f = await self.node.sync_once(key, [], FILE_REFRESH_TIMEOUT)
+            except PttError as exc:
+                log.info("file %s of %s: no newer head (%s); reading the version held", fid, key.hex()[:16], exc)
         at = f.local_seq
         _, value = await self.node.fetch_path(key, path, at, then=lambda: _read_value(self.store, key, path, at))
         if value is None or value is False:
