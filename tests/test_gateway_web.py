@@ -98,3 +98,30 @@ async def test_hosted_users_join_the_hub_and_files_cross_gateways(tmp_path):
             assert r.status_code == 200 and r.content == b"later file", r.text
             assert "no file" in result(await g2.web.get(f"/files/{alice}/{'0' * 32}", headers=hb), 404)
             nursery.cancel_scope.cancel()
+
+
+async def test_sealed_files_for_direct_messages(tmp_path):
+    async with gateway(tmp_path) as g:
+        alice, ha = await login(g.web, "alice")
+        bob, hb = await login(g.web, "bob")
+        f = result(await g.web.post("/files", params={"name": "secret.png", "sealed": "1"}, content=PNG, headers=ha))
+        assert f["type"] == "image/png" and f["size"] == len(PNG) and len(f["secret"]) == 64
+        # the repository holds only ciphertext: without the secret, no image comes back
+        raw = await g.web.get(f["url"], headers=hb)
+        assert raw.status_code == 200 and PNG[8:200] not in raw.content
+        assert raw.headers["content-type"] == "application/octet-stream"
+        opened = await g.web.get(f["url"], headers={**hb, "X-File-Secret": f["secret"]})
+        assert opened.status_code == 200 and opened.content == PNG
+        assert opened.headers["content-type"] == "image/png"
+        assert opened.headers["cache-control"] == "private, no-store" and raw.headers["vary"] == "X-File-Secret"
+        # the secret travels inside the encrypted direct message
+        msg = {"type": "file", "value": {k: f[k] for k in ("id", "key", "name", "size", "type", "secret")}}
+        result(await g.web.post("/dm", json={"data": {"key": bob, "message": msg}}, headers=ha))
+        conv = result(await g.web.get("/dm", params={"key": alice}, headers=hb))
+        assert conv[0]["messages"][-1]["message"]["value"]["secret"] == f["secret"]
+        wrong = {**hb, "X-File-Secret": "ab" * 32}
+        assert "does not open" in result(await g.web.get(f["url"], headers=wrong), 400)
+        assert "64 hex" in result(await g.web.get(f["url"], headers={**hb, "X-File-Secret": "zz"}), 400)
+        assert "must be 1 or 0" in result(
+            await g.web.post("/files", params={"sealed": "yes"}, content=b"x", headers=ha), 400
+        )

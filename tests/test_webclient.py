@@ -235,10 +235,10 @@ def two_users(g1: str, g2: str, image: bytes) -> list[str]:
                 {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"some notes\n" * 300}
             )
             expect(bob.locator("li.msg a.file", has_text="notes.txt").locator(".file-size")).to_have_text("3.2 KB")
-            # (downloaded on the sender's gateway: another gateway that already fetched one
-            # file of alice's answers 404 for a newer one, a backend bug reported apart)
-            link = alice.locator("li.msg a.file", has_text="notes.txt")
-            with alice.expect_download() as dl:
+            # downloaded on the other gateway, which already held an older version of
+            # alice's repository (from the image) and asks for a newer one
+            link = bob.locator("li.msg a.file", has_text="notes.txt")
+            with bob.expect_download() as dl:
                 link.click()
             assert dl.value.suggested_filename == "notes.txt"
             assert open(dl.value.path(), "rb").read() == b"some notes\n" * 300
@@ -265,6 +265,26 @@ def two_users(g1: str, g2: str, image: bytes) -> list[str]:
             bob.locator("textarea.input").press("Enter")
             expect(msg(alice, "hello back")).to_have_count(1)
             expect(msg(alice, "hello back").locator(".author")).to_have_text("Bob")
+            # an image in a direct message: stored sealed, its key inside the encrypted
+            # message, opened by bob's gateway with it
+            alice.locator('.composer input[type="file"]').set_input_files(
+                {"name": "private.png", "mimeType": "image/png", "buffer": image}
+            )
+            private = bob.locator('li.msg img.inline[alt="private.png"]')
+            expect(private).to_have_class(re.compile("loaded"))
+            assert private.evaluate("i => i.naturalWidth") == 40
+            sent = bob.evaluate(
+                """async (key) => {
+                    const s = JSON.parse(localStorage.getItem('pttd.session'));
+                    const r = await fetch('dm?key=' + key, {headers: {Authorization: 'Bearer ' + s.token}});
+                    const conv = (await r.json()).result[0];
+                    const file = conv.messages[conv.messages.length - 1].message.value;
+                    const raw = await fetch(`files/${file.key}/${file.id}`, {headers: {Authorization: 'Bearer ' + s.token}});
+                    return {secret: file.secret, stored: raw.headers.get('content-type')};
+                }""",
+                alice_key,
+            )
+            assert len(sent["secret"]) == 64 and sent["stored"] == "application/octet-stream"  # not an image
             shot(alice, "direct-messages.png")
 
             # a private channel of friends, each message encrypted to each member

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 import trio
+from nacl.exceptions import CryptoError
+from nacl.secret import SecretBox
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -627,9 +629,11 @@ FILE = {
             "description": "image/png, image/jpeg, image/gif, image/webp or application/octet-stream",
         },
         "url": {"type": "string"},
+        "secret": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "the key of a sealed file"},
     },
 }
 FILE_ID = re.compile(r"[0-9a-f]{32}")
+SECRET = re.compile(r"[0-9a-f]{64}")
 
 
 @route(
@@ -639,13 +643,24 @@ FILE_ID = re.compile(r"[0-9a-f]{32}")
     FILE,
     body={"type": "string", "format": "binary"},
     raw=True,
-    query=[{"name": "name", "in": "query", "schema": {"type": "string", "maxLength": 255}, "description": "file name"}],
+    query=[
+        {"name": "name", "in": "query", "schema": {"type": "string", "maxLength": 255}, "description": "file name"},
+        {
+            "name": "sealed",
+            "in": "query",
+            "schema": {"type": "string", "enum": ["0", "1", "true", "false"]},
+            "description": "encrypt it with a new key, answered as secret (for a direct message)",
+        },
+    ],
 )
 async def upload_file(gw: Gateway, request: Request, data: bytes, user: ChatUser):
     name = chat.check_text(request.query_params.get("name") or "file", "name", 255)
     if any(c in name for c in "/\\") or any(ord(c) < 32 for c in name):
         raise BadInput("name", "must be a file name without slashes or control characters")
-    return await gw.store_file(user, data, name)
+    sealed = request.query_params.get("sealed", "0")
+    if sealed not in ("0", "1", "true", "false"):
+        raise BadInput("sealed", "must be 1 or 0")
+    return await gw.store_file(user, data, name, sealed in ("1", "true"))
 
 
 @route(
@@ -654,7 +669,13 @@ async def upload_file(gw: Gateway, request: Request, data: bytes, user: ChatUser
     "A file of any repository (fetched from the network if not stored here); images inline, others as downloads",
     None,
     query=[
-        {"name": "name", "in": "query", "schema": {"type": "string", "maxLength": 255}, "description": "download name"}
+        {
+            "name": "X-File-Secret",
+            "in": "header",
+            "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            "description": "the secret of a sealed file: the answer is the file opened",
+        },
+        {"name": "name", "in": "query", "schema": {"type": "string", "maxLength": 255}, "description": "download name"},
     ],
     answers="application/octet-stream",
 )
@@ -662,11 +683,21 @@ async def download_file(gw: Gateway, request: Request, data, user: ChatUser, key
     repo = chat.check_key(key, "key")
     if not FILE_ID.fullmatch(file):
         raise BadInput("file", "must be 32 hex digits (a file id)")
+    secret = request.headers.get("x-file-secret")
+    if secret is not None and not SECRET.fullmatch(secret):
+        raise BadInput("X-File-Secret", "must be 64 hex digits (the secret of a sealed file)")
     content = await gw.read_file(repo, file)
+    if secret is not None:
+        try:
+            content = SecretBox(bytes.fromhex(secret)).decrypt(content)
+        except CryptoError:
+            raise BadInput("X-File-Secret", "does not open this file") from None
     image = chat.sniff_image(content)
     headers = {
-        # immutable: the id is the content's hash
-        "Cache-Control": "private, max-age=31536000, immutable",
+        # immutable: the id is the stored bytes' hash; an opened sealed file is never
+        # kept by a cache, and the same URL without the secret is another answer
+        "Cache-Control": "private, no-store" if secret else "private, max-age=31536000, immutable",
+        "Vary": "X-File-Secret",
         "X-Content-Type-Options": "nosniff",
         "Content-Security-Policy": "default-src 'none'; sandbox",
     }
@@ -864,5 +895,5 @@ def build_app(gw: Gateway) -> FastApp:
     web = WebClient(gw.cfg.hub_url)
     routes.append(Route("/", web.serve, methods=["GET", "HEAD"]))
     routes.append(Route("/app/{path:path}", web.serve, methods=["GET", "HEAD"]))
-    headers = ["Authorization", "Content-Type", "Last-Event-ID"]
+    headers = ["Authorization", "Content-Type", "Last-Event-ID", "X-File-Secret"]
     return make_app(routes, gw.cfg.cors_origins, ["GET", "POST", "PUT", "DELETE"], headers)

@@ -29,7 +29,9 @@ import trio
 from blake3 import blake3
 from nacl import pwhash
 from nacl.exceptions import BadSignatureError, InvalidkeyError
+from nacl.secret import SecretBox
 from nacl.signing import SigningKey, VerifyKey
+from nacl.utils import random
 
 from protocol import tree
 from protocol.commit import Commit, sign_commit
@@ -969,12 +971,21 @@ class Gateway:
 
     # --- files ------------------------------------------------------------------------
 
-    async def store_file(self, u: ChatUser, content: bytes, name: str) -> dict:
+    async def store_file(self, u: ChatUser, content: bytes, name: str, sealed: bool = False) -> dict:
         """A file attached to a message, stored in the user's repository as one value
-        (chunked when large, so sync and dedupe apply) at ``/files/<id>``; the id is its
-        content hash, so the same file twice is stored once and a link never changes."""
+        (chunked when large, so sync and dedupe apply) at ``/files/<id>``; the id is the
+        stored bytes' hash, so the same file twice is stored once and a link never
+        changes. ``sealed`` (for a direct message): the bytes stored are the file
+        encrypted with a new random key (XSalsa20-Poly1305), answered as ``secret``, to
+        travel inside the encrypted message; the repository holds only ciphertext."""
         if not content:
             raise BadInput("body", "is empty: send the file's bytes")
+        ctype = chat.sniff_image(content) or "application/octet-stream"
+        size = len(content)
+        secret = None
+        if sealed:
+            secret = random(SecretBox.KEY_SIZE)
+            content = bytes(SecretBox(secret).encrypt(content))
         fid = blake3(content).hexdigest()[:32]
 
         def fn(b: Batch, tx: Tx):
@@ -984,14 +995,10 @@ class Gateway:
             return fid
 
         await self.write(u, fn)
-        return {
-            "id": fid,
-            "key": u.hex,
-            "name": name,
-            "size": len(content),
-            "type": chat.sniff_image(content) or "application/octet-stream",
-            "url": f"/files/{u.hex}/{fid}",
-        }
+        info = {"id": fid, "key": u.hex, "name": name, "size": size, "type": ctype, "url": f"/files/{u.hex}/{fid}"}
+        if secret is not None:
+            info["secret"] = secret.hex()
+        return info
 
     async def read_file(self, key: bytes, fid: str) -> bytes:
         """A file of any repository: read here if stored, else fetched from a peer that

@@ -218,14 +218,16 @@ export async function logout() {
   }
 }
 
-/** POST /files with the file's bytes; onProgress(sent, total). Returns {promise, abort}. */
-export function upload(file, onProgress) {
+/** POST /files with the file's bytes; onProgress(sent, total). Returns {promise, abort}.
+ * sealed: the gateway stores it encrypted with a new key, answered as `secret` (for a
+ * direct message, whose encrypted envelope carries the secret). */
+export function upload(file, onProgress, sealed = false) {
   let xhr = null;
   let aborted = false;
   const attempt = (retry) =>
     new Promise((resolve, reject) => {
       xhr = new XMLHttpRequest();
-      xhr.open('POST', 'files?name=' + encodeURIComponent(file.name || 'file'));
+      xhr.open('POST', 'files?name=' + encodeURIComponent(file.name || 'file') + (sealed ? '&sealed=1' : ''));
       xhr.setRequestHeader('Authorization', `Bearer ${session ? session.token : ''}`);
       xhr.upload.onprogress = (e) => onProgress(e.loaded, e.lengthComputable ? e.total : file.size);
       xhr.onload = () => {
@@ -265,18 +267,20 @@ export function upload(file, onProgress) {
 
 const blobs = new Map();
 
-/** A file of any repository as an object URL (fetched once with the token in a header). */
-export function fileURL(key, id) {
+/** A file of any repository as an object URL (fetched once with the token in a header;
+ * a sealed file's secret goes in a header too, never in a URL). */
+export function fileURL(key, id, secret) {
   const k = `${key}/${id}`;
+  const headers = () => (secret ? { ...authHeaders(), 'X-File-Secret': secret } : authHeaders());
   let p = blobs.get(k);
   if (!p) {
     p = (async () => {
       await fresh();
       const path = `files/${encodeURIComponent(key)}/${encodeURIComponent(id)}`;
-      let r = await fetch(path, { headers: authHeaders() });
+      let r = await fetch(path, { headers: headers() });
       if (r.status === 401 && session) {
         await refresh();
-        r = await fetch(path, { headers: authHeaders() });
+        r = await fetch(path, { headers: headers() });
       }
       if (!r.ok) throw new ApiError(r.status, `the file could not be fetched (${r.status})`);
       return URL.createObjectURL(await r.blob());

@@ -24,13 +24,14 @@ function validFile(v) {
     typeof v.key === 'string' &&
     /^[0-9a-f]{64}$/.test(v.key) &&
     typeof v.id === 'string' &&
-    /^[0-9a-f]{32}$/.test(v.id)
+    /^[0-9a-f]{32}$/.test(v.id) &&
+    (v.secret === undefined || (typeof v.secret === 'string' && /^[0-9a-f]{64}$/.test(v.secret)))
   );
 }
 
 async function download(v) {
   try {
-    const url = await fileURL(v.key, v.id);
+    const url = await fileURL(v.key, v.id, v.secret);
     const a = h('a', { href: url, download: typeof v.name === 'string' && v.name ? v.name : 'file', class: 'offscreen' });
     document.body.append(a);
     a.click();
@@ -345,7 +346,7 @@ export class ChatView {
       size ? h('span', { class: 'file-size' }, size) : null,
     );
     if (!IMAGE_TYPES.has(v.type)) return link;
-    const img = h('img', { alt: name, class: 'inline', dataset: { file: `${v.key}/${v.id}` } });
+    const img = h('img', { alt: name, class: 'inline', dataset: { file: `${v.key}/${v.id}`, secret: v.secret || '' } });
     img.addEventListener('load', () => {
       img.classList.add('loaded');
       if (this.stick) this.toBottom(false);
@@ -361,7 +362,7 @@ export class ChatView {
       const img = e.target;
       this.images.unobserve(img);
       const [key, id] = img.dataset.file.split('/');
-      fileURL(key, id).then(
+      fileURL(key, id, img.dataset.secret || undefined).then(
         (url) => (img.src = url),
         () => img.replaceWith(h('span', { class: 'unsupported' }, `${img.alt} (could not be fetched)`)),
       );
@@ -813,7 +814,9 @@ export class ChatView {
     try {
       const info = await this.upload.promise;
       progress.value = 1;
-      await this.o.sendFile({ id: info.id, key: info.key, name: info.name, size: info.size, type: info.type });
+      const sent = { id: info.id, key: info.key, name: info.name, size: info.size, type: info.type };
+      if (info.secret) sent.secret = info.secret; // sealed: the key rides in the encrypted message
+      await this.o.sendFile(sent);
       this.toBottom(false);
     } catch (e) {
       errorToast(e, `${f.name} was not sent`);

@@ -655,7 +655,7 @@ function showConv(key) {
     loadOlder: async () => {},
     send: (text) => sendMessage(text),
     sendFile: (file) => sendMessage({ type: 'file', value: file }),
-    upload: (f, progress) => api.upload(f, progress),
+    upload: (f, progress) => api.upload(f, progress, true), // sealed: only the conversation can open it
     markRead: (date) => markRead('conv', key, date),
   });
   shell.main.append(view.el);
