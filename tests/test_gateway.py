@@ -638,7 +638,11 @@ async def test_login_sessions_refresh_and_logout(tmp_path):
         renewed = result(await http.post("/refresh", json={"data": {"refresh_token": first["refresh_token"]}}))
         assert renewed["key"] == first["key"] and renewed["refresh_token"] != first["refresh_token"]
         assert result(await http.get("/me", headers={"Authorization": f"Bearer {renewed['token']}"})) == first["key"]
-        # a spent refresh token used again: the session is revoked (it was copied)
+        # the same refresh retried at once (its answer was lost): the same answer
+        retried = result(await http.post("/refresh", json={"data": {"refresh_token": first["refresh_token"]}}))
+        assert retried == renewed
+        # once the new one is used, the old one used again: the session is revoked (it was copied)
+        renewed = result(await http.post("/refresh", json={"data": {"refresh_token": renewed["refresh_token"]}}))
         again = await http.post("/refresh", json={"data": {"refresh_token": first["refresh_token"]}})
         assert again.status_code == 401 and "used already" in again.json()["error"]
         assert "logged out" in result(
@@ -657,6 +661,20 @@ async def test_login_sessions_refresh_and_logout(tmp_path):
         assert result(await http.post("/refresh", json={"data": {"refresh_token": a["refresh_token"]}}), 401)
         assert "not a refresh token" in result(await http.post("/refresh", json={"data": {"refresh_token": 5}}), 400)
         del h
+
+
+async def test_a_refresh_retried_after_the_grace_period_revokes_the_session(tmp_path, monkeypatch):
+    from pttd.gateway import service
+
+    monkeypatch.setattr(service, "REFRESH_GRACE", 0.0)
+    async with gateway(tmp_path) as g:
+        first = result(await g.web.post("/register", json={"data": {"username": "bo", "password": "long enough"}}))
+        renewed = result(await g.web.post("/refresh", json={"data": {"refresh_token": first["refresh_token"]}}))
+        again = await g.web.post("/refresh", json={"data": {"refresh_token": first["refresh_token"]}})
+        assert again.status_code == 401 and "used already" in again.json()["error"]
+        assert "session has ended" in result(
+            await g.web.post("/refresh", json={"data": {"refresh_token": renewed["refresh_token"]}}), 401
+        )
 
 
 async def test_rotating_the_token_key_logs_nobody_out_at_once(tmp_path):

@@ -63,6 +63,7 @@ MIN_PASSWORD = 8
 MAX_PASSWORD = 1024
 TOKEN_CACHE = 65536
 CHALLENGE_TTL = 120  # seconds a key-login challenge stays valid
+REFRESH_GRACE = 60.0  # seconds a refresh may be retried with the same token (its answer was lost)
 MAX_CHALLENGES = 10_000
 MAX_FRIENDS = 1000  # each friend hosted elsewhere is a repository this daemon follows
 HEAD_CACHE = 65536
@@ -214,6 +215,8 @@ class Gateway:
         self._nursery: trio.Nursery | None = None
         self._tokens: dict[str, tuple] = {}  # verified token -> (user, expiry, session id)
         self._revoked: set[str] = set()  # sessions logged out (or revoked) and not yet expired
+        self._refresh_lock = trio.Lock()
+        self._recent_refresh: dict[bytes, tuple] = {}  # spent refresh hash -> (until, answer, new hash)
         self._in_topic: set[tuple[str, bytes]] = set()  # (topic, user) known in gw_topics
         self.oidc = Verifier(node.cfg.oidc)
         self._joined: set[bytes] = set()
@@ -600,17 +603,32 @@ class Gateway:
 
     async def refresh(self, refresh_token) -> tuple[ChatUser, dict]:
         """A new access token and a new refresh token for a session; the refresh token
-        used is spent, and a spent one used again ends the session (it was copied)."""
+        used is spent, and a spent one used again ends the session (it was copied).
+        Except a retry: the same token again within REFRESH_GRACE seconds, while the
+        token it was traded for is unused, gets the same answer (the client lost it)."""
         if not isinstance(refresh_token, str) or refresh_token.count(".") != 1:
             raise BadInput("data.refresh_token", "is not a refresh token")
         sid, secret = refresh_token.split(".")
+        async with self._refresh_lock:  # one at a time: a retry racing its original sees it done
+            return await self._refresh(sid, _hash_token(secret))
+
+    async def _refresh(self, sid: str, spent: bytes) -> tuple[ChatUser, dict]:
         rows = await self.node.db(
             self.store.query, "SELECT user, refresh_hash, expires, revoked FROM gw_sessions WHERE id=?", (sid,)
         )
         if not rows or rows[0][3] or rows[0][2] < time.time():
             raise Unauthorized("the session has ended (logged out, expired or revoked): log in again")
         key, stored, _expires, _revoked = rows[0]
-        if stored != _hash_token(secret):
+        now = time.monotonic()
+        for h in [h for h, (until, _, _) in self._recent_refresh.items() if until < now]:
+            del self._recent_refresh[h]
+        recent = self._recent_refresh.get(spent)
+        if recent is not None and recent[2] == stored:
+            u = await self.user(key)
+            if u is not None:
+                log.info("refresh of session %s retried within the grace period: the same answer", sid[:8])
+                return u, recent[1]
+        if stored != spent:
             await self.revoke(sid)
             log.warning("a spent refresh token was used again: session %s of %s revoked", sid[:8], key.hex()[:16])
             raise Unauthorized("this refresh token was used already: the session is revoked, log in again")
@@ -621,11 +639,14 @@ class Gateway:
         u = await self.user(key)
         if u is None:
             raise Unauthorized("the session names no user of this gateway")
-        return u, {
+        answer = {
             "token": self.issue_token(u, sid),
             "refresh_token": f"{sid}.{new}",
             "expires_in": int(self.cfg.token_ttl),
         }
+        if len(self._recent_refresh) < MAX_CHALLENGES:
+            self._recent_refresh[spent] = (now + REFRESH_GRACE, answer, _hash_token(new))
+        return u, answer
 
     async def revoke(self, sid: str) -> None:
         await self.node.db(self.store.execute, "UPDATE gw_sessions SET revoked=1 WHERE id=?", (sid,))
