@@ -143,7 +143,9 @@ class ControlServer:
         if cmd in ("ls", "log", "diff"):
             fn = getattr(commands, cmd)
             kwargs = {k: v for k, v in args.items() if k in ("version", "repo", "limit")}
-            pos = [args["prefix"]] if cmd == "ls" else [args["v1"], args["v2"]] if cmd == "diff" else []
+            if cmd == "diff" and ("v1" not in args or "v2" not in args):
+                raise PttError("diff needs two versions (v1 and v2)")
+            pos = [args.get("prefix") or "/"] if cmd == "ls" else [args["v1"], args["v2"]] if cmd == "diff" else []
             for _attempt in range(3):
                 try:
                     return (await node.db(fn, dd, *pos, **kwargs)).data

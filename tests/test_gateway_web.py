@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 
 import httpx
+import pytest
 import trio
 
+from pttd.errors import PttError
 from tests.gwutil import gateway, login, result
 from tests.netutil import start_daemon
 
@@ -65,6 +67,11 @@ async def test_files_upload_and_download(tmp_path):
         # nothing was stored by the refused uploads: the user's files are the two
         me = await g.call("ls", prefix="/files/", repo=alice)
         assert len(me["entries"]) == 2
+        # a control client that leaves the prefix out lists everything; diff says what it lacks
+        everything = await g.call("ls", repo=alice)
+        assert {e["path"] for e in everything["entries"]} >= {e["path"] for e in me["entries"]} | {"/profile.json"}
+        with pytest.raises(PttError, match="two versions"):
+            await g.call("diff", repo=alice)
 
 
 async def test_hosted_users_join_the_hub_and_files_cross_gateways(tmp_path):
