@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import httpx
 import trio
@@ -151,12 +152,25 @@ async def test_joins_are_checked_and_a_bad_repository_does_not_break_the_view(tm
             # leaving takes the repository's signature (or the hub's join token): not anyone's word
             assert "signature" in result(await web.post("/leave", json={"public_key": alice}), 403)
             forged = {"public_key": alice, "signature": "00" * 64}
-            assert "signature" in result(await web.post("/leave", json=forged), 403)
+            assert "signature" in result(await web.post("/leave", json={**forged, "time": 1}), 403)
             sk = (await g1.gateway.user(bytes.fromhex(alice))).repo._key
             hub_key = bytes.fromhex(result(await web.get("/hub.json"))["key"])
-            sig = sk.sign(b"pttd hub leave\n" + hub_key + bytes.fromhex(alice)).signature.hex()
-            assert result(await web.post("/leave", json={"public_key": alice, "signature": sig}))["joined"] is False
+
+            def signed_leave(when: int) -> dict:
+                msg = b"pttd hub leave\n" + hub_key + bytes.fromhex(alice) + when.to_bytes(8, "big")
+                return {"public_key": alice, "signature": sk.sign(msg).signature.hex(), "time": when}
+
+            now = int(time.time() * 1000)
+            assert "more than 300 s" in result(await web.post("/leave", json=signed_leave(now - 400_000)), 403)
+            no_time = {k: v for k, v in signed_leave(now).items() if k != "time"}
+            assert "time it was signed" in result(await web.post("/leave", json=no_time), 403)
+            leave = signed_leave(now)
+            assert result(await web.post("/leave", json=leave))["joined"] is False
             assert await hub.view("t") == []
+            # joined again: the same signed leave, replayed, is refused
+            assert result(await web.post("/join", json=ok))["joined"] is True
+            assert "before the repository's latest join" in result(await web.post("/leave", json=leave), 403)
+            assert result(await web.post("/leave", json=signed_leave(int(time.time() * 1000) + 5)))["joined"] is False
             assert "has not joined" in result(
                 await web.post("/leave", json={"public_key": alice, "token": "sesame"}), 404
             )

@@ -48,7 +48,7 @@ def build_hub_app(hub: Hub, cors_origins: list[str]) -> FastApp:
 
     async def leave(request: Request):
         b = await read_object(request, MAX_BODY)
-        return await hub.leave(b.get("public_key"), b.get("signature"), b.get("token"))
+        return await hub.leave(b.get("public_key"), b.get("signature"), b.get("token"), b.get("time"))
 
     async def hub_json(request: Request):
         return hub.describe()

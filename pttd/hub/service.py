@@ -38,6 +38,7 @@ log = logging.getLogger("pttd.hub")
 PREFIXES = ["/profile.json", "/topics/"]
 _BPREFIXES = [p.encode() for p in PREFIXES]
 MAX_ADDRESSES = 8
+LEAVE_WINDOW = 300  # seconds a leave signature is good for, either side of now
 STREAM_BUFFER = 256
 
 
@@ -127,8 +128,11 @@ class Hub:
         merged = list(dict.fromkeys(addrs + self.joined.get(k, [])))[:MAX_ADDRESSES]
         await self.node.db(
             self.store.execute,
-            "INSERT OR REPLACE INTO hub_joins(repo, addresses, joined) VALUES (?, ?, ?)",
-            (key, json.dumps(merged), int(time.time())),
+            # joined: when this membership began (ms; seconds in rows of earlier versions),
+            # kept by a join of a repository already in
+            "INSERT INTO hub_joins(repo, addresses, joined) VALUES (?, ?, ?) "
+            "ON CONFLICT(repo) DO UPDATE SET addresses=excluded.addresses",
+            (key, json.dumps(merged), int(time.time() * 1000)),
         )
         new = k not in self.joined
         self.joined[k] = merged
@@ -138,24 +142,38 @@ class Hub:
             self._publish(await self._load(k))
         return {"public_key": k, "addresses": merged, "joined": True}
 
-    def leave_message(self, key: bytes) -> bytes:
-        """What a repository signs to leave this hub."""
-        return b"pttd hub leave\n" + self.node.id + key
+    def leave_message(self, key: bytes, when_ms: int) -> bytes:
+        """What a repository signs to leave this hub: the hub, the repository and the
+        time, so that a signature cannot be replayed after the repository joins again."""
+        return b"pttd hub leave\n" + self.node.id + key + when_ms.to_bytes(8, "big")
 
-    async def leave(self, key_hex, signature=None, token=None) -> dict:
-        """A repository leaves: asked with its own signature of ``leave_message``, or by
-        whoever holds the hub's join token."""
+    async def leave(self, key_hex, signature=None, token=None, when_ms=None) -> dict:
+        """A repository leaves: asked with its own signature of ``leave_message`` made
+        within LEAVE_WINDOW of now and after its latest join, or by whoever holds the
+        hub's join token."""
         key = _key(key_hex, "public_key")
-        if not (self.cfg.join_token and token == self.cfg.join_token):
-            try:
-                VerifyKey(key).verify(self.leave_message(key), bytes.fromhex(signature or ""))
-            except (BadSignatureError, ValueError, TypeError):
-                raise HubError(
-                    "leaving needs the repository's signature of the hub's leave message (see docs/hub.md)"
-                ) from None
         k = key.hex()
+        by_operator = bool(self.cfg.join_token) and token == self.cfg.join_token
+        need_signature = "leaving needs the repository's signature of the hub's leave message (see docs/hub.md)"
+        if not by_operator:
+            if not signature:
+                raise HubError(need_signature)
+            if type(when_ms) is not int or not 0 <= when_ms < 2**63:
+                raise HubError("leaving needs the time it was signed at (time: milliseconds since 1970)")
+            try:
+                VerifyKey(key).verify(self.leave_message(key, when_ms), bytes.fromhex(signature or ""))
+            except (BadSignatureError, ValueError, TypeError):
+                raise HubError(need_signature) from None
+            if abs(time.time() * 1000 - when_ms) > LEAVE_WINDOW * 1000:
+                raise HubError(f"this leave was signed more than {LEAVE_WINDOW} s from now: sign it again")
         if k not in self.joined:
             raise NotFound(f"{k} has not joined this hub")
+        if not by_operator:
+            rows = await self.node.db(self.store.query, "SELECT joined FROM hub_joins WHERE repo=?", (key,))
+            joined = rows[0][0] if rows else 0
+            joined_ms = joined if joined > 10**11 else joined * 1000  # seconds in rows before ms
+            if when_ms <= joined_ms:
+                raise HubError("this leave was signed before the repository's latest join (a replay?)")
         await self._forget(k)
         log.info("hub: %s left", k[:16])
         return {"public_key": k, "joined": False}
