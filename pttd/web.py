@@ -43,19 +43,29 @@ def status_of(exc: BaseException) -> int:
     return 400
 
 
+async def read_bytes(request, limit: int, what: str = "the request body") -> bytes:
+    """A request's body, refused (413) past ``limit`` bytes: by its Content-Length before
+    reading any of it, else counted as it arrives."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise TooLarge(f"{what} is larger than {limit} bytes")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise TooLarge(f"{what} is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def read_object(request, limit: int) -> dict:
     """A JSON object body of at most ``limit`` bytes, bare or wrapped as ``{"data": {...}}``
     (the hub's and the replicator's calls take both, as the earlier clients sent them)."""
     from .gateway.chat import BadInput
 
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise TooLarge(f"the request body is larger than {limit} bytes")
-        chunks.append(chunk)
+    raw = await read_bytes(request, limit)
     try:
-        body = json.loads(b"".join(chunks))
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise BadInput("body", "is not JSON") from None
     if isinstance(body, dict) and isinstance(body.get("data"), dict):

@@ -26,8 +26,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .. import __version__
-from ..errors import Forbidden, NotFound, TooLarge
-from ..web import AsgiEndpoint, FastApp, answer, make_app, not_allowed
+from ..errors import Forbidden, NotFound
+from ..web import AsgiEndpoint, FastApp, answer, make_app, not_allowed, read_bytes
 from . import chat
 from .chat import BadInput, ChatUser
 from .service import BACKLOG_PAGE, Gateway
@@ -728,20 +728,7 @@ async def health(gw: Gateway, request: Request, data, user):
 
 
 async def _read_body(request: Request, limit: int):
-    length = request.headers.get("content-length")
-    if length is not None:
-        try:
-            if int(length) > limit:
-                raise TooLarge(f"the request body is larger than {limit} bytes")
-        except ValueError:
-            raise BadInput("Content-Length", "is not a number") from None
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise TooLarge(f"the request body is larger than {limit} bytes")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+    raw = await read_bytes(request, limit)
     if not raw.strip():
         raise BadInput("body", 'is empty: send {"data": ...}')
     try:
@@ -751,19 +738,6 @@ async def _read_body(request: Request, limit: int):
     if not isinstance(body, dict) or "data" not in body:
         raise BadInput("body", 'must be an object {"data": ...}')
     return body["data"]
-
-
-async def _read_raw(request: Request, limit: int) -> bytes:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise TooLarge(f"the file is larger than {limit} bytes")
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise TooLarge(f"the file is larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _token(request: Request) -> str | None:
@@ -784,7 +758,7 @@ def _endpoint(gw: Gateway, ops: dict[str, Op]):
         async def call():
             user = await gw.authenticate(_token(request)) if op.auth else None
             if op.raw:
-                data = await _read_raw(request, gw.cfg.max_file)
+                data = await read_bytes(request, gw.cfg.max_file, "the file")
             else:
                 data = await _read_body(request, gw.cfg.max_body) if op.body is not None else None
             params = dict(request.path_params)

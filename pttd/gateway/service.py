@@ -486,21 +486,28 @@ class Gateway:
                 self._failed_addresses.add(client)
             log.warning("OpenID Connect login refused (from %s): %s", client or "?", exc)
             raise
-        name = f"oidc:{provider.issuer} {claims['sub']}"
+        profile_name = _display_name(claims)
+        u, created = await self._user_named(f"oidc:{provider.issuer} {claims['sub']}", profile_name)
+        if created:
+            log.info("OpenID Connect: new user %r of %s, repository %s", profile_name, provider.name, u.hex[:16])
+        return u
+
+    async def _user_named(self, name: str, profile_name: str) -> tuple[ChatUser, bool]:
+        """The hosted user of a login name without a password (a test login, an OpenID
+        Connect subject), made with a new repository on first use; (user, made now)."""
         rows = await self.node.db(self.store.query, "SELECT repo FROM gw_users WHERE name=?", (name,))
         if rows:
             u = await self.user(rows[0][0])
             if u is not None:
-                return u
-        profile_name = _display_name(claims)
+                return u, False
+        self._require_key()
         try:
             u = await self.node.db(self._create_user, name, None, profile_name)
-        except Conflict:  # created by a concurrent login
+        except Conflict:  # made by a concurrent login
             rows = await self.node.db(self.store.query, "SELECT repo FROM gw_users WHERE name=?", (name,))
-            return await self.user(rows[0][0])
+            return await self.user(rows[0][0]), False
         self._remember(u)
-        log.info("OpenID Connect: new user %r of %s, repository %s", profile_name, provider.name, u.hex[:16])
-        return u
+        return u, True
 
     # --- bring your own key --------------------------------------------------------------
 
@@ -549,18 +556,7 @@ class Gateway:
     async def test_login(self, ident) -> ChatUser:
         if not isinstance(ident, str) or not _NAME.fullmatch(ident):
             raise BadInput("data.id", "must be 1-64 of A-Z a-z 0-9 _ . @ -")
-        name = f"test:{ident}"
-        rows = await self.node.db(self.store.query, "SELECT repo FROM gw_users WHERE name=?", (name,))
-        if rows:
-            return await self.user(rows[0][0])
-        self._require_key()
-        try:
-            u = await self.node.db(self._create_user, name, None, ident)
-        except Conflict:  # created by a concurrent call
-            rows = await self.node.db(self.store.query, "SELECT repo FROM gw_users WHERE name=?", (name,))
-            return await self.user(rows[0][0])
-        self._remember(u)
-        return u
+        return (await self._user_named(f"test:{ident}", ident))[0]
 
     async def list_users(self) -> list[dict]:
         rows = await self.node.db(self.store.query, "SELECT name, repo, password IS NOT NULL, created FROM gw_users")
