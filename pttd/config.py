@@ -84,6 +84,8 @@ class ReplicatorConfig:
     pins: list[str] = field(default_factory=list)  # repository keys always kept, besides those pinned later
     max_repos: int = 10_000  # pinned repositories at most
     max_bytes: int = 0  # a pin is refused once the store is this large (0: no limit)
+    pinners: list[str] = field(default_factory=list)  # node keys that may pin over the wire ([]: any peer)
+    load_token: str = ""  # if set, POST /load must carry it as "token"
 
 
 OIDC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
@@ -277,9 +279,10 @@ def validate(cfg: Config, where: str = "settings") -> None:
     parse_address(r.http)
     if r.max_repos < 1 or r.max_bytes < 0:
         raise ConfigError(f"{where}: [replicator] max_repos must be at least 1 and max_bytes not negative")
-    for k in r.pins:
-        if len(k) != 64 or any(c not in "0123456789abcdef" for c in k):
-            raise ConfigError(f"{where}: [replicator] pins: {k!r} is not a repository key (64 lowercase hex digits)")
+    for name in ("pins", "pinners"):
+        for k in getattr(r, name):
+            if len(k) != 64 or any(c not in "0123456789abcdef" for c in k):
+                raise ConfigError(f"{where}: [replicator] {name}: {k!r} is not a key (64 lowercase hex digits)")
     for a in cfg.gateway.replicators:
         parse_address(a)
     names = [p.name for p in cfg.oidc]

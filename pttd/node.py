@@ -400,7 +400,7 @@ class Node:
                 if self.replicator is None:
                     return {"t": "joined", "id": msg["id"], "ok": False, "message": "this daemon is not a replicator"}
                 try:
-                    await self.replicator.pin(msg["repo"])
+                    await self.replicator.pin_from_peer(peer.id, msg["repo"])
                 except PttError as exc:
                     return {"t": "joined", "id": msg["id"], "ok": False, "message": str(exc)[:1000]}
                 return {"t": "joined", "id": msg["id"], "ok": True, "message": "pinned"}

@@ -60,6 +60,14 @@ class Replicator:
         f = await self.node.follow(key, ["/"], [])  # the whole repository, live, from anyone
         return self.describe(key, f)
 
+    async def pin_from_peer(self, peer_id: bytes, key: bytes) -> dict:
+        """A ``pin`` over the wire, from the daemon whose node key is ``peer_id`` (the
+        handshake proved it): only from ``pinners`` when the operator lists them."""
+        if self.cfg.pinners and peer_id.hex() not in self.cfg.pinners:
+            log.info("replicator: pin of %s refused: peer %s is not in pinners", key.hex()[:16], peer_id.hex()[:16])
+            raise PinRefused("this replicator takes pins only from the daemons its operator lists (pinners)")
+        return await self.pin(key)
+
     async def _add(self, key: bytes) -> None:
         if len(self.pinned) >= self.cfg.max_repos:
             raise PinRefused(f"this replicator is full ({self.cfg.max_repos} repositories pinned)")
@@ -98,6 +106,8 @@ def build_replicator_app(rep: Replicator, cors_origins: list[str]):
 
     async def load(request: Request):
         body = await read_object(request, 64 * 1024)
+        if rep.cfg.load_token and body.get("token") != rep.cfg.load_token:
+            raise PinRefused('this replicator needs a token to pin (POST /load {"key", "token"})')
         return await rep.pin(check_key(body.get("key"), "key"))
 
     async def pins(request: Request):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 
 import httpx
+import pytest
 import trio
 from nacl.signing import SigningKey
 
+from pttd.errors import PttError
 from tests.gwutil import SSE, gateway, login, result
 from tests.netutil import start_daemon, wait_for
 
@@ -117,3 +119,28 @@ async def test_a_replicator_restarted_mid_sync_resumes_and_limits_refuse_clearly
         assert (await rep.call("unreplicate", repo=owner.id))["pinned"] is False
         rep.daemon.stop()
         owner.daemon.stop()
+
+
+async def test_pins_only_from_the_listed_pinners_and_with_the_load_token(tmp_path):
+    async with trio.open_nursery() as nursery:
+        trusted = await start_daemon(nursery, os.path.join(tmp_path, "trusted"))
+        stranger = await start_daemon(nursery, os.path.join(tmp_path, "stranger"))
+        rep = await start_daemon(
+            nursery,
+            os.path.join(tmp_path, "rep"),
+            mode="replicator",
+            replicator={"pinners": [trusted.id], "load_token": "sesame"},
+        )
+        wanted = bytes(SigningKey.generate().verify_key)
+        assert "pinned" in await trusted.node.ask_to_pin(rep.address, wanted)
+        refused = bytes(SigningKey.generate().verify_key)
+        with pytest.raises(PttError, match="pinners"):
+            await stranger.node.ask_to_pin(rep.address, refused)
+        assert rep.daemon.replicator.pinned == {wanted}
+        async with httpx.AsyncClient(base_url=rep.http, timeout=10.0) as web:
+            other = bytes(SigningKey.generate().verify_key).hex()
+            assert "token" in result(await web.post("/load", json={"key": other}), 403)
+            assert "token" in result(await web.post("/load", json={"key": other, "token": "nope"}), 403)
+            assert result(await web.post("/load", json={"key": other, "token": "sesame"}))["pinned"] is True
+        assert len(rep.daemon.replicator.pinned) == 2
+        nursery.cancel_scope.cancel()
