@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     ua.add_argument("--no-password", action="store_true", help="no password login (for users of other logins)")
     ua.add_argument("--profile-name", help="the profile name (default: the user name)")
     us.add_parser("list", help="list hosted users")
+    up = us.add_parser("passwd", help="set a user's password (asks for it; ends the user's login sessions)")
+    up.add_argument("name")
+    up.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
     ue = us.add_parser(
         "export",
         help="write a user's repository key pair, sealed with a passphrase, to move the account "
@@ -373,6 +376,15 @@ def _remote(client: ControlClient, args: argparse.Namespace) -> commands.Result:
     return commands.Result(data, ok=data.get("ok", True) if c == "verify" else True)
 
 
+def _new_password(name: str, from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    password = getpass.getpass(f"password for {name}: ")
+    if getpass.getpass("again: ") != password:
+        raise PttError("the two passwords differ")
+    return password
+
+
 def _passphrase(env: str | None, confirm: bool) -> str:
     if env:
         value = os.environ.get(env)
@@ -392,6 +404,9 @@ def _chat_call(client: ControlClient, args: argparse.Namespace) -> dict:
             return client.call("user_list", {})
         if args.user_command == "rotate-token-key":
             return client.call("token_rotate", {})
+        if args.user_command == "passwd":
+            password = _new_password(args.name, args.password_stdin)
+            return client.call("user_passwd", {"name": args.name, "password": password})
         if args.user_command == "export":
             passphrase = _passphrase(args.passphrase_env, confirm=True)
             try:  # made first: a user is never marked moved without their file written
@@ -419,13 +434,7 @@ def _chat_call(client: ControlClient, args: argparse.Namespace) -> dict:
             passphrase = _passphrase(args.passphrase_env, confirm=False)
             call = {"account": doc, "passphrase": passphrase, "name": args.name, "peers": args.peer}
             return client.call("user_import", {**call, "timeout": args.timeout})
-        password = None
-        if args.password_stdin:
-            password = sys.stdin.readline().rstrip("\n")
-        elif not args.no_password:
-            password = getpass.getpass(f"password for {args.name}: ")
-            if getpass.getpass("again: ") != password:
-                raise PttError("the two passwords differ")
+        password = None if args.no_password else _new_password(args.name, args.password_stdin)
         return client.call("user_add", {"name": args.name, "password": password, "profile_name": args.profile_name})
     if c == "topics":
         return client.call("chat_topics", {})

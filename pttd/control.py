@@ -227,7 +227,8 @@ class ControlServer:
             key = _hex_key(args.get("repo")) or own
             message = await node.join_hub(hub, key, args.get("token") or "", float(args.get("timeout") or 30))
             return {"hub": hub, "repository": key.hex(), "joined": True, "message": message}
-        if cmd in ("user_add", "user_list", "token_rotate", "user_export", "user_import") or cmd.startswith("chat_"):
+        users = ("user_add", "user_list", "user_passwd", "token_rotate", "user_export", "user_import")
+        if cmd in users or cmd.startswith("chat_"):
             return await chat_command(self.gateway, cmd, args)
         raise PttError(f"unknown command {cmd!r}")
 
@@ -282,6 +283,9 @@ async def chat_command(gw, cmd: str, args: dict) -> dict:
         return {"name": u.name, "key": u.hex}
     if cmd == "user_list":
         return {"users": await gw.list_users()}
+    if cmd == "user_passwd":
+        ended = await gw.set_password(args.get("name"), args.get("password"))
+        return {"name": args.get("name"), "sessions_ended": ended}
     if cmd == "token_rotate":
         return await gw.rotate_token_key()
     if cmd == "user_export":

@@ -145,3 +145,16 @@ def test_account_files_refuse_tampering_and_bad_limits():
         account.open_account({"format": "other"}, PASSPHRASE)
     with pytest.raises(account.AccountFileError, match="at least 8"):
         account.seal_account(sk, "dave", None, "short")
+
+
+async def test_pttctl_user_passwd_sets_a_password(tmp_path, monkeypatch):
+    import io
+
+    async with gateway(tmp_path) as g:
+        result(await g.web.post("/register", json={"data": {"username": "dee", "password": "the old one"}}))
+        monkeypatch.setattr("sys.stdin", io.StringIO("the new one\n"))
+        code, out, err = await run_pttctl(g, "user", "passwd", "dee", "--password-stdin")
+        assert code == 0, err
+        assert json.loads(out) == {"name": "dee", "sessions_ended": 1}
+        new = {"data": {"username": "dee", "password": "the new one"}}
+        assert result(await g.web.post("/login", json=new))["token"]

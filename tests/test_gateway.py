@@ -9,8 +9,10 @@ import time
 from urllib.parse import quote
 
 import jwt
+import pytest
 import trio
 
+from pttd.errors import PttError
 from tests.gwutil import SSE, gateway, login, result
 from tests.netutil import start_daemon, wait_for
 
@@ -675,6 +677,33 @@ async def test_a_refresh_retried_after_the_grace_period_revokes_the_session(tmp_
         assert "session has ended" in result(
             await g.web.post("/refresh", json={"data": {"refresh_token": renewed["refresh_token"]}}), 401
         )
+
+
+async def test_changing_a_password_ends_the_other_sessions(tmp_path):
+    async with gateway(tmp_path) as g:
+        creds = {"data": {"username": "cy", "password": "first password"}}
+        a = result(await g.web.post("/register", json=creds))
+        b = result(await g.web.post("/login", json=creds))
+        ha, hb = ({"Authorization": f"Bearer {x['token']}"} for x in (a, b))
+        change = {"data": {"password": "first password", "new_password": "second password"}}
+        wrong = {"data": {"password": "not it at all", "new_password": "second password"}}
+        assert "wrong" in result(await g.web.post("/password", json=wrong, headers=ha), 401)
+        short = {"data": {"password": "first password", "new_password": "short"}}
+        assert "8-1024" in result(await g.web.post("/password", json=short, headers=ha), 400)
+        assert result(await g.web.post("/password", json=change, headers=ha)) == {"sessions_ended": 1}
+        assert result(await g.web.get("/me", headers=ha)) == a["key"]  # this session goes on
+        assert "logged out" in result(await g.web.get("/me", headers=hb), 401)  # the other ended
+        assert result(await g.web.post("/login", json=creds), 401)
+        new = {"data": {"username": "cy", "password": "second password"}}
+        assert result(await g.web.post("/login", json=new))["key"] == a["key"]
+        # the operator's reset (pttctl user passwd) ends every session
+        assert (await g.call("user_passwd", name="cy", password="third password"))["sessions_ended"] == 2
+        assert "logged out" in result(await g.web.get("/me", headers=ha), 401)
+        with pytest.raises(PttError, match="no user 'nobody'"):
+            await g.call("user_passwd", name="nobody", password="whatever123")
+        # an account without a password login cannot get one this way
+        _, ht = await login(g.web, "tess")
+        assert "without a password" in result(await g.web.post("/password", json=change, headers=ht), 403)
 
 
 async def test_rotating_the_token_key_logs_nobody_out_at_once(tmp_path):

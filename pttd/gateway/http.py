@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .. import __version__
-from ..errors import Forbidden, NotFound
+from ..errors import Forbidden, NotFound, Unauthorized
 from ..web import AsgiEndpoint, FastApp, answer, make_app, not_allowed, read_bytes
 from . import chat
 from .chat import BadInput, ChatUser
@@ -306,6 +306,33 @@ async def logout(gw: Gateway, request: Request, data, user: ChatUser):
         raise BadInput("token", "belongs to no login session (a token made by an operator tool)")
     await gw.revoke(sid)
     return True
+
+
+@route(
+    "POST",
+    "/password",
+    "Change the password of a local account; the user's other login sessions end",
+    {"type": "object", "required": ["sessions_ended"], "properties": {"sessions_ended": {"type": "integer"}}},
+    body={
+        "type": "object",
+        "required": ["password", "new_password"],
+        "properties": {
+            "password": {"type": "string", "description": "the current one"},
+            "new_password": {"type": "string", "minLength": 8, "maxLength": 1024},
+        },
+    },
+    errors=("401", "429"),
+)
+async def change_password(gw: Gateway, request: Request, data, user: ChatUser):
+    data = chat.data_object(data)
+    if not gw.has_password_login(user):
+        raise Forbidden("this account logs in without a password (a test, key or OpenID Connect login)")
+    gw.check_password(data.get("new_password"), "data.new_password")
+    client = request.client.host if request.client else None
+    if (await gw.login(user.name, data.get("password"), client)).key != user.key:
+        raise Unauthorized("wrong username or password")
+    ended = await gw.set_password(user.name, data["new_password"], keep_session=gw.session_of(_token(request)))
+    return {"sessions_ended": ended}
 
 
 @route("GET", "/me", "The user's repository key", KEY)

@@ -320,6 +320,29 @@ class Gateway:
         log.info("created hosted user %s, repository %s", name, u.hex)
         return u
 
+    async def set_password(self, name, password, keep_session: str | None = None) -> int:
+        """A new password for the local account ``name``. Every login session of the
+        user but ``keep_session`` ends (a password is often changed because the old one
+        leaked). Returns how many ended."""
+        self._require_key()
+        name = self._check_name(name, "name")
+        pw = await self._hash(self.check_password(password, "password"))
+        rows = await self.node.db(self.store.query, "SELECT repo FROM gw_users WHERE name=?", (name,))
+        if not rows:
+            raise NotFound(f"no user {name!r} on this gateway")
+        repo = rows[0][0]
+        await self.node.db(self.store.execute, "UPDATE gw_users SET password=? WHERE name=?", (pw, name))
+        live = await self.node.db(self.store.query, "SELECT id FROM gw_sessions WHERE user=? AND revoked=0", (repo,))
+        ended = [sid for (sid,) in live if sid != keep_session]
+        for sid in ended:
+            await self.revoke(sid)
+        self._failed_accounts.clear(name)
+        log.info("password of %s changed; %d of its login sessions ended", name, len(ended))
+        return len(ended)
+
+    def has_password_login(self, u: ChatUser) -> bool:
+        return bool(_NAME.fullmatch(u.name))
+
     def _require_key(self) -> None:
         if self.key is None:
             raise Forbidden("this daemon hosts no users (start it with --mode gateway)")
