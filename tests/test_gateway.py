@@ -687,7 +687,7 @@ async def test_changing_a_password_ends_the_other_sessions(tmp_path):
         ha, hb = ({"Authorization": f"Bearer {x['token']}"} for x in (a, b))
         change = {"data": {"password": "first password", "new_password": "second password"}}
         wrong = {"data": {"password": "not it at all", "new_password": "second password"}}
-        assert "wrong" in result(await g.web.post("/password", json=wrong, headers=ha), 401)
+        assert "current password is wrong" in result(await g.web.post("/password", json=wrong, headers=ha), 403)
         short = {"data": {"password": "first password", "new_password": "short"}}
         assert "8-1024" in result(await g.web.post("/password", json=short, headers=ha), 400)
         assert result(await g.web.post("/password", json=change, headers=ha)) == {"sessions_ended": 1}

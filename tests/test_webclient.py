@@ -611,6 +611,9 @@ def oidc_login(gw: str) -> list[str]:
             assert "id_token" not in page.url, "the token is taken out of the URL"
             page.reload()  # still logged in after a reload
             expect(page.locator(".me-name")).to_have_text("Olive")
+            page.click("#people-link")
+            expect(page.locator("#my-key")).to_be_visible()
+            expect(page.locator("#pw-current")).to_have_count(0)  # no password to change
             page.click("#logout")
             expect(page.get_by_role("heading", name="Log in with a password")).to_be_visible()
             assert page.evaluate("localStorage.getItem('pttd.session')") is None
@@ -625,6 +628,18 @@ def oidc_login(gw: str) -> list[str]:
             page.get_by_role("button", name="Log in", exact=True).click()
             expect(page.locator(".login .status")).to_have_text("wrong username or password")
             page.fill("#login-pass", "correct horse")
+            page.get_by_role("button", name="Log in", exact=True).click()
+            expect(page.locator(".me-name")).to_have_text("erin")
+            # a new password, from the people screen (shown to password accounts only)
+            page.click("#people-link")
+            page.fill("#pw-current", "correct horse")
+            page.fill("#pw-new", "battery staple")
+            page.fill("#pw-again", "battery staple")
+            page.get_by_role("button", name="Change password").click()
+            expect(page.locator(".toast", has_text="Your password was changed")).to_be_visible()
+            page.click("#logout")
+            page.fill("#login-user", "erin")
+            page.fill("#login-pass", "battery staple")
             page.get_by_role("button", name="Log in", exact=True).click()
             expect(page.locator(".me-name")).to_have_text("erin")
             return b.errors

@@ -321,7 +321,7 @@ async def logout(gw: Gateway, request: Request, data, user: ChatUser):
             "new_password": {"type": "string", "minLength": 8, "maxLength": 1024},
         },
     },
-    errors=("401", "429"),
+    errors=("429",),
 )
 async def change_password(gw: Gateway, request: Request, data, user: ChatUser):
     data = chat.data_object(data)
@@ -329,8 +329,12 @@ async def change_password(gw: Gateway, request: Request, data, user: ChatUser):
         raise Forbidden("this account logs in without a password (a test, key or OpenID Connect login)")
     gw.check_password(data.get("new_password"), "data.new_password")
     client = request.client.host if request.client else None
-    if (await gw.login(user.name, data.get("password"), client)).key != user.key:
-        raise Unauthorized("wrong username or password")
+    try:  # checked as a login is (and counted with failed logins), but answered 403:
+        # the request's token is good, and a 401 would make clients renew it
+        if (await gw.login(user.name, data.get("password"), client)).key != user.key:
+            raise Unauthorized("wrong password")
+    except Unauthorized:
+        raise Forbidden("the current password is wrong") from None
     ended = await gw.set_password(user.name, data["new_password"], keep_session=gw.session_of(_token(request)))
     return {"sessions_ended": ended}
 

@@ -45,8 +45,11 @@ export function getSession() {
   return session;
 }
 
-export function setSession(res, why = 'login') {
+/** method: how the user logged in ('password', …); a refresh keeps the session's. */
+export function setSession(res, why = 'login', method = null) {
+  const was = session && session.key === res.key ? session.method : null;
   session = {
+    method: method || was || null,
     key: res.key,
     token: res.token,
     refresh_token: res.refresh_token,

@@ -121,11 +121,11 @@ export function loginView(info, message) {
   const busy = (form, on) => {
     for (const el of form.querySelectorAll('button, input, textarea')) el.disabled = on;
   };
-  const run = async (form, fn) => {
+  const run = async (form, fn, method = null) => {
     status.textContent = '';
     busy(form, true);
     try {
-      setSession(await fn());
+      setSession(await fn(), 'login', method);
     } catch (e) {
       status.textContent = e.message || String(e);
       busy(form, false);
@@ -153,7 +153,7 @@ export function loginView(info, message) {
         'aria-labelledby': 'pw-title',
         onsubmit: (e) => {
           e.preventDefault();
-          run(form, () => publicCall('POST', action, { username: user.value.trim(), password: pass.value }));
+          run(form, () => publicCall('POST', action, { username: user.value.trim(), password: pass.value }), 'password');
         },
       },
       h('h2', { id: 'pw-title', text: 'Log in with a password' }),

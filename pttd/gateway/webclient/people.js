@@ -1,7 +1,7 @@
 // The people screen: your key (copy, QR code), your profile name, friends (add by key,
 // message), private channels of several friends.
 
-import { call } from './api.js';
+import { call, getSession } from './api.js';
 import { HEX64, copyText, h, shortKey } from './dom.js';
 import { qrSvg } from './qr.js';
 import { changed, conv, convKeyOf, nameOf, state } from './store.js';
@@ -70,9 +70,53 @@ export function peopleView(go) {
       ),
       friendsSection(go),
       channelSection(go),
+      getSession() && getSession().method === 'password' ? passwordSection() : null,
     ),
   );
   return root;
+}
+
+function passwordSection() {
+  const field = (id, label, autocomplete) => {
+    const input = h('input', { id, type: 'password', autocomplete, required: true, maxlength: 1024 });
+    return [h('label', { for: id }, label), input];
+  };
+  const [curLabel, cur] = field('pw-current', 'Current password', 'current-password');
+  const [newLabel, next] = field('pw-new', 'New password (8 characters or more)', 'new-password');
+  const [againLabel, again] = field('pw-again', 'New password again', 'new-password');
+  next.minLength = 8;
+  const form = h(
+    'form',
+    {
+      class: 'card password',
+      'aria-labelledby': 'pw-change-title',
+      onsubmit: async (e) => {
+        e.preventDefault();
+        if (next.value !== again.value) {
+          toast('The two new passwords differ.', 'error');
+          again.focus();
+          return;
+        }
+        try {
+          const res = await call('POST', 'password', { password: cur.value, new_password: next.value });
+          form.reset();
+          const others = res.sessions_ended;
+          toast(`Your password was changed${others ? `; ${others} other login${others > 1 ? 's' : ''} ended` : ''}.`);
+        } catch (err) {
+          errorToast(err, 'The password was not changed');
+        }
+      },
+    },
+    h('h2', { id: 'pw-change-title' }, 'Password'),
+    curLabel,
+    cur,
+    newLabel,
+    next,
+    againLabel,
+    again,
+    h('button', { type: 'submit' }, 'Change password'),
+  );
+  return form;
 }
 
 function friendsSection(go) {
