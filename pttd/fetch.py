@@ -23,6 +23,7 @@ attempt finds those blocks stored and does not fetch them again.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -95,13 +96,19 @@ class Fetcher:
         progress: Callable[[FetchStats], None] | None = None,
         fresh: bool = False,
         run_db_quick: RunDb | None = None,
+        exact: bool = False,
     ):
         self.store = store
         self.db = run_db
         self.db_quick = run_db_quick or run_db  # for short store calls (see Node.db_quick)
         self.request = request
-        full = not prefixes or "/" in prefixes
+        # exact: the prefixes are whole paths (an on-demand read): only the child that can
+        # hold each is taken. As prefixes, a path that ends a child's range would also
+        # take the next child (its keys could start with the path), one more round trip.
+        self.exact = exact
+        full = not exact and (not prefixes or "/" in prefixes)
         self.prefixes = None if full else [p.encode() for p in prefixes]
+        self._bounds = None if full else [(p, _prefix_end(p)) for p in self.prefixes]
         self.prefetched = prefetched or {}
         self.window = window
         self.want_batch = want_batch
@@ -126,18 +133,42 @@ class Fetcher:
 
     # --- prefixes -------------------------------------------------------------------
 
-    def _key_wanted(self, key: bytes) -> bool:
-        return self.prefixes is None or any(key.startswith(p) for p in self.prefixes)
+    def _wanted_children(self, keys: list[bytes], low: bytes | None) -> list[int]:
+        """The children of an interior node (child j holds the keys in (keys[j-1],
+        keys[j]], the first from ``low``) that hold keys under a prefix: found by
+        bisection, not by testing every child (a node has dozens)."""
+        found: set[int] = set()
+        last = len(keys) - 1
+        if self.exact:  # the one child whose range (keys[j-1], keys[j]] holds the path
+            for p in self.prefixes:
+                j = bisect_left(keys, p)
+                if j <= last and (low is None or j or low < p):
+                    found.add(j)
+            return sorted(found)
+        for p, end in self._bounds:
+            for j in range(bisect_left(keys, p), min(bisect_left(keys, end), last) + 1):
+                below = keys[j - 1] if j else low
+                if below is None or below < end:
+                    found.add(j)
+        return sorted(found)
 
-    def _range_wanted(self, low: bytes | None, high: bytes) -> bool:
-        if self.prefixes is None:
-            return True
-        return any(high >= p and (low is None or low < _prefix_end(p)) for p in self.prefixes)
+    def _wanted_keys(self, keys: list[bytes]) -> list[int]:
+        """The keys of a leaf under a prefix (``p <= key < p + 0xff`` is ``key`` starting
+        with ``p``: no UTF-8 path byte is 0xff)."""
+        found: set[int] = set()
+        for p, end in self._bounds:
+            start = bisect_left(keys, p)
+            if self.exact:
+                if start < len(keys) and keys[start] == p:
+                    found.add(start)
+            else:
+                found.update(range(start, bisect_left(keys, end)))
+        return sorted(found)
 
     def _range_covered(self, low: bytes | None, high: bytes | None) -> bool:
         if self.prefixes is None:
             return True
-        if low is None or high is None:
+        if low is None or high is None or self.exact:
             return False
         return any(low.startswith(p) and high.startswith(p) for p in self.prefixes)
 
@@ -249,7 +280,12 @@ class Fetcher:
                 else:
                     self._fetch.append(n)
             elif n.addr in partial:
-                local.append(n)
+                block = self.prefetched.pop(n.addr, None)
+                if block is not None:  # sent with the answer: no trip to the store for it
+                    self.stats.local += 1
+                    self._take(n, block, store=False)
+                else:
+                    local.append(n)
             else:
                 self.stats.skipped += 1
         if local:
@@ -356,24 +392,23 @@ class Fetcher:
         keys, vals = node.keys, node.vals
         children = 0
         child = self._child
+        full = self.prefixes is None
         if node.level > 0:
-            low = n.low
             level = node.level - 1
-            full = self.prefixes is None
-            for j, addr in enumerate(vals):
-                if full or self._range_wanted(low, keys[j]):
-                    child(Need(addr, KIND_NODE, level, keys[j], low), network)
-                    children += 1
-                low = keys[j]
+            for j in range(len(vals)) if full else self._wanted_children(keys, n.low):
+                child(Need(vals[j], KIND_NODE, level, keys[j], keys[j - 1] if j else n.low), network)
+                children += 1
             covered = self._range_covered(n.low, n.last)
         else:
-            for k, v in zip(keys, vals):
-                if type(v) is ExtType and (self.prefixes is None or self._key_wanted(k)):
+            wanted = range(len(keys)) if full else self._wanted_keys(keys)
+            for j in wanted:
+                v = vals[j]
+                if type(v) is ExtType:
                     size = int.from_bytes(v.data[HASH_SIZE:], "big")
                     kind = KIND_VALUE if v.code == EXT_BLOCK else KIND_CHUNK_NODE
                     child(Need(v.data[:HASH_SIZE], kind, size=size), network)
                     children += 1
-            covered = self.prefixes is None or all(self._key_wanted(k) for k in keys)
+            covered = len(wanted) == len(keys)
         if covered:
             self.complete.append(n.addr)
         return children > 0 or not covered

@@ -17,6 +17,7 @@ import functools
 import logging
 import random
 import time
+from bisect import bisect_left
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from itertools import islice
@@ -415,21 +416,29 @@ class Node:
 
     def _path_blocks(self, root: bytes, path: str) -> tuple[list[bytes], list[bytes]]:
         """The nodes from ``root`` down to ``path`` and its value block (or the root of
-        its chunk tree): everything a reader needs to check and read it."""
-        if not self.store.has_block(root):
-            return [], [root]
+        its chunk tree): everything a reader needs to check and read it. One walk, each
+        block read once (the answer to a cold read: its latency is the reader's)."""
         try:
             validate_path(path)
         except PathError:
             return [], [root]  # no such entry can exist
+        key = path.encode()
+        store = self.store
         try:
-            key = path.encode()
-            addrs = tree.path_nodes(root, key, self.store.load_node)
-            ref = tree.lookup(root, key, self.store.load_node)
-            if isinstance(ref, ExtType):
-                addrs.append(ref.data[:HASH_SIZE])
-            return self.store.get_blocks(addrs)
-        except (MissingBlock, FormatError, PttError):  # we hold only part of that tree
+            node, block = store.node_block(root)
+            blocks = [block]
+            while node.level > 0 and node.keys:
+                i = min(bisect_left(node.keys, key), len(node.keys) - 1)
+                child, block = store.node_block(node.vals[i])
+                if child.level != node.level - 1 or not child.keys or child.keys[-1] != node.keys[i]:
+                    raise FormatError(f"tree node {node.vals[i].hex()} does not fit under its parent")
+                blocks.append(block)
+                node = child
+            i = bisect_left(node.keys, key)
+            if i < len(node.keys) and node.keys[i] == key and isinstance(node.vals[i], ExtType):
+                blocks.append(store.get_block(node.vals[i].data[:HASH_SIZE]))
+            return blocks, []
+        except (MissingBlock, FormatError, PttError):  # not held here, or only part of that tree
             return [], [root]
 
     def _head_message(self, key: bytes, with_blocks: bool) -> dict | None:
@@ -868,7 +877,7 @@ class Node:
             if reply["missing"]:
                 raise _NotThere(f"{peer.name} does not hold that version")
             prefetched = {blake3(b).digest(): b for b in reply["blocks"][: tree.MAX_LEVEL + 2]}
-            fetcher = self._fetcher(peer, [path], prefetched)
+            fetcher = self._fetcher(peer, [path], prefetched, exact=True)
             async with self.gate.sync():
                 # the blocks on the path stay partial: their siblings are not fetched
                 await fetcher.run([Need(root, KIND_NODE)], store_last=False)
@@ -917,7 +926,7 @@ class Node:
 
         await self._from_peers(key, prefix, list(self.peers), attempt)
 
-    def _fetcher(self, peer: Peer, prefixes: list[str], prefetched: dict | None = None) -> Fetcher:
+    def _fetcher(self, peer: Peer, prefixes: list[str], prefetched: dict | None = None, exact: bool = False) -> Fetcher:
         w = self.cfg.wire
         return Fetcher(
             self.store,
@@ -928,6 +937,7 @@ class Node:
             window=w.window,
             want_batch=w.want_batch,
             run_db_quick=self.db_quick,
+            exact=exact,
         )
 
     async def _from_peers(self, key: bytes, what: str, peers: list[Peer], attempt):

@@ -519,11 +519,18 @@ class Store:
         with self._lock:
             return self._db.execute("SELECT 1 FROM blocks WHERE hash=?", (address,)).fetchone() is not None
 
-    def _decoded(self, address: bytes, kind: int, decode):
+    def node_block(self, address: bytes) -> tuple[Node, bytes]:
+        """A tree node, decoded (from the cache when it is there), and its block's bytes,
+        read once and checked against its address (to send it on)."""
+        data = self.get_block(address)
+        return self._decoded(address, KIND_NODE, decode_node, data), data
+
+    def _decoded(self, address: bytes, kind: int, decode, data: bytes | None = None):
         node = self._nodes.get((kind, address))
         if node is not None:
             return node
-        data = self.get_block(address)
+        if data is None:
+            data = self.get_block(address)
         if data[0] != kind:
             raise CorruptBlock(address, f"expected a block of kind {kind}, found kind {data[0]}")
         try:
