@@ -135,6 +135,16 @@ async def test_curators_moderation_reactions_profile(tmp_path):
         assert "data.msgID" in result(await http.post("/topics/general/reactions", json={"data": {}}, headers=h), 400)
         # the folders are not messages
         assert [m["id"] for m in result(await http.get("/topics/general", headers=h))] == [p["id"]]
+        # a reaction (or any record) taken back
+        gone = result(await http.delete(f"/topics/general/reactions/{reaction['id']}", headers=h))
+        assert gone == {"id": reaction["id"], "topic": "general", "deleted": True}
+        assert result(await http.get("/topics/general/reactions", headers=h)) == []
+        assert "no reactions record" in result(
+            await http.delete(f"/topics/general/reactions/{reaction['id']}", headers=h), 404
+        )
+        assert "record" in result(await http.delete("/topics/general/reactions/-x", headers=h), 400)
+        result(await http.delete(f"/topics/general/moderation/{mod['id']}", headers=h))
+        assert result(await http.get("/topics/general/moderation", headers=h)) == []
 
         assert result(await http.get("/profile", headers=h)) == {"name": "alice"}
         prof = result(await http.post("/profile", json={"data": {"name": "Alice A.", "color": "blue"}}, headers=h))

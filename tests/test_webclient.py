@@ -243,6 +243,12 @@ def two_users(g1: str, g2: str, image: bytes) -> list[str]:
             assert dl.value.suggested_filename == "notes.txt"
             assert open(dl.value.path(), "rb").read() == b"some notes\n" * 300
             shot(bob, "topic.png")
+            # bob takes his reaction back (pressing it again): gone on both sides
+            mine = msg(bob, "hello, everyone").locator(".reaction.mine")
+            expect(mine).to_have_attribute("aria-pressed", "true")
+            mine.click()
+            expect(msg(alice, "hello, everyone").locator(".reaction")).to_have_count(0)
+            expect(msg(bob, "hello, everyone").locator(".reaction")).to_have_count(0)
 
             # friends and a direct message each way
             for page, other in ((alice, bob_key), (bob, alice_key)):

@@ -386,6 +386,15 @@ def delete_message(b: Batch, topic: str, post_id: str) -> dict:
     return {"id": post_id, "topic": topic, "deleted": True}
 
 
+def delete_record(b: Batch, topic: str, kind: str, record_id: str) -> dict:
+    """Take back one of the user's records of a topic (a reaction, a moderation, a curator)."""
+    path = f"/topics/{topic}/{kind}/{record_id}"
+    if not b.exists(path):
+        raise NotFound(f"no {kind} record {record_id} in topic {topic}")
+    b.delete(path)
+    return {"id": record_id, "topic": topic, "deleted": True}
+
+
 def add_curator(b: Batch, topic: str, data) -> dict:
     data = data_object(data)
     key = check_key(data.get("key"), "data.key")

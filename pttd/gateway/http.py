@@ -430,8 +430,13 @@ def _folder_routes(kind: str, body: dict, writer) -> None:
     async def write(gw: Gateway, request: Request, data, user: ChatUser, topic: str):
         return await gw.write(user, lambda b, tx: writer(b, topic, data))
 
+    async def delete(gw: Gateway, request: Request, data, user: ChatUser, topic: str, record: str):
+        record = chat.check_id(record, "record")
+        return await gw.write(user, lambda b, tx: chat.delete_record(b, topic, kind, record))
+
     route("GET", f"/topics/{{topic}}/{kind}", f"The user's {kind} of a topic", _list(RECORD))(read)
     route("POST", f"/topics/{{topic}}/{kind}", f"Add to the {kind} of a topic", RECORD, body=body)(write)
+    route("DELETE", f"/topics/{{topic}}/{kind}/{{record}}", f"Take back one of the user's {kind}", DELETED)(delete)
 
 
 _folder_routes("curators", {"type": "object", "required": ["key"], "properties": {"key": KEY}}, chat.add_curator)
@@ -818,6 +823,8 @@ def openapi() -> dict:
             params.insert(1, POST_PARAM)
         if "{key}" in op.path:
             params.insert(0, {"name": "key", "in": "path", "required": True, "schema": KEY})
+        if "{record}" in op.path:
+            params.append({"name": "record", "in": "path", "required": True, "schema": ID})
         if "{file}" in op.path:
             params.insert(1, {"name": "file", "in": "path", "required": True, "schema": {"type": "string"}})
         responses: dict = {}

@@ -45,7 +45,7 @@ export class ChatView {
   /**
    * opts: {kind, id, title, subtitle (node or string), placeholder, source() -> sorted
    * messages, hasOlder(), loadOlder() -> Promise, send(text), sendFile(info),
-   * upload(file, onProgress) -> {promise, abort}, react?(m, emoji), edit?(m, text),
+   * upload(file, onProgress) -> {promise, abort}, react?(m, emoji), unreact?(m, id), edit?(m, text),
    * del?(m), hide?(m), markRead(date), header? (extra nodes)}
    */
   constructor(opts) {
@@ -372,10 +372,12 @@ export class ChatView {
   reactions(m) {
     if (!Array.isArray(m.reactions) || !m.reactions.length) return null;
     const groups = new Map();
+    const own = new Map(); // emoji -> the id of the user's own reaction with it
     for (const r of m.reactions) {
       if (!r || typeof r.emoji !== 'string' || !r.emoji) continue;
       if (!groups.has(r.emoji)) groups.set(r.emoji, []);
       groups.get(r.emoji).push(r.author);
+      if (r.author === state.me && typeof r.id === 'string') own.set(r.emoji, r.id);
     }
     if (!groups.size) return null;
     return h(
@@ -391,9 +393,10 @@ export class ChatView {
             class: `reaction${mine ? ' mine' : ''}`,
             'aria-pressed': mine ? 'true' : 'false',
             title: names,
-            'aria-label': `${emoji} ${who.length}: ${names}`,
+            'aria-label': `${emoji} ${who.length}: ${names}${mine ? ' (yours: press to take it back)' : ''}`,
             onclick: () => {
               if (!mine && this.o.react) this.o.react(m, emoji);
+              else if (mine && own.has(emoji) && this.o.unreact) this.o.unreact(m, own.get(emoji));
             },
           },
           h('span', { class: 'emoji' }, emoji),

@@ -561,6 +561,22 @@ function showTopic(name) {
         errorToast(e, 'The reaction was not added');
       }
     },
+    unreact: async (m, id) => {
+      try {
+        await api.call('DELETE', `${path}/reactions/${enc(id)}`);
+      } catch (e) {
+        if (!(e instanceof api.ApiError && e.status === 404)) {
+          errorToast(e, 'The reaction was not taken back');
+          return;
+        }
+      }
+      const tp = t();
+      const cur = tp && tp.msgs.get(msgKey(m));
+      if (cur) {
+        tp.put({ ...cur, reactions: cur.reactions.filter((x) => x.id !== id) });
+        changed('topic', name);
+      }
+    },
     edit: async (m, text) => {
       const p = await api.call('PUT', `${path}/${enc(m.id)}`, text);
       applyPost({ action: 'edit', author: state.me, topic: name, post: p });
