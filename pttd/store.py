@@ -35,9 +35,9 @@ from .errors import CorruptBlock, DataDirError, ForkDetected, MissingBlock, NotF
 
 log = logging.getLogger("pttd.store")
 
-SCHEMA_VERSION = (
-    7  # 2: follows, partial (issue 3); 3: gateway tables (issue 4); 4: hub joins; 5: pins; 6: sessions; 7: moved users
-)
+# 2: follows, partial (issue 3); 3: gateway tables (issue 4); 4: hub joins; 5: pins;
+# 6: login sessions; 7: exported users; 8: users' hub joins
+SCHEMA_VERSION = 8
 # 64 KiB: chunks of 4-32 KiB left 16 KiB pages about 64% full (104 MB of pages for a
 # 64 MiB value); 64 KiB pages fill about 90%, which took storing a large value from
 # ~110-170 to ~210-260 MB/s here, with small writes no slower.
@@ -138,6 +138,14 @@ CREATE TABLE IF NOT EXISTS gw_sessions(
 -- Gateway users exported to another home (pttctl user export): their writes here are
 -- refused, so that two gateways never both sign versions of one repository (a fork).
 CREATE TABLE IF NOT EXISTS gw_moved(repo BLOB PRIMARY KEY, moved INTEGER NOT NULL);
+-- The hubs (wire addresses) each hosted user was joined to, once: a user who then leaves
+-- a hub is not joined to it again.
+CREATE TABLE IF NOT EXISTS gw_hub_joins(
+    user BLOB NOT NULL,
+    hub TEXT NOT NULL,
+    joined INTEGER NOT NULL,
+    PRIMARY KEY(user, hub)
+) WITHOUT ROWID;
 -- Hub mode: the repositories that joined, and where they said they are served.
 CREATE TABLE IF NOT EXISTS hub_joins(repo BLOB PRIMARY KEY, addresses TEXT NOT NULL, joined INTEGER NOT NULL);
 -- Replicator mode: the repositories pinned (kept whole and live, served to anyone).

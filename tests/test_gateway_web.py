@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import httpx
 import pytest
@@ -132,3 +133,30 @@ async def test_sealed_files_for_direct_messages(tmp_path):
         assert "must be 1 or 0" in result(
             await g.web.post("/files", params={"sealed": "yes"}, content=b"x", headers=ha), 400
         )
+
+
+async def test_a_user_who_left_a_hub_is_not_joined_again(tmp_path):
+    async with trio.open_nursery() as nursery:
+        hub = await start_daemon(nursery, os.path.join(tmp_path, "hub"), mode="hub")
+        joined = hub.daemon.hub.joined
+        async with gateway(tmp_path, "g1", hubs=[hub.address]) as g1:
+            alice, _ = await login(g1.web, "alice")
+            with trio.fail_after(10):
+                while alice not in joined:
+                    await trio.sleep(0.02)
+            # she leaves the hub (signed with her key, which this gateway holds)
+            sk = (await g1.gateway.user(bytes.fromhex(alice))).repo._key
+            now = int(time.time() * 1000)
+            msg = b"pttd hub leave\n" + bytes.fromhex(hub.id) + bytes.fromhex(alice) + now.to_bytes(8, "big")
+            leave = {"public_key": alice, "signature": sk.sign(msg).signature.hex(), "time": now}
+            async with httpx.AsyncClient(base_url=hub.http, timeout=10.0) as hubweb:
+                assert result(await hubweb.post("/leave", json=leave))["joined"] is False
+        # the gateway restarts; she logs in again, and a new user too
+        async with gateway(tmp_path, "g1", hubs=[hub.address]) as g1:
+            assert (await login(g1.web, "alice"))[0] == alice
+            bob, _ = await login(g1.web, "bob")
+            with trio.fail_after(10):
+                while bob not in joined:
+                    await trio.sleep(0.02)
+            assert alice not in joined
+        nursery.cancel_scope.cancel()

@@ -1071,21 +1071,35 @@ class Gateway:
     # --- hubs --------------------------------------------------------------------------
 
     def join_hubs(self, u: ChatUser) -> None:
-        """Ask the hubs of ``[peers] hubs`` to take a hosted user in (once per run), so
-        that what they post shows in the hubs' combined view."""
+        """Ask the hubs of ``[peers] hubs`` to take a hosted user in, so that what they
+        post shows in the hubs' combined view: once for each hub and user (recorded), so
+        that a user who leaves a hub stays out; one that failed is asked again at the
+        user's next login."""
         if not self.node.cfg.hubs or u.key in self._joined or self._nursery is None:
             return
-        self._joined.add(u.key)
+        self._joined.add(u.key)  # looked at once per run
+        self._nursery.start_soon(self._join_new_hubs, u)
+
+    async def _join_new_hubs(self, u: ChatUser) -> None:
+        rows = await self.node.db(self.store.query, "SELECT hub FROM gw_hub_joins WHERE user=?", (u.key,))
+        done = {h for (h,) in rows}
         for hub in self.node.cfg.hubs:
-            self._nursery.start_soon(self._join_hub, hub, u)
+            if hub not in done:
+                self._nursery.start_soon(self._join_hub, hub, u)
 
     async def _join_hub(self, hub: str, u: ChatUser) -> None:
         try:
             await self.node.join_hub(hub, u.key, "")
-            log.info("hub %s took in %s (%s)", hub, u.name, u.hex[:16])
         except Exception as exc:
             self._joined.discard(u.key)  # asked again at the next login
             log.warning("hub %s did not take in %s: %s", hub, u.name, exc)
+            return
+        await self.node.db(
+            self.store.execute,
+            "INSERT OR IGNORE INTO gw_hub_joins(user, hub, joined) VALUES (?, ?, ?)",
+            (u.key, hub, int(time.time())),
+        )
+        log.info("hub %s took in %s (%s)", hub, u.name, u.hex[:16])
 
     # --- envelopes arriving by sync ---------------------------------------------------
 
