@@ -38,6 +38,8 @@ BODY_TIMEOUT = 120.0  # a request's body, complete, from the end of its head
 SEND_TIMEOUT = 30.0  # a client that reads nothing for this long is dropped
 MAX_DRAIN = 1 << 20  # an unread request body up to this is skipped to keep the connection
 MAX_AHEAD = 64 * 1024  # bytes of pipelined requests read ahead while an answer streams
+SEND_PIECE = 64 * 1024  # an answer is sent in pieces, each within SEND_TIMEOUT
+MIN_BODY_RATE = 64 * 1024  # bytes/s a large request body may take beyond BODY_TIMEOUT
 
 REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
@@ -72,6 +74,8 @@ class _Parser:
         self.in_head = False
         self.too_large = False
         self.head_bytes = 0
+        self.trailer_bytes = 0
+        self.upgrade = False  # an Upgrade was asked for (ignored): nothing after it is parsed
         self._target = b""
         self._headers: list[tuple[bytes, bytes]] = []
 
@@ -79,12 +83,15 @@ class _Parser:
         if not data:
             self.events.append((_EOF,))
             return
+        if self.upgrade:
+            return  # the bytes after an upgrade request are not HTTP/1.1: the connection closes
         if self.in_head:
             self.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            raise _BadRequest(400, b"protocol upgrades are not supported") from None
+            # (curl --http2 asks for h2c): answered as HTTP/1.1, as a server may, then closed
+            self.upgrade = True
         except httptools.HttpParserError:
             raise _BadRequest(400, b"malformed HTTP request") from None
         if self.too_large or (self.in_head and self.head_bytes > MAX_HEADERS):
@@ -95,6 +102,7 @@ class _Parser:
     def on_message_begin(self) -> None:
         self.in_head = True
         self.head_bytes = 0
+        self.trailer_bytes = 0
         self._target = b""
         self._headers = []
 
@@ -102,6 +110,11 @@ class _Parser:
         self._target += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:  # a trailer of a chunked body: counted, not kept
+            self.trailer_bytes += len(name) + len(value) + 4
+            if self.trailer_bytes > MAX_HEADERS:
+                self.too_large = True
+            return
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
@@ -111,10 +124,10 @@ class _Parser:
             self.too_large = True  # raised by feed: an exception here would be httptools' own
             return
         p = self.parser
-        expect = any(k == b"expect" and v.lower() == b"100-continue" for k, v in self._headers)
-        self.events.append(
-            _Head(p.get_method(), self._target, self._headers, p.get_http_version(), p.should_keep_alive(), expect)
-        )
+        headers, self._headers = self._headers, []  # the app's own list: nothing added later
+        version = p.get_http_version()
+        expect = version == "1.1" and any(k == b"expect" and v.lower() == b"100-continue" for k, v in headers)
+        self.events.append(_Head(p.get_method(), self._target, headers, version, p.should_keep_alive(), expect))
 
     def on_body(self, body: bytes) -> None:
         self.events.append((_BODY, body))
@@ -148,6 +161,14 @@ class _Connection:
             self.parser.feed(data)
         return events.popleft()
 
+    def _body_buffered(self) -> bool:
+        """Whether the rest of the current request's body has already been read (its end
+        is among the parsed events, after body pieces only)."""
+        for ev in self.parser.events:
+            if not isinstance(ev, tuple) or ev[0] != _BODY:
+                return isinstance(ev, tuple) and ev[0] == _END
+        return False
+
     async def _next_request(self):
         """A request's head: waited for up to KEEPALIVE_TIMEOUT, then (from its first
         byte) complete within HEADER_TIMEOUT, however slowly it trickles."""
@@ -161,10 +182,14 @@ class _Connection:
         return await self._next_event(READ_TIMEOUT, trio.current_time() + HEADER_TIMEOUT)
 
     async def _send(self, data: bytes) -> None:
-        with trio.move_on_after(SEND_TIMEOUT) as scope:
-            await self.stream.send_all(data)
-        if scope.cancelled_caught:
-            raise _Closed("the client reads nothing")
+        """Each piece within SEND_TIMEOUT: a slow reader of a large answer is fine, one
+        that reads nothing is dropped."""
+        view = memoryview(data)
+        for i in range(0, len(view), SEND_PIECE):
+            with trio.move_on_after(SEND_TIMEOUT) as scope:
+                await self.stream.send_all(view[i : i + SEND_PIECE])
+            if scope.cancelled_caught:
+                raise _Closed("the client reads nothing")
 
     async def _simple(self, status: int, message: bytes) -> None:
         body = b'{"error":"' + message + b'"}'
@@ -192,12 +217,14 @@ class _Connection:
                     return
                 if not isinstance(ev, _Head):
                     return  # the client closed (or sent a body with no head: impossible)
-                self.body_deadline = trio.current_time() + BODY_TIMEOUT
+                length = next((v for k, v in ev.headers if k == b"content-length"), b"0")
+                extra = int(length) / MIN_BODY_RATE if length.isdigit() else 0.0
+                self.body_deadline = trio.current_time() + BODY_TIMEOUT + extra
                 try:
                     await self._cycle(ev)
                 except _BadRequest:
                     return  # its answer has begun: nothing more to say on this connection
-                if self.must_close or not ev.keep_alive:
+                if self.must_close or not ev.keep_alive or self.parser.upgrade:
                     return
         except (_Closed, trio.BrokenResourceError, trio.ClosedResourceError):
             return
@@ -230,6 +257,7 @@ class _Connection:
         finished = False
         chunked = False
         response: dict | None = None
+        refused: _BadRequest | None = None
 
         async def receive() -> dict:
             nonlocal body_done, continue_sent
@@ -239,7 +267,13 @@ class _Connection:
                     await self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
                 try:
                     ev = await self._next_event(READ_TIMEOUT, self.body_deadline)
-                except (_Closed, _BadRequest):
+                except _BadRequest as exc:  # answered by the server once the app gives up
+                    nonlocal refused
+                    refused = exc
+                    self.must_close = True
+                    disconnected.set()
+                    return {"type": "http.disconnect"}
+                except _Closed:
                     self.must_close = True
                     disconnected.set()
                     return {"type": "http.disconnect"}
@@ -283,10 +317,10 @@ class _Connection:
                 try:
                     self.parser.feed(data)  # a pipelined next request: kept for its turn
                 except _BadRequest:
+                    ahead = MAX_AHEAD + 1
+                if ahead > MAX_AHEAD:  # no more reading here: the answer is the last
                     self.must_close = True
-                    return
-                if ahead > MAX_AHEAD:
-                    self.must_close = True
+                    disconnected.set()
                     return
 
         async def send(msg: dict) -> None:
@@ -315,6 +349,11 @@ class _Connection:
                     elif k in (b"transfer-encoding", b"connection"):
                         continue  # framing is this server's
                     lines.append(k + b": " + v + b"\r\n")
+                if self.parser.upgrade or (not body_done and not self._body_buffered()):
+                    # answered before the body came (a refusal, or one the client was to
+                    # send after a 100 Continue), or after an upgrade was asked for: what
+                    # follows cannot be told from the rest, so the connection ends here
+                    self.must_close = True
                 bodiless = head_only or status in (204, 304) or status < 200
                 if not has_length and not bodiless:
                     if not more:
@@ -326,6 +365,8 @@ class _Connection:
                         self.must_close = True  # HTTP/1.0: the body ends with the connection
                 if self.must_close or not req.keep_alive:
                     lines.append(b"connection: close\r\n")
+                elif req.version == "1.0":  # kept open: an HTTP/1.0 client must be told
+                    lines.append(b"connection: keep-alive\r\n")
                 lines.append(b"\r\n")
                 out.append(b"".join(lines))
                 if bodiless:
@@ -347,16 +388,20 @@ class _Connection:
             await self.app(scope, receive, send)
         except Exception:
             log.exception("%s %s failed", scope["method"], scope["path"])
-            if not started:
+            if not started and not disconnected.is_set():
+                started = True
                 await self._simple(500, b"internal error (logged by the daemon)")
-                self.must_close = True
+            self.must_close = True
         finally:
             if watching:  # the stream is read by one task at a time: the watcher ends first
                 watch_scope.cancel()
                 with trio.CancelScope(shield=True):
                     await watch_done.wait()
         if not started:
-            await self._simple(500, b"the application sent no answer")
+            if refused is not None:  # the body broke the protocol (or its limits)
+                await self._simple(refused.status, refused.message)
+            elif not disconnected.is_set():
+                await self._simple(500, b"the application sent no answer")
             self.must_close = True
         if not finished:
             raise _Closed("response not complete")
@@ -395,6 +440,8 @@ async def serve(app: App, listeners, max_connections: int = 1024, *, task_status
             return
         try:
             await conn.run()
+        except Exception:  # a bug of ours: this connection ends, never the server
+            log.exception("HTTP connection from %s failed", conn.client)
         finally:
             limit.release()
 
