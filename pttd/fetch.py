@@ -97,6 +97,7 @@ class Fetcher:
         fresh: bool = False,
         run_db_quick: RunDb | None = None,
         exact: bool = False,
+        max_value: int | None = None,
     ):
         self.store = store
         self.db = run_db
@@ -106,6 +107,9 @@ class Fetcher:
         # hold each is taken. As prefixes, a path that ends a child's range would also
         # take the next child (its keys could start with the path), one more round trip.
         self.exact = exact
+        # values larger than this are not fetched; the largest one skipped is noted
+        self.max_value = max_value
+        self.too_large: int | None = None
         full = not exact and (not prefixes or "/" in prefixes)
         self.prefixes = None if full else [p.encode() for p in prefixes]
         self._bounds = None if full else [(p, _prefix_end(p)) for p in self.prefixes]
@@ -405,6 +409,9 @@ class Fetcher:
                 v = vals[j]
                 if type(v) is ExtType:
                     size = int.from_bytes(v.data[HASH_SIZE:], "big")
+                    if self.max_value is not None and size > self.max_value:
+                        self.too_large = max(size, self.too_large or 0)
+                        continue
                     kind = KIND_VALUE if v.code == EXT_BLOCK else KIND_CHUNK_NODE
                     child(Need(v.data[:HASH_SIZE], kind, size=size), network)
                     children += 1

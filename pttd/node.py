@@ -36,7 +36,7 @@ from protocol.paths import validate_path
 
 from .config import Config, parse_address
 from .datadir import DataDir
-from .errors import ForkDetected, MissingBlock, NotFound, PttError, RollbackRefused
+from .errors import ForkDetected, MissingBlock, NotFound, PttError, RollbackRefused, TooLarge
 from .fetch import Fetcher, FetchError, FetchStats, Need
 from .peer import Misbehaved, Peer, PeerGone
 from .wire import Connection, WireError
@@ -858,7 +858,9 @@ class Node:
             raise NotFound(f"no version of {key.hex()} is stored")
         return self.store.load_commit(row, seq if version is None else version).commit.root
 
-    async def fetch_path(self, key: bytes, path: str, version: int | None = None, then=None) -> tuple[dict, object]:
+    async def fetch_path(
+        self, key: bytes, path: str, version: int | None = None, then=None, max_value: int | None = None
+    ) -> tuple[dict, object]:
         """Fetch one path of a followed repository that is not stored (outside the
         followed prefixes): one ``get`` round trip brings the path from the root with
         its value; a large value's chunks follow in ``want`` batches. ``then``: a store
@@ -878,9 +880,12 @@ class Node:
                 raise _NotThere(f"{peer.name} does not hold that version")
             prefetched = {blake3(b).digest(): b for b in reply["blocks"][: tree.MAX_LEVEL + 2]}
             fetcher = self._fetcher(peer, [path], prefetched, exact=True)
+            fetcher.max_value = max_value
             async with self.gate.sync():
                 # the blocks on the path stay partial: their siblings are not fetched
                 await fetcher.run([Need(root, KIND_NODE)], store_last=False)
+                if fetcher.too_large is not None:
+                    raise TooLarge(f"{path} is {fetcher.too_large} bytes, more than {max_value} may be fetched")
                 rows, partial = fetcher.take_rows()
                 small = len(rows) <= QUICK_ROWS and sum(len(b) for _, b in rows) <= QUICK_BYTES
                 if small and then is not None:

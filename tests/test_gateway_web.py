@@ -8,6 +8,7 @@ import time
 import httpx
 import pytest
 import trio
+from nacl.signing import SigningKey
 
 from pttd.errors import PttError
 from tests.gwutil import gateway, login, result
@@ -75,12 +76,15 @@ async def test_files_upload_and_download(tmp_path):
             await g.call("diff", repo=alice)
 
 
-async def test_hosted_users_join_the_hub_and_files_cross_gateways(tmp_path):
+async def test_hosted_users_join_the_hub_and_files_cross_gateways(tmp_path, monkeypatch):
+    from pttd.gateway import service
+
+    monkeypatch.setattr(service, "FILE_FETCH_TIMEOUT", 1.0)
     async with trio.open_nursery() as nursery:
         hub = await start_daemon(nursery, os.path.join(tmp_path, "hub"), mode="hub")
         async with (
             gateway(tmp_path, "g1", hubs=[hub.address]) as g1,
-            gateway(tmp_path, "g2", hubs=[hub.address]) as g2,
+            gateway(tmp_path, "g2", hubs=[hub.address], max_file=20_000) as g2,
             httpx.AsyncClient(base_url=hub.http, timeout=10.0) as hubweb,
         ):
             alice, ha = await login(g1.web, "alice")
@@ -105,6 +109,23 @@ async def test_hosted_users_join_the_hub_and_files_cross_gateways(tmp_path):
             r = await g2.web.get(later["url"], headers=hb)
             assert r.status_code == 200 and r.content == b"later file", r.text
             assert "no file" in result(await g2.web.get(f"/files/{alice}/{'0' * 32}", headers=hb), 404)
+            # a file larger than bob's gateway serves: refused before its bytes are fetched
+            big = result(await g1.web.post("/files", content=os.urandom(50_000), headers=ha))
+            assert "more than 20000" in result(await g2.web.get(big["url"], headers=hb), 413)
+            # a key no one serves: 404 in bounded time
+            nobody = bytes(SigningKey.generate().verify_key).hex()
+            assert "not found on the network" in result(
+                await g2.web.get(f"/files/{nobody}/{'1' * 32}", headers=hb), 404
+            )
+            # the repositories followed to read files are few: the least recently used go
+            monkeypatch.setattr(service, "ON_DEMAND_FOLLOWS", 1)
+            other = bytes(SigningKey.generate().verify_key).hex()
+            assert result(await g2.web.get(f"/files/{other}/{'2' * 32}", headers=hb), 404)
+            assert bytes.fromhex(nobody) not in g2.node.follows and bytes.fromhex(alice) not in g2.node.follows
+            # one that was let go (its older version held) is found again through the hub
+            newest = result(await g1.web.post("/files", content=b"newest file", headers=ha))
+            r = await g2.web.get(newest["url"], headers=hb)
+            assert r.status_code == 200 and r.content == b"newest file", r.text
             nursery.cancel_scope.cancel()
 
 

@@ -46,6 +46,7 @@ from ..errors import (
     NotFound,
     PttError,
     ServerError,
+    TooLarge,
     TooMany,
     Unauthorized,
 )
@@ -70,6 +71,8 @@ HEAD_CACHE = 65536
 TRIM_EVERY = 1024
 BACKLOG_PAGE = 1000
 FILE_FETCH_TIMEOUT = 20.0  # seconds to find a repository's head before fetching a file of it
+REMOTE_FILE_READS = 8  # files of repositories not held fetched at once (more wait their turn)
+ON_DEMAND_FOLLOWS = 64  # repositories followed only to read their files: the least recently used go
 FILE_REFRESH_TIMEOUT = 5.0  # seconds to ask peers for a newer head when a file is not in the one held
 STREAM_BUFFER = 1024  # events queued for one slow stream before it is closed (it resumes)
 
@@ -220,6 +223,8 @@ class Gateway:
         self._in_topic: set[tuple[str, bytes]] = set()  # (topic, user) known in gw_topics
         self.oidc = Verifier(node.cfg.oidc)
         self._joined: set[bytes] = set()
+        self._remote_reads = trio.CapacityLimiter(REMOTE_FILE_READS)
+        self._on_demand: OrderedDict[bytes, None] = OrderedDict()  # followed only to read files
         self._moved: set[bytes] = (
             set()
         )  # users exported elsewhere: writes refused  # hosted users the hubs were asked to take in, this run
@@ -1042,31 +1047,68 @@ class Gateway:
 
     async def read_file(self, key: bytes, fid: str) -> bytes:
         """A file of any repository: read here if stored, else fetched from a peer that
-        serves it (found through the hubs), following the repository's profile only."""
+        serves it (found through the hubs). At most ``max_file`` bytes; at most
+        REMOTE_FILE_READS fetched at once; the repositories followed only to fetch files
+        are the ON_DEMAND_FOLLOWS used last (a client cannot make the gateway follow and
+        dial keys without end)."""
         path = f"/files/{fid}"
+        limit = self.cfg.max_file
         try:
-            found = await self.node.db(_read_value, self.store, key, path, None)
+            found = await self.node.db(_read_value, self.store, key, path, None, limit)
         except MissingBlock:
             found = False  # the repository is followed sparsely: the file is elsewhere
         if isinstance(found, bytes):
             return found  # the id is the content's hash: any version that has it will do
         if found is None and await self.node.db(self.is_hosted, key):
             raise NotFound(f"no file {fid} in repository {key.hex()}")
+        async with self._remote_reads:
+            return await self._fetch_file(key, fid, path, limit)
+
+    async def _fetch_file(self, key: bytes, fid: str, path: str, limit: int) -> bytes:
         # Not hosted here: the copy held (if any) may be older than the link, or sparse.
         f = self.node.follows.get(key)
-        if f is None or f.local_seq is None:
-            await self.node.follow(key, ["/profile.json"], [], persistent=False)
-            f = await self.node.wait_version(key, 0, FILE_FETCH_TIMEOUT)
+        if f is None:
+            f = await self.node.follow(key, ["/profile.json"], [], persistent=False)
+            if f.local_seq is not None:  # held from before: find who serves it now
+                await self._find_servers(f)
+        if not f.persistent:
+            self._on_demand[key] = None
+            self._on_demand.move_to_end(key)
+            while len(self._on_demand) > ON_DEMAND_FOLLOWS:
+                old, _ = self._on_demand.popitem(last=False)
+                g = self.node.follows.get(old)
+                if g is not None and not g.persistent:
+                    await self.node.unfollow(old)
+        if f.local_seq is None:
+            try:
+                f = await self.node.wait_version(key, 0, FILE_FETCH_TIMEOUT)
+            except PttError:
+                raise NotFound(
+                    f"repository {key.hex()} was not found on the network within {FILE_FETCH_TIMEOUT:g} s"
+                ) from None
         else:
             try:  # the newest head the peers have (one round trip; a one-off follow is not live)
                 f = await self.node.sync_once(key, [], FILE_REFRESH_TIMEOUT)
             except PttError as exc:
                 log.info("file %s of %s: no newer head (%s); reading the version held", fid, key.hex()[:16], exc)
         at = f.local_seq
-        _, value = await self.node.fetch_path(key, path, at, then=lambda: _read_value(self.store, key, path, at))
+        _, value = await self.node.fetch_path(
+            key, path, at, then=lambda: _read_value(self.store, key, path, at, limit), max_value=limit
+        )
         if value is None or value is False:
             raise NotFound(f"no file {fid} in repository {key.hex()}")
         return value
+
+    async def _find_servers(self, f) -> None:
+        """Dial (a few of) the peers the hubs say serve a repository followed anew."""
+        for a in (await self.node.look_up(f.key))[:4]:
+            if a in self.node.listen_addresses or a in f.found:
+                continue
+            f.found.add(a)
+            try:
+                await self.node.peer_for(a, FILE_REFRESH_TIMEOUT)
+            except PttError as exc:
+                log.info("file read: %s does not answer: %s", a, exc)
 
     # --- hubs --------------------------------------------------------------------------
 
@@ -1243,13 +1285,22 @@ def _display_name(claims: dict) -> str:
     return "user"
 
 
-def _read_value(store, key: bytes, path: str, version: int | None):
+def _read_value(store, key: bytes, path: str, version: int | None, limit: int | None = None):
     """The value at ``path`` of a stored repository (None: no such path); False when no
-    version of the repository is stored. MissingBlock: the path is not stored here."""
+    version of the repository is stored. MissingBlock: the path is not stored here.
+    TooLarge: the value is larger than ``limit`` bytes (nothing of it is read)."""
     row = store.find_repo(key)
     if row is None or store.head_seq(row) is None:
         return False
-    return Repository(store, row, None).value(path, version)
+    repo = Repository(store, row, None)
+    if limit is not None:
+        try:
+            size = repo.info(path, version).size
+        except NotFound:
+            return None
+        if size > limit:
+            raise TooLarge(f"{path} is {size} bytes, more than this gateway serves ({limit})")
+    return repo.value(path, version)
 
 
 def _discard(index: dict, key, item) -> None:
