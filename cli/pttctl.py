@@ -97,7 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     ue.add_argument("--passphrase-env", help="read the passphrase from this environment variable (else asked)")
     ui = us.add_parser("import", help="host the account of an account file (its repository is synced first)")
     ui.add_argument("file", help="the account file (- for stdin)")
-    ui.add_argument("--name", help="the login name here (default: the exported one)")
+    ui.add_argument("--name", help="the login name here (default: the exported one, if a local account's)")
+    ui.add_argument(
+        "--keep-name",
+        action="store_true",
+        help="take the file's login name even if it is not a local account's (an OpenID Connect subject): "
+        "only for a file you trust, since it decides whose login this becomes",
+    )
     ui.add_argument(
         "--peer", action="append", default=[], help="HOST:PORT serving the repository (its old gateway); repeatable"
     )
@@ -432,7 +438,13 @@ def _chat_call(client: ControlClient, args: argparse.Namespace) -> dict:
             except ValueError:
                 raise PttError(f"{args.file} is not an account file (not JSON)") from None
             passphrase = _passphrase(args.passphrase_env, confirm=False)
-            call = {"account": doc, "passphrase": passphrase, "name": args.name, "peers": args.peer}
+            call = {
+                "account": doc,
+                "passphrase": passphrase,
+                "name": args.name,
+                "peers": args.peer,
+                "keep_name": args.keep_name,
+            }
             return client.call("user_import", {**call, "timeout": args.timeout})
         password = None if args.no_password else _new_password(args.name, args.password_stdin)
         return client.call("user_add", {"name": args.name, "password": password, "profile_name": args.profile_name})

@@ -117,6 +117,13 @@ class OidcProvider:
                 f"{where}: [[oidc]] {self.name}: algorithms {bad or '[]'} not accepted "
                 f"(asymmetric ones only: {', '.join(sorted(OIDC_ALGORITHMS))})"
             )
+        if self.jwks.startswith("http://"):
+            host = self.jwks[len("http://") :].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
+            if host not in ("127.0.0.1", "localhost", "::1"):
+                raise ConfigError(
+                    f"{where}: [[oidc]] {self.name}: jwks over plain http:// only from this machine "
+                    "(anyone on the way could put their keys in): use https://"
+                )
         if self.leeway < 0 or self.leeway > 600 or self.jwks_max_age <= 0 or self.jwks_min_refresh < 0:
             raise ConfigError(f"{where}: [[oidc]] {self.name}: leeway must be 0-600 s, jwks_max_age positive")
 

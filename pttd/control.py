@@ -296,7 +296,12 @@ async def chat_command(gw, cmd: str, args: dict) -> dict:
         if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):
             raise PttError("peers must be a list of HOST:PORT")
         u = await gw.import_user(
-            args.get("account"), args.get("passphrase"), args.get("name"), peers, float(args.get("timeout") or 60)
+            args.get("account"),
+            args.get("passphrase"),
+            args.get("name"),
+            peers,
+            float(args.get("timeout") or 60),
+            keep_name=bool(args.get("keep_name")),
         )
         return {"name": u.name, "key": u.hex, "version": await gw.read(gw.store.head_seq, u.repo.row)}
     u = await gw.local_user()

@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from cli.pttctl import main as pttctl
+from pttd.errors import PttError
 from pttd.gateway import account
 from tests.gwutil import gateway, login, result
 from tests.netutil import start_daemon
@@ -86,10 +87,24 @@ async def test_export_on_one_gateway_import_on_another(tmp_path, monkeypatch):
                 g2, "user", "import", file, "--peer", g1.address, "--passphrase-env", "PTT_WRONG_PASSPHRASE"
             )
             assert code == 1 and "wrong passphrase" in err
+            # the file names a login that is not a local account's: only if the operator says so
+            code, _, err = await run_pttctl(
+                g2, "user", "import", file, "--peer", g1.address, "--passphrase-env", "PTT_TEST_PASSPHRASE"
+            )
+            assert code == 1 and "--keep-name" in err
             assert len(await g2.gateway.list_users()) == users_before
+            assert "seed" not in doc and "head" not in doc  # all sealed
 
             code, out, err = await run_pttctl(
-                g2, "user", "import", file, "--peer", g1.address, "--passphrase-env", "PTT_TEST_PASSPHRASE"
+                g2,
+                "user",
+                "import",
+                file,
+                "--peer",
+                g1.address,
+                "--keep-name",
+                "--passphrase-env",
+                "PTT_TEST_PASSPHRASE",
             )
             assert code == 0, err
             imported = json.loads(out)
@@ -107,7 +122,15 @@ async def test_export_on_one_gateway_import_on_another(tmp_path, monkeypatch):
 
             # importing twice is refused
             code, _, err = await run_pttctl(
-                g2, "user", "import", file, "--peer", g1.address, "--passphrase-env", "PTT_TEST_PASSPHRASE"
+                g2,
+                "user",
+                "import",
+                file,
+                "--peer",
+                g1.address,
+                "--keep-name",
+                "--passphrase-env",
+                "PTT_TEST_PASSPHRASE",
             )
             assert code == 1 and "already exists" in err
             nursery.cancel_scope.cancel()
@@ -119,8 +142,27 @@ async def test_import_without_the_history_is_refused(tmp_path):
         res = await g1.call("user_export", name="test:carol", passphrase=PASSPHRASE, keep=True)
         # no peer serves carol's repository to g2: taking it in would fork it
         with pytest.raises(Exception, match="without its history would fork"):
-            await g2.call("user_import", account=res["account"], passphrase=PASSPHRASE, timeout=1)
+            await g2.call("user_import", account=res["account"], passphrase=PASSPHRASE, timeout=1, keep_name=True)
         assert await g2.gateway.list_users() == []
+
+
+async def test_import_waits_for_the_version_the_file_names(tmp_path):
+    async with gateway(tmp_path, "g1") as g1, gateway(tmp_path, "g2", peers=[]) as g2:
+        await login(g1.web, "erin")
+        res = await g1.call("user_export", name="test:erin", passphrase=PASSPHRASE, keep=True)
+        sk, name, pw, head = account.open_account(res["account"], PASSPHRASE)
+        assert head is not None and head >= 1
+        # a file that says more was signed than the peers serve (its old home went on
+        # writing, or the peer is a stale copy): refused, nothing stored
+        ahead = account.seal_account(sk, "erin", pw, PASSPHRASE, head=head + 5)
+        with pytest.raises(PttError, match="would fork"):
+            await g2.call("user_import", account=ahead, passphrase=PASSPHRASE, peers=[g1.address], timeout=1)
+        assert await g2.gateway.list_users() == []
+        # the true file, from the same peer: taken in, under the name the file gives
+        done = await g2.call(
+            "user_import", account=res["account"], passphrase=PASSPHRASE, peers=[g1.address], keep_name=True
+        )
+        assert done["version"] >= head and done["name"] == "test:erin"
 
 
 def test_account_files_refuse_tampering_and_bad_limits():
@@ -128,8 +170,8 @@ def test_account_files_refuse_tampering_and_bad_limits():
 
     sk = SigningKey.generate()
     doc = account.seal_account(sk, "dave", None, PASSPHRASE)
-    opened, name, pw = account.open_account(doc, PASSPHRASE)
-    assert bytes(opened) == bytes(sk) and name == "dave" and pw is None
+    opened, name, pw, head = account.open_account(doc, PASSPHRASE)
+    assert bytes(opened) == bytes(sk) and name == "dave" and pw is None and head is None
     with pytest.raises(account.AccountFileError, match="wrong passphrase"):
         account.open_account(doc, PASSPHRASE + "!")
     flipped = dict(doc, sealed=("0" if doc["sealed"][0] != "0" else "1") + doc["sealed"][1:])

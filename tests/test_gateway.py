@@ -153,6 +153,10 @@ async def test_curators_moderation_reactions_profile(tmp_path):
         assert "cannot be removed" in result(await http.post("/profile", json={"data": {"name": None}}, headers=h), 400)
         assert result(await http.get("/profile", headers=h)) == {"name": "Alice A."}
         assert "data.x" in result(await http.post("/profile", json={"data": {"x": [1]}}, headers=h), 400)
+        # NaN and Infinity are not JSON to any client: refused, never stored
+        nan = b'{"data": {"x": NaN}}'
+        assert "not JSON" in result(await http.post("/profile", content=nan, headers=h), 400)
+        assert result(await http.get("/profile", headers=h)) == {"name": "Alice A."}
 
 
 async def test_friends_and_channels_are_sealed_to_the_owner(tmp_path):

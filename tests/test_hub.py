@@ -161,7 +161,8 @@ async def test_joins_are_checked_and_a_bad_repository_does_not_break_the_view(tm
                 return {"public_key": alice, "signature": sk.sign(msg).signature.hex(), "time": when}
 
             now = int(time.time() * 1000)
-            assert "more than 300 s" in result(await web.post("/leave", json=signed_leave(now - 400_000)), 403)
+            assert "more than 300 s ago" in result(await web.post("/leave", json=signed_leave(now - 400_000)), 403)
+            assert "30 s ahead" in result(await web.post("/leave", json=signed_leave(now + 60_000)), 403)
             no_time = {k: v for k, v in signed_leave(now).items() if k != "time"}
             assert "time it was signed" in result(await web.post("/leave", json=no_time), 403)
             leave = signed_leave(now)

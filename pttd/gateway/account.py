@@ -8,9 +8,10 @@ The file is JSON (``pttctl user export NAME -o FILE``)::
      "nonce": hex, "sealed": hex}
 
 ``sealed`` is XSalsa20-Poly1305 (PyNaCl's SecretBox) under a key derived from the
-passphrase with Argon2id; it opens to JSON ``{"seed": hex, "name", "password"}``: the
-Ed25519 seed of the repository key, the login name and its Argon2id password hash (or
-null), so that the same login works at the new gateway. The repository's data is not in
+passphrase with Argon2id; it opens to JSON ``{"seed": hex, "name", "password", "head"}``:
+the Ed25519 seed of the repository key, the login name and its Argon2id password hash (or
+null), so that the same login works at the new gateway, and the newest version signed at
+the old home, which an import must reach before signing any. The repository's data is not in
 the file: it is public and signed, and the new gateway syncs it from the network.
 """
 
@@ -32,7 +33,7 @@ OPSLIMIT = pwhash.argon2id.OPSLIMIT_MODERATE
 MEMLIMIT = pwhash.argon2id.MEMLIMIT_MODERATE
 # what an import accepts: a file cannot make us spend more than this (or too little)
 MAX_OPSLIMIT = pwhash.argon2id.OPSLIMIT_SENSITIVE
-MAX_MEMLIMIT = pwhash.argon2id.MEMLIMIT_SENSITIVE
+MAX_MEMLIMIT = pwhash.argon2id.MEMLIMIT_MODERATE  # 256 MiB: what an export uses, no more
 MIN_PASSPHRASE = 8
 MAX_FILE = 64 << 10
 
@@ -47,12 +48,15 @@ def _check_passphrase(passphrase) -> bytes:
     return passphrase.encode()
 
 
-def seal_account(sk: SigningKey, name: str, password_hash: str | None, passphrase: str) -> dict:
+def seal_account(
+    sk: SigningKey, name: str, password_hash: str | None, passphrase: str, head: int | None = None
+) -> dict:
     secret = _check_passphrase(passphrase)
     salt = random(pwhash.argon2id.SALTBYTES)
     box = SecretBox(pwhash.argon2id.kdf(SecretBox.KEY_SIZE, secret, salt, opslimit=OPSLIMIT, memlimit=MEMLIMIT))
     nonce = random(SecretBox.NONCE_SIZE)
-    plain = json.dumps({"seed": bytes(sk).hex(), "name": name, "password": password_hash}).encode()
+    # head: the newest version signed at the old home (an import waits for at least it)
+    plain = json.dumps({"seed": bytes(sk).hex(), "name": name, "password": password_hash, "head": head}).encode()
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -63,8 +67,8 @@ def seal_account(sk: SigningKey, name: str, password_hash: str | None, passphras
     }
 
 
-def open_account(doc, passphrase: str) -> tuple[SigningKey, str, str | None]:
-    """(key pair, login name, password hash) of an account file; AccountFileError naming
+def open_account(doc, passphrase: str) -> tuple[SigningKey, str, str | None, int | None]:
+    """(key pair, login name, password hash, head version) of an account file; AccountFileError naming
     what is wrong, and the same error for a wrong passphrase as for a tampered file."""
     secret = _check_passphrase(passphrase)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
@@ -90,7 +94,7 @@ def open_account(doc, passphrase: str) -> tuple[SigningKey, str, str | None]:
     try:
         plain = json.loads(box.decrypt(sealed, nonce))
         sk = SigningKey(bytes.fromhex(plain["seed"]))
-        name, password = plain["name"], plain.get("password")
+        name, password, head = plain["name"], plain.get("password"), plain.get("head")
     except CryptoError:
         raise AccountFileError("wrong passphrase (or the file was changed)") from None
     except (KeyError, TypeError, ValueError) as exc:
@@ -99,4 +103,6 @@ def open_account(doc, passphrase: str) -> tuple[SigningKey, str, str | None]:
         raise AccountFileError("the account file's key pair does not match its repository key")
     if not isinstance(name, str) or not (password is None or isinstance(password, str)):
         raise AccountFileError("the account file is damaged: name or password of the wrong type")
-    return sk, name, password
+    if head is not None and (type(head) is not int or head < 0):
+        raise AccountFileError("the account file is damaged: head is not a version")
+    return sk, name, password, head

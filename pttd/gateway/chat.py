@@ -80,6 +80,16 @@ def sniff_image(content: bytes) -> str | None:
     return None
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(raw):
+    """JSON as the chat schema knows it: NaN and Infinity (which Python's json takes and
+    no client's JSON parser does) are refused like any bad JSON."""
+    return json.loads(raw, parse_constant=_no_constant)
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -95,7 +105,7 @@ def dumps(obj) -> bytes:
 
 def loads(raw: bytes, what: str):
     try:
-        return json.loads(raw)
+        return parse_json(raw)
     except ValueError:
         raise PttError(f"{what} is not JSON") from None
 
@@ -199,7 +209,7 @@ def open_sealed(sk: SigningKey, stored: bytes, what: str):
     try:
         env = loads(stored, what)
         cipher = base64.b64decode(env["cipher"], validate=True)
-        return json.loads(SealedBox(x25519(sk)).decrypt(cipher))
+        return parse_json(SealedBox(x25519(sk)).decrypt(cipher))
     except (KeyError, TypeError, ValueError, CryptoError):
         raise PttError(f"{what} cannot be opened with this repository's key") from None
 
@@ -224,10 +234,10 @@ def open_envelope(sk: SigningKey, other: bytes, raw: bytes, sender: bytes, recip
     direction), or None when it was not made for that pair or does not say truthfully
     who sent it to whom (``sender``: whose repository holds it; ``recipient``)."""
     try:
-        env = json.loads(raw)
+        env = parse_json(raw)
         nonce = base64.b64decode(env["nonce"], validate=True)
         cipher = base64.b64decode(env["cipher"], validate=True)
-        plain = json.loads(Box(x25519(sk), x25519_public(other)).decrypt(cipher, nonce))
+        plain = parse_json(Box(x25519(sk), x25519_public(other)).decrypt(cipher, nonce))
     except (KeyError, TypeError, ValueError, CryptoError):
         return None
     return plain if _well_formed_dm(plain, sender.hex(), recipient.hex()) else None
@@ -292,7 +302,7 @@ def messages(repo: Repository, topic: str, since: int | None, before: int | None
         if not _is_message(path, topic):
             continue
         try:
-            post = json.loads(raw)
+            post = parse_json(raw)
             date = post["date"]
         except (ValueError, KeyError, TypeError):
             continue  # not a message of ours: written by another client; skipped, not fatal
@@ -314,7 +324,7 @@ def folder(repo: Repository, topic: str, kind: str) -> list[dict]:
     out = []
     for _path, raw in repo.items(f"/topics/{topic}/{kind}/"):
         try:
-            out.append(json.loads(raw))
+            out.append(parse_json(raw))
         except ValueError:
             continue
     return out

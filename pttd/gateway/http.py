@@ -410,7 +410,7 @@ async def read_post(gw: Gateway, request: Request, data, user: ChatUser, topic: 
     raw = await gw.read(user.repo.value, f"/topics/{topic}/{post}")
     if raw is None:
         raise NotFound(f"no post {post} in topic {topic}")
-    return json.loads(raw)
+    return chat.parse_json(raw)
 
 
 @route("PUT", "/topics/{topic}/{post}", "Edit a message (it must exist)", POST, body=MESSAGE_IN)
@@ -768,7 +768,7 @@ async def _read_body(request: Request, limit: int):
     if not raw.strip():
         raise BadInput("body", 'is empty: send {"data": ...}')
     try:
-        body = json.loads(raw)
+        body = chat.parse_json(raw)
     except (ValueError, UnicodeDecodeError):
         raise BadInput("body", "is not JSON") from None
     if not isinstance(body, dict) or "data" not in body:

@@ -150,6 +150,8 @@ class Verifier:
         except jwt.PyJWTError as exc:
             raise Refused(f"id_token is not a JWT: {exc}") from None
         iss = unverified.get("iss")
+        if not isinstance(iss, str):
+            raise Refused("id_token has no issuer (iss) string")
         provider = next((p for p in self.providers if iss in p.issuers), None)
         if provider is None:
             raise Refused(f"issuer {str(iss)[:100]!r} is not a provider of this gateway")

@@ -218,7 +218,7 @@ class Gateway:
         self._nursery: trio.Nursery | None = None
         self._tokens: dict[str, tuple] = {}  # verified token -> (user, expiry, session id)
         self._revoked: set[str] = set()  # sessions logged out (or revoked) and not yet expired
-        self._refresh_lock = trio.Lock()
+        self._refresh_locks: dict[str, trio.Lock] = {}
         self._recent_refresh: dict[bytes, tuple] = {}  # spent refresh hash -> (until, answer, new hash)
         self._in_topic: set[tuple[str, bytes]] = set()  # (topic, user) known in gw_topics
         self.oidc = Verifier(node.cfg.oidc)
@@ -408,7 +408,15 @@ class Gateway:
         if not sealed:
             raise Conflict(f"user {name!r} brought their own key: this gateway holds no key to export")
         sk = self.key.unseal(sealed)
-        doc = await trio.to_thread.run_sync(account.seal_account, sk, name, password, passphrase)
+        if not keep:  # no write after the head recorded in the file
+            self._moved.add(repo)
+        head = await self.node.db(self._head_seq, repo)
+        try:
+            doc = await trio.to_thread.run_sync(account.seal_account, sk, name, password, passphrase, head)
+        except BaseException:
+            if not keep:
+                self._moved.discard(repo)
+            raise
         if not keep:
             await self.node.db(
                 self.store.execute,
@@ -419,15 +427,30 @@ class Gateway:
             log.info("user %r exported: its writes here are refused from now on", name)
         return doc
 
-    async def import_user(self, doc, passphrase, name=None, peers=(), timeout: float = 60.0) -> ChatUser:
+    def _head_seq(self, key: bytes) -> int | None:
+        row = self.store.find_repo(key)
+        return self.store.head_seq(row) if row is not None else None
+
+    async def import_user(
+        self, doc, passphrase, name=None, peers=(), timeout: float = 60.0, keep_name: bool = False
+    ) -> ChatUser:
         """Host the account of an account file: its repository is first brought whole
-        from the network (its old home, a replicator, anyone found through the hubs), so
-        that the next version signed here follows the last one signed there."""
+        from the network (its old home, a replicator, anyone found through the hubs), at
+        least up to the version the file names, so that the next version signed here
+        follows the last one signed there. The login name is the file's only if it is a
+        local account's (a file anyone can make could name another login's account, an
+        OpenID Connect subject say) or the operator says so (``keep_name``)."""
         self._require_key()
-        sk, old_name, password = await trio.to_thread.run_sync(account.open_account, doc, passphrase)
-        name = old_name if name is None else self._check_name(name, "name")
-        if not name or len(name) > 512:
-            raise BadInput("name", "must be 1-512 characters")
+        sk, old_name, password, head = await trio.to_thread.run_sync(account.open_account, doc, passphrase)
+        if name is not None:
+            name = self._check_name(name, "name")
+        elif _NAME.fullmatch(old_name) or (keep_name and 0 < len(old_name) <= 512):
+            name = old_name
+        else:
+            raise Forbidden(
+                f"the file names the account {old_name[:100]!r}, which is not a local account's: "
+                "give --name for a local name, or --keep-name if you trust the file to name it"
+            )
         key = bytes(sk.verify_key)
         taken = await self.node.db(
             self.store.query, "SELECT name, repo FROM gw_users WHERE name=? OR repo=?", (name, key)
@@ -446,6 +469,14 @@ class Gateway:
             ) from None
         if f.local_seq is None:
             raise PttError(f"no peer served repository {key.hex()} (give --peer HOST:PORT of its old gateway)")
+        if head is not None and f.local_seq < head:
+            try:
+                f = await self.node.wait_version(key, head, timeout)
+            except PttError:
+                raise PttError(
+                    f"the peers serve repository {key.hex()} up to version {f.local_seq}, the file says "
+                    f"{head} was signed: taking it in now would fork it (give --peer of its old gateway)"
+                ) from None
         await self.node.unfollow(key)  # hosted from now on: this daemon signs its versions
 
         def take_in() -> None:
@@ -633,8 +664,13 @@ class Gateway:
         if not isinstance(refresh_token, str) or refresh_token.count(".") != 1:
             raise BadInput("data.refresh_token", "is not a refresh token")
         sid, secret = refresh_token.split(".")
-        async with self._refresh_lock:  # one at a time: a retry racing its original sees it done
-            return await self._refresh(sid, _hash_token(secret))
+        lock = self._refresh_locks.setdefault(sid, trio.Lock())
+        try:
+            async with lock:  # one at a time per session: a retry racing its original sees it done
+                return await self._refresh(sid, _hash_token(secret))
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._refresh_locks.pop(sid, None)
 
     async def _refresh(self, sid: str, spent: bytes) -> tuple[ChatUser, dict]:
         rows = await self.node.db(
@@ -668,8 +704,9 @@ class Gateway:
             "refresh_token": f"{sid}.{new}",
             "expires_in": int(self.cfg.token_ttl),
         }
-        if len(self._recent_refresh) < MAX_CHALLENGES:
-            self._recent_refresh[spent] = (now + REFRESH_GRACE, answer, _hash_token(new))
+        while len(self._recent_refresh) >= MAX_CHALLENGES:  # the oldest grace goes first
+            del self._recent_refresh[next(iter(self._recent_refresh))]
+        self._recent_refresh[spent] = (now + REFRESH_GRACE, answer, _hash_token(new))
         return u, answer
 
     async def revoke(self, sid: str) -> None:
@@ -814,6 +851,9 @@ class Gateway:
     def _apply_one(self, r: WriteRequest, w, heads: dict) -> None:
         tx = Tx(self)
         u = r.user
+        if u.key in self._moved:  # exported while this write waited for its group
+            r.error = Forbidden("this account was exported to another home: it is written there, not here")
+            return
         head = heads.get(u.key) or self._heads.get(u.key)
         try:
             with u.repo.batch_in(w, head=head, insert=False) as b:
@@ -1234,7 +1274,7 @@ class Gateway:
             (after, u.key, u.key, BACKLOG_PAGE),
         )
         lost = oldest is not None and after + 1 < oldest
-        return [Event(i, k, t, usr, json.loads(b)) for i, k, t, usr, b in rows], lost
+        return [Event(i, k, t, usr, chat.parse_json(b)) for i, k, t, usr, b in rows], lost
 
     def last_event_id(self) -> int:
         return self.store.query("SELECT coalesce(max(id), 0) FROM gw_events")[0][0]

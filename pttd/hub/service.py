@@ -38,7 +38,8 @@ log = logging.getLogger("pttd.hub")
 PREFIXES = ["/profile.json", "/topics/"]
 _BPREFIXES = [p.encode() for p in PREFIXES]
 MAX_ADDRESSES = 8
-LEAVE_WINDOW = 300  # seconds a leave signature is good for, either side of now
+LEAVE_WINDOW = 300  # seconds a leave signature is good for after the time it says
+LEAVE_AHEAD = 30  # seconds its time may be ahead of the hub's clock (a replay after a rejoin fits only here)
 STREAM_BUFFER = 256
 
 
@@ -164,8 +165,12 @@ class Hub:
                 VerifyKey(key).verify(self.leave_message(key, when_ms), bytes.fromhex(signature or ""))
             except (BadSignatureError, ValueError, TypeError):
                 raise HubError(need_signature) from None
-            if abs(time.time() * 1000 - when_ms) > LEAVE_WINDOW * 1000:
-                raise HubError(f"this leave was signed more than {LEAVE_WINDOW} s from now: sign it again")
+            now_ms = time.time() * 1000
+            if not now_ms - LEAVE_WINDOW * 1000 <= when_ms <= now_ms + LEAVE_AHEAD * 1000:
+                raise HubError(
+                    f"this leave was signed at a time more than {LEAVE_WINDOW} s ago or {LEAVE_AHEAD} s ahead: "
+                    "sign it again"
+                )
         if k not in self.joined:
             raise NotFound(f"{k} has not joined this hub")
         if not by_operator:
