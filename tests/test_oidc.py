@@ -173,6 +173,7 @@ async def test_oidc_logins_with_keys_from_a_jwks_file(tmp_path, caplog):
             "has no sub claim": rsa_key.token(sub=None),
             "has no exp claim": rsa_key.token(exp=None),
             "not a JWT": "not.a.jwt",
+            "no issuer (iss) string": rsa_key.token(iss=["https://id.example.test"]),
         }
         for reason, token in refusals.items():
             caplog.clear()
@@ -238,3 +239,6 @@ def test_a_provider_config_must_be_complete_and_asymmetric(tmp_path):
         conf(good + 'secret = "x"\n')
     with pytest.raises(ConfigError, match="names must differ"):
         conf(good + good)
+    with pytest.raises(ConfigError, match="plain http:// only from this machine"):
+        conf(good.replace('"/k.json"', '"http://keys.example/jwks"'))
+    assert conf(good.replace('"/k.json"', '"http://127.0.0.1:8080/jwks"')).oidc[0].jwks.startswith("http://127")
