@@ -173,7 +173,9 @@ async def test_oidc_logins_with_keys_from_a_jwks_file(tmp_path, caplog):
             "has no sub claim": rsa_key.token(sub=None),
             "has no exp claim": rsa_key.token(exp=None),
             "not a JWT": "not.a.jwt",
-            "no issuer (iss) string": rsa_key.token(iss=["https://id.example.test"]),
+            "no issuer (iss) string": jwt.PyJWS().encode(
+                json.dumps({**good, "iss": [ISSUER]}).encode(), rsa_key.key, algorithm="RS256", headers={"kid": "rsa-1"}
+            ),
         }
         for reason, token in refusals.items():
             caplog.clear()
