@@ -51,6 +51,8 @@ class GatewayConfig:
     token_ttl: float = 900.0  # seconds an access token is valid (renewed with POST /refresh)
     refresh_ttl: float = 30 * 86400.0  # seconds a login session (its refresh token) lasts
     cors_origins: list[str] = field(default_factory=lambda: ["*"])
+    http_max_connections: int = 1024  # open HTTP connections at most (one more is answered 503)
+    http_max_per_address: int = 256  # of them from one client address (0: no limit; behind a proxy, raise it)
     max_body: int = 1 << 20  # bytes of one request body
     max_file: int = 16 << 20  # bytes of one file attached to a message (POST /files)
     hub_url: str = ""  # the hub's HTTP address the web client shows topics from, e.g. http://hub.example:9989
@@ -272,7 +274,10 @@ def validate(cfg: Config, where: str = "settings") -> None:
         raise ConfigError(f"{where}: [gateway] token_ttl must be positive and refresh_ttl at least token_ttl")
     if g.login_window <= 0:
         raise ConfigError(f"{where}: [gateway] login_window must be positive")
+    if g.http_max_per_address < 0:
+        raise ConfigError(f"{where}: [gateway] http_max_per_address must not be negative (0: no limit)")
     for name in (
+        "http_max_connections",
         "max_body",
         "group_max",
         "user_cache",

@@ -40,14 +40,21 @@ IMPLEMENTED_MODES = MODES
 GATEWAY_PAGE_SIZE = 16384
 
 
-async def serve_http(app, address: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """The HTTP API (pttd.gateway.server); started with the real bound addresses."""
+async def serve_http(app, address: str, limits, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """The HTTP API (pttd.gateway.server); started with the real bound addresses.
+    ``limits``: the [gateway] settings (their HTTP limits apply to every mode's API)."""
     host, port = parse_address(address)
     try:
         listeners = await trio.open_tcp_listeners(port, host=host or None)
     except OSError as exc:
         raise PttError(f"cannot serve HTTP on {address}: {exc.strerror or exc}") from None
-    await http_server.serve(app, listeners, task_status=task_status)
+    await http_server.serve(
+        app,
+        listeners,
+        limits.http_max_connections,
+        limits.http_max_per_address,
+        task_status=task_status,
+    )
 
 
 class DataDirLock:
@@ -172,18 +179,22 @@ class Daemon:
                     rep = self.replicator = Replicator(node)
                     await nursery.start(rep.run)
                     app = build_replicator_app(rep, self.cfg.gateway.cors_origins)
-                    self.http_addresses = await nursery.start(serve_http, app, self.cfg.replicator.http)
+                    self.http_addresses = await nursery.start(
+                        serve_http, app, self.cfg.replicator.http, self.cfg.gateway
+                    )
                     run_info["http"] = self.http_addresses
                     log.info("replicator HTTP API on %s", ", ".join(self.http_addresses))
                 if self.mode == "hub":
                     hub = self.hub = Hub(node)
                     await nursery.start(hub.run)
                     app = build_hub_app(hub, self.cfg.gateway.cors_origins)
-                    self.http_addresses = await nursery.start(serve_http, app, self.cfg.hub.http)
+                    self.http_addresses = await nursery.start(serve_http, app, self.cfg.hub.http, self.cfg.gateway)
                     run_info["http"] = self.http_addresses
                     log.info("hub HTTP API on %s", ", ".join(self.http_addresses))
                 if self.mode == "gateway":
-                    self.http_addresses = await nursery.start(serve_http, build_app(gateway), self.cfg.gateway.http)
+                    self.http_addresses = await nursery.start(
+                        serve_http, build_app(gateway), self.cfg.gateway.http, self.cfg.gateway
+                    )
                     run_info["http"] = self.http_addresses
                     log.info("HTTP API on %s", ", ".join(run_info["http"]))
                     if self.cfg.gateway.test_login:

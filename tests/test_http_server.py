@@ -219,3 +219,29 @@ async def test_a_stream_ends_when_its_client_sends_too_much_ahead(nursery):
                 s.buf += await s._more()
             except (EOFError, trio.BrokenResourceError):
                 break
+
+
+async def test_connection_limits_answer_503_readably(nursery):
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    addresses = await nursery.start(server.serve, echo_app, listeners, 10, 2)
+    host, port = addresses[0].removeprefix("http://").rsplit(":", 1)
+    held = [Raw(await trio.open_tcp_stream(host, int(port))) for _ in range(2)]
+    for s in held:  # both served (their slots taken)
+        await s.stream.send_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await s.read_answer())[2] == b"GET /a "
+    # a third from the same address: refused with a 503 it can read, its request unread
+    s = Raw(await trio.open_tcp_stream(host, int(port)))
+    await s.stream.send_all(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"z" * 100_000)
+    line, headers, body = await s.read_answer()
+    assert line.startswith(b"HTTP/1.1 503") and b"your address" in body
+    # one leaves: a new one is served
+    await held[0].stream.aclose()
+    with trio.fail_after(5):
+        while True:
+            s = Raw(await trio.open_tcp_stream(host, int(port)))
+            await s.stream.send_all(b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+            line, headers, body = await s.read_answer()
+            if line.startswith(b"HTTP/1.1 200"):
+                break
+            await trio.sleep(0.05)  # the server has not seen the close yet
+    assert body == b"GET /b "

@@ -420,30 +420,60 @@ class _Connection:
         finished = True
 
 
-async def serve(app: App, listeners, max_connections: int = 1024, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``app`` on ``listeners``; started with their addresses ["http://host:port", ...]."""
+async def serve(
+    app: App,
+    listeners,
+    max_connections: int = 1024,
+    max_per_address: int = 0,
+    *,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` on ``listeners``; started with their addresses ["http://host:port", ...].
+    At most ``max_connections`` at once, and ``max_per_address`` from one client address
+    (0: no limit), so that one client cannot hold every slot."""
     addresses = []
     for lst in listeners:
         h, p = lst.socket.getsockname()[:2]
         addresses.append(f"http://[{h}]:{p}" if ":" in h else f"http://{h}:{p}")
     limit = trio.CapacityLimiter(max_connections)
+    per_address: dict[str, int] = {}
+
+    async def refuse(conn: _Connection, message: bytes) -> None:
+        """A 503 at once (never queued holding a socket), then what the client sent is
+        read for a moment, so that closing does not reset the answer away."""
+        await conn._simple(503, message)
+        with trio.move_on_after(1.0):
+            try:
+                await conn.stream.send_eof()
+                while await conn.stream.receive_some(READ):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+        with trio.CancelScope(shield=True):
+            await conn.stream.aclose()
 
     async def handle(stream: trio.SocketStream) -> None:
         h, p = stream.socket.getsockname()[:2]
         conn = _Connection(app, stream, (h, p))
+        who = conn.client[0] if conn.client else "?"
+        if max_per_address and per_address.get(who, 0) >= max_per_address:
+            await refuse(conn, b"too many connections from your address: try again later")
+            return
         try:
             limit.acquire_nowait()
-        except trio.WouldBlock:  # at capacity: refused at once, never queued holding a socket
-            await conn._simple(503, b"too many connections: try again later")
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
+        except trio.WouldBlock:
+            await refuse(conn, b"too many connections: try again later")
             return
+        per_address[who] = per_address.get(who, 0) + 1
         try:
             await conn.run()
         except Exception:  # a bug of ours: this connection ends, never the server
             log.exception("HTTP connection from %s failed", conn.client)
         finally:
             limit.release()
+            per_address[who] -= 1
+            if not per_address[who]:
+                del per_address[who]
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(trio.serve_listeners, handle, listeners)
