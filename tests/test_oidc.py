@@ -146,6 +146,8 @@ async def test_oidc_logins_with_keys_from_a_jwks_file(tmp_path, caplog):
         assert (await login(g, rsa_key.token(iss="id.example.test")))["key"] == first["key"]
         nested = await g.web.post("/login", json={"data": {"id_token": {"id_token": rsa_key.token()}}})
         assert result(nested)["key"] == first["key"]
+        # several audiences with this gateway as the authorized party
+        assert (await login(g, rsa_key.token(aud=[CLIENT, "x"], azp=CLIENT)))["key"] == first["key"]
         # within the clock-skew allowance
         now = int(time.time())
         assert (await login(g, rsa_key.token(exp=now - 30)))["key"] == first["key"]
@@ -173,6 +175,8 @@ async def test_oidc_logins_with_keys_from_a_jwks_file(tmp_path, caplog):
             "has no sub claim": rsa_key.token(sub=None),
             "has no exp claim": rsa_key.token(exp=None),
             "not a JWT": "not.a.jwt",
+            "issued to another client": rsa_key.token(azp="someone-else"),
+            "names no authorized party": rsa_key.token(aud=[CLIENT, "another-app"]),
             "no issuer (iss) string": jwt.PyJWS().encode(
                 json.dumps({**good, "iss": [ISSUER]}).encode(), rsa_key.key, algorithm="RS256", headers={"kid": "rsa-1"}
             ),

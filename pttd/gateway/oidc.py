@@ -189,6 +189,13 @@ class Verifier:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not 0 < len(sub) <= 255:
             raise Refused("id_token has no subject (sub)")
+        # OpenID Connect Core 3.1.3.7: a token for several audiences names the party it
+        # was issued to (azp), which must be this gateway's client id
+        azp, aud = claims.get("azp"), claims.get("aud")
+        if azp is not None and azp != provider.client_id:
+            raise Refused(f"id_token was issued to another client (azp is not {provider.client_id})")
+        if isinstance(aud, list) and len(aud) > 1 and azp is None:
+            raise Refused("id_token is for several audiences and names no authorized party (azp)")
         if provider.allowed_domains:
             email = claims.get("email")
             if not isinstance(email, str) or "@" not in email:
