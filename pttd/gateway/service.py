@@ -408,13 +408,14 @@ class Gateway:
         if not sealed:
             raise Conflict(f"user {name!r} brought their own key: this gateway holds no key to export")
         sk = self.key.unseal(sealed)
+        was_moved = repo in self._moved
         if not keep:  # no write after the head recorded in the file
             self._moved.add(repo)
         head = await self.node.db(self._head_seq, repo)
         try:
             doc = await trio.to_thread.run_sync(account.seal_account, sk, name, password, passphrase, head)
         except BaseException:
-            if not keep:
+            if not keep and not was_moved:  # nothing exported: the user writes here as before
                 self._moved.discard(repo)
             raise
         if not keep:
