@@ -248,3 +248,16 @@ def test_a_provider_config_must_be_complete_and_asymmetric(tmp_path):
     with pytest.raises(ConfigError, match="plain http:// only from this machine"):
         conf(good.replace('"/k.json"', '"http://keys.example/jwks"'))
     assert conf(good.replace('"/k.json"', '"http://127.0.0.1:8080/jwks"')).oidc[0].jwks.startswith("http://127")
+
+
+async def test_an_unreachable_provider_refuses_logins_and_says_why(tmp_path, caplog):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    key = Signer("RSA", "k1")
+    async with gateway(tmp_path, oidc=[provider(f"http://127.0.0.1:{port}/certs")]) as g:
+        assert "not one of Test ID's keys" in await login(g, key.token(), 401)
+        assert any("cannot read keys" in r.getMessage() for r in caplog.records)
+        assert await user_count(g) == 0

@@ -419,21 +419,23 @@ def add_moderation(b: Batch, topic: str, data) -> dict:
     action = data.get("type", "hide")
     if action not in ("hide", "show"):
         raise BadInput("data.type", "must be hide or show")
-    rec = {"id": new_id(), "msgID": msg_id, "topic": topic, "type": action, "date": now_ms()}
-    if "author" in data:
-        rec["author"] = check_key(data["author"], "data.author").hex()
-    b.put(f"/topics/{topic}/moderation/{rec['id']}", dumps(rec))
-    return rec
+    return _message_record(b, topic, "moderation", msg_id, data, {"type": action})
 
 
 def add_reaction(b: Batch, topic: str, data) -> dict:
     data = data_object(data)
     msg_id = check_id(data.get("msgID"), "data.msgID")
     emoji = check_text(data.get("emoji"), "data.emoji", 64)
-    rec = {"id": new_id(), "msgID": msg_id, "topic": topic, "emoji": emoji, "date": now_ms()}
+    return _message_record(b, topic, "reactions", msg_id, data, {"emoji": emoji})
+
+
+def _message_record(b: Batch, topic: str, kind: str, msg_id: str, data: dict, fields: dict) -> dict:
+    """A record of ``kind`` about message ``msg_id`` of the topic (optionally naming its
+    ``author``), stored at ``/topics/{topic}/{kind}/{id}``."""
+    rec = {"id": new_id(), "msgID": msg_id, "topic": topic, **fields, "date": now_ms()}
     if "author" in data:
         rec["author"] = check_key(data["author"], "data.author").hex()
-    b.put(f"/topics/{topic}/reactions/{rec['id']}", dumps(rec))
+    b.put(f"/topics/{topic}/{kind}/{rec['id']}", dumps(rec))
     return rec
 
 
