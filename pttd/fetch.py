@@ -393,6 +393,8 @@ class Fetcher:
             raise FormatError("tree node does not end with the key its parent names")
         if n.low is not None and node.keys and node.keys[0] <= n.low:
             raise FormatError("tree node holds keys outside its parent's range")
+        if self.exact:  # an on-demand read: the read that follows walks these same nodes
+            self.store.remember_node(n.addr, node)
         keys, vals = node.keys, node.vals
         children = 0
         child = self._child

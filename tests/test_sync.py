@@ -11,7 +11,7 @@ import pttd.fetch
 import pttd.peer
 import pttd.store
 from pttd.errors import PttError
-from tests.netutil import daemons, wait_for
+from tests.netutil import daemons, start_daemon, wait_for
 
 
 async def _put_many(d, n: int, prefix: str = "/f/", size: int = 100) -> None:
@@ -83,6 +83,33 @@ async def test_sparse_sync_then_on_demand_read(tmp_path):
         # ...and the rest of /friends/ is still not here.
         listing = await trio.to_thread.run_sync(lambda: b.client.call("ls", {"prefix": "/topics/", "repo": a.id}))
         assert len(listing["entries"]) == 300
+
+
+async def test_on_demand_reads_are_answered_at_once_and_kept(tmp_path):
+    """Blocks fetched for on-demand reads are stored a moment later, several reads'
+    together; they are readable meanwhile, and a daemon stopped before that stores them
+    on its way out: what was read stays readable without the owner after a restart."""
+    async with trio.open_nursery() as nursery:
+        a = await start_daemon(nursery, os.path.join(tmp_path, "a"))
+        b = await start_daemon(nursery, os.path.join(tmp_path, "b"))
+        await _put_mixed(a)
+        await b.call("follow", repo=a.id, peers=[a.address], prefixes=["/topics/"])
+        await wait_for(lambda: b.node.follows[a.node.id].local_seq == 1)
+        wanted = [f"/friends/{i:04d}" for i in (1, 150, 299)]
+        for path in wanted[:2]:
+            assert (await b.call("get", path=path, repo=a.id))["fetched"]["blocks"] > 0
+        await b.node.fetched_stored()  # both reads' blocks, in one write
+        got = await b.call("get", path=wanted[2], repo=a.id)
+        assert "fetched" in got and b.node._later_rows  # answered, held, not yet stored
+        await b.stop()
+        await a.stop()
+        b = await start_daemon(nursery, os.path.join(tmp_path, "b"))
+        for path in wanted:
+            got = await b.call("get", path=path, repo=a.id)
+            assert "fetched" not in got
+            value = await trio.to_thread.run_sync(lambda p=path: b.node.dd.repository(a.id).get(p))
+            assert value == b"f" * 200 + str(int(path[-4:])).encode()
+        b.daemon.stop()
 
 
 async def test_replica_serves_while_owner_is_stopped_and_chain_converges(tmp_path):
