@@ -57,6 +57,7 @@ class GatewayConfig:
     max_file: int = 16 << 20  # bytes of one file attached to a message (POST /files)
     hub_url: str = ""  # the hub's HTTP address the web client shows topics from, e.g. http://hub.example:9989
     group_max: int = 256  # writes of many users sharing one store transaction
+    writer: str = "process"  # where writes are built: "process" (a second core) or "thread"
     user_cache: int = 4096  # hosted users kept decoded in memory
     event_retention: int = 100_000  # live-stream events kept for Last-Event-ID
     replicators: list[str] = field(default_factory=list)  # wire addresses: asked to pin users' friends
@@ -274,6 +275,8 @@ def validate(cfg: Config, where: str = "settings") -> None:
         raise ConfigError(f"{where}: [gateway] token_ttl must be positive and refresh_ttl at least token_ttl")
     if g.login_window <= 0:
         raise ConfigError(f"{where}: [gateway] login_window must be positive")
+    if g.writer not in ("process", "thread"):
+        raise ConfigError(f"{where}: [gateway] writer {g.writer!r} is not one of process, thread")
     if g.http_max_per_address < 0:
         raise ConfigError(f"{where}: [gateway] http_max_per_address must not be negative (0: no limit)")
     for name in (

@@ -182,6 +182,7 @@ class Node:
         self.gate = SyncGate()
         self._db_limiter = trio.CapacityLimiter(1)
         self._checkpointing = False
+        self.others_write = False  # another process writes this store too (db_quick_write)
         # blocks of on-demand reads, answered and not yet stored (_store_later)
         self._later_rows: list[tuple[bytes, bytes]] = []
         self._later_partial: list[bytes] = []
@@ -226,6 +227,13 @@ class Node:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return result
         return await self.db(fn, *args, **kwargs)
+
+    async def db_quick_write(self, fn, *args, **kwargs):
+        """A short write: made like ``db_quick`` unless another process also writes this
+        store (a gateway's writer process), whose lock could keep the event loop waiting."""
+        if self.others_write:
+            return await self.db(fn, *args, **kwargs)
+        return await self.db_quick(fn, *args, **kwargs)
 
     # --- running --------------------------------------------------------------------
 
@@ -803,7 +811,7 @@ class Node:
                     rows, partial = fetcher.take_rows()
                     # a small update's last write is short (and not synced on its own)
                     small = len(rows) <= QUICK_ROWS and len(fetcher.complete) <= QUICK_ROWS
-                    accept = self.db_quick if small else self.db
+                    accept = self.db_quick_write if small else self.db
                     await accept(
                         self.store.accept_commit, row, sc.block, sc.signature, fetcher.complete, rows, partial, sc
                     )
@@ -907,7 +915,9 @@ class Node:
                     if rows:
                         self._store_later(rows, partial)
                 else:
-                    result = await (self.db_quick if small else self.db)(_store_then, self.store, rows, partial, then)
+                    result = await (self.db_quick_write if small else self.db)(
+                        _store_then, self.store, rows, partial, then
+                    )
             info = {
                 "from": peer.name,
                 "ms": round((trio.current_time() - started) * 1000, 3),
@@ -942,7 +952,7 @@ class Node:
                     rows, partial = self._later_rows, self._later_partial
                     self._later_rows, self._later_partial = [], []
                     self._later_done, self._later_now = None, trio.Event()
-                    run = self.db_quick if len(rows) <= QUICK_ROWS else self.db
+                    run = self.db_quick_write if len(rows) <= QUICK_ROWS else self.db
                     await run(self.store.put_fetched, rows, partial)
             except Exception as exc:  # the disk, most likely: the blocks can be fetched again
                 log.warning("%d blocks of on-demand reads not stored: %r", len(rows), exc)

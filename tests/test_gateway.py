@@ -484,7 +484,7 @@ async def test_two_plain_nodes_exchange_direct_messages_through_sync(tmp_path):
 async def test_a_store_failure_answers_500_and_the_gateway_goes_on(tmp_path):
     import sqlite3 as sq
 
-    async with gateway(tmp_path) as g:
+    async with gateway(tmp_path, writer="thread") as g:  # the store of this process fails
         http = g.web
         assert result(await http.get("/health")) == "ok"
         _k, h = await login(http, "alice")

@@ -30,6 +30,7 @@ from ..repo import Batch, Repository
 ID_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}"
 _ID = re.compile(ID_PATTERN)
 _TYPE = re.compile(r"[a-z][a-z0-9_\-]{0,31}")
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f]")  # all below space but tab and newline
 GOSSIP = "__gossiping"
 # names inside a topic that are folders, not messages
 RESERVED_IDS = frozenset({"moderation", "reactions", "curators"})
@@ -43,6 +44,10 @@ class BadInput(PttError):
     def __init__(self, field: str, problem: str):
         super().__init__(f"{field}: {problem}")
         self.field = field
+        self.problem = problem
+
+    def __reduce__(self):  # rebuilt from its parts (it crosses from the writer process)
+        return (BadInput, (self.field, self.problem))
 
 
 @dataclass
@@ -146,7 +151,7 @@ def check_text(value, field: str, max_len: int = 256) -> str:
         raise BadInput(field, "must be a non-empty string")
     if len(value.encode()) > max_len:
         raise BadInput(field, f"must be at most {max_len} bytes")
-    if any(ord(c) < 32 and c not in "\t\n" for c in value):
+    if _CONTROL_CHARS.search(value):
         raise BadInput(field, "must not contain control characters")
     return value
 

@@ -423,23 +423,23 @@ async def delete_message(gw: Gateway, request: Request, data, user: ChatUser, to
     return await gw.delete(user, topic, post)
 
 
-def _folder_routes(kind: str, body: dict, writer) -> None:
+def _folder_routes(kind: str, body: dict) -> None:  # written by writes.FOLDER_WRITERS[kind]
     async def read(gw: Gateway, request: Request, data, user: ChatUser, topic: str):
         return await gw.read(chat.folder, user.repo, topic, kind)
 
     async def write(gw: Gateway, request: Request, data, user: ChatUser, topic: str):
-        return await gw.write(user, lambda b, tx: writer(b, topic, data))
+        return await gw.write(user, "folder_add", kind, topic, data)
 
     async def delete(gw: Gateway, request: Request, data, user: ChatUser, topic: str, record: str):
         record = chat.check_id(record, "record")
-        return await gw.write(user, lambda b, tx: chat.delete_record(b, topic, kind, record))
+        return await gw.write(user, "folder_delete", kind, topic, record)
 
     route("GET", f"/topics/{{topic}}/{kind}", f"The user's {kind} of a topic", _list(RECORD))(read)
     route("POST", f"/topics/{{topic}}/{kind}", f"Add to the {kind} of a topic", RECORD, body=body)(write)
     route("DELETE", f"/topics/{{topic}}/{kind}/{{record}}", f"Take back one of the user's {kind}", DELETED)(delete)
 
 
-_folder_routes("curators", {"type": "object", "required": ["key"], "properties": {"key": KEY}}, chat.add_curator)
+_folder_routes("curators", {"type": "object", "required": ["key"], "properties": {"key": KEY}})
 _folder_routes(
     "moderation",
     {
@@ -447,7 +447,6 @@ _folder_routes(
         "required": ["msgID"],
         "properties": {"msgID": ID, "type": {"type": "string", "enum": ["hide", "show"]}, "author": KEY},
     },
-    chat.add_moderation,
 )
 _folder_routes(
     "reactions",
@@ -456,7 +455,6 @@ _folder_routes(
         "required": ["msgID", "emoji"],
         "properties": {"msgID": ID, "emoji": {"type": "string", "minLength": 1}, "author": KEY},
     },
-    chat.add_reaction,
 )
 
 
@@ -560,7 +558,7 @@ async def list_pchannels(gw: Gateway, request: Request, data, user: ChatUser):
     },
 )
 async def add_pchannel(gw: Gateway, request: Request, data, user: ChatUser):
-    return await gw.write(user, lambda b, tx: chat.add_pchannel(b, user.repo._key, data))
+    return await gw.write(user, "add_pchannel", data)
 
 
 @route("GET", "/profile", "The user's profile", PROFILE)
@@ -570,10 +568,7 @@ async def get_profile(gw: Gateway, request: Request, data, user: ChatUser):
 
 @route("POST", "/profile", "Update the profile (keys given replace, null removes)", PROFILE, body=PROFILE_IN)
 async def set_profile(gw: Gateway, request: Request, data, user: ChatUser):
-    def fn(b, tx):
-        return chat.set_profile(b, chat.profile(b, user.name), data)  # as this group left it
-
-    return await gw.write(user, fn)
+    return await gw.write(user, "set_profile", data)
 
 
 @route(

@@ -1,12 +1,12 @@
 """The chat service over hosted repositories: users, logins, group commit, live events.
 
-Writes: every call that changes a repository is a ``WriteRequest`` handed to one writer
-task. The writer takes every request waiting (up to ``group_max``) and applies them in
-one store transaction: each request is checked and its commit built without writing a
-row (one that fails leaves nothing behind), then the rows of all that succeeded are
-written together and the transaction commits once: one sync to the disk for the group. Each caller gets its answer
-only after that commit, so an answered write is durable. Writes to one repository are
-serialized by the same order; writes of many users share the sync.
+Writes: every call that changes a repository is a ``WriteRequest`` naming an operation
+of ``writes.OPS``, handed to one writer task. It takes every request waiting (up to
+``group_max``) and hands them as one group to the ``GroupWriter`` (in a writer process
+of its own by default, see ``pttd/gateway/writes.py``), which applies them in one store
+transaction with one sync to the disk. Each caller gets its answer only after that
+commit, so an answered write is durable. Writes to one repository are serialized by the
+same order; writes of many users share the sync.
 
 Events: a write may record events (a post in a topic, a direct message for a hosted
 user) in the same transaction, so a live stream resumed with ``Last-Event-ID`` finds
@@ -15,13 +15,14 @@ exactly what was committed. After the commit they are handed to the open streams
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import pickle
 import re
+import subprocess
+import sys
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import jwt
@@ -40,7 +41,6 @@ from .. import __version__
 from ..errors import (
     USER_ERRORS,
     Conflict,
-    CorruptBlock,
     Forbidden,
     MissingBlock,
     NotFound,
@@ -50,11 +50,12 @@ from ..errors import (
     TooMany,
     Unauthorized,
 )
-from ..repo import Batch, Repository
-from . import account, chat
+from ..repo import Repository
+from . import account, chat, writes
 from .chat import GOSSIP, BadInput, ChatUser
 from .keys import GatewayKey
 from .oidc import Verifier
+from .writes import Event, Tx, flush_rows
 
 log = logging.getLogger("pttd.gateway")
 
@@ -67,13 +68,14 @@ CHALLENGE_TTL = 120  # seconds a key-login challenge stays valid
 REFRESH_GRACE = 60.0  # seconds a refresh may be retried with the same token (its answer was lost)
 MAX_CHALLENGES = 10_000
 MAX_FRIENDS = 1000  # each friend hosted elsewhere is a repository this daemon follows
-HEAD_CACHE = 65536
 TRIM_EVERY = 1024
 BACKLOG_PAGE = 1000
 FILE_FETCH_TIMEOUT = 20.0  # seconds to find a repository's head before fetching a file of it
 REMOTE_FILE_READS = 8  # files of repositories not held fetched at once (more wait their turn)
 ON_DEMAND_FOLLOWS = 64  # repositories followed only to read their files: the least recently used go
 FILE_REFRESH_TIMEOUT = 5.0  # seconds to ask peers for a newer head when a file is not in the one held
+WRITE_GROUPS_IN_FLIGHT = 2  # groups handed to the writer and not yet answered, at most
+WRITER_EXIT_TIMEOUT = 30.0  # seconds the writer process gets to finish its group on the way out
 STREAM_BUFFER = 1024  # events queued for one slow stream before it is closed (it resumes)
 
 
@@ -106,76 +108,15 @@ class Failures:
 
 
 @dataclass
-class Event:
-    id: int
-    kind: str  # "post" or "dm"
-    topic: str | None
-    user: bytes | None
-    body: dict
-    plain: dict | None = None  # a dm's opened message, when known at once
-
-
-@dataclass
-class Tx:
-    """What a write does besides its commit: rows of the gateway's tables, written in the
-    same transaction right after the commit's own row (so a request that fails before
-    that leaves nothing to undo), and events for the live streams."""
-
-    gw: Gateway
-    events: list[Event] = field(default_factory=list)
-    follows: list[bytes] = field(default_factory=list)
-    in_topic: list[tuple[str, bytes]] = field(default_factory=list)
-    _rows: list = field(default_factory=list)
-
-    def event(self, kind: str, topic: str | None, user: bytes | None, body: dict, plain: dict | None = None) -> None:
-        self._rows.append((kind, topic, user, body, plain))
-
-    def sql(self, query: str, params=()) -> None:
-        self._rows.append((query, params))
-
-    def flush(self) -> None:
-        flush_rows(self.gw, [self])
-
-
-def flush_rows(gw: Gateway, txs: list[Tx]) -> None:
-    """Write the rows of ``txs`` (one statement per kind of row) and number their events."""
-    store = gw.store
-    now = int(time.time())
-    by_query: dict[str, list] = {}
-    events: list[tuple[Tx, tuple]] = []
-    for tx in txs:
-        for row in tx._rows:
-            if len(row) == 2:
-                by_query.setdefault(row[0], []).append(row[1])
-            else:
-                events.append((tx, row))
-        tx._rows = []
-    for query, params in by_query.items():
-        store.executemany(query, params)
-    if not events:
-        return
-    top = store.query("SELECT coalesce(max(id), 0) FROM gw_events")[0][0]
-    store.executemany(
-        "INSERT INTO gw_events(kind, topic, user, body, time) VALUES (?, ?, ?, ?, ?)",
-        [(k, t, u, json.dumps(b, separators=(",", ":")), now) for _tx, (k, t, u, b, _p) in events],
-    )
-    ids = [r[0] for r in store.query("SELECT id FROM gw_events WHERE id > ? ORDER BY id", (top,))]
-    if len(ids) != len(events):
-        raise ServerError(f"{len(events)} events written, {len(ids)} found")
-    for eid, (tx, (k, t, u, b, p)) in zip(ids, events):
-        tx.events.append(Event(eid, k, t, u, b, p))
-    gw._events_added += len(events)
-
-
-@dataclass
 class WriteRequest:
     user: ChatUser
-    fn: Callable[[Batch, Tx], object]
+    op: str  # one of writes.OPS
+    args: tuple
     done: trio.Event = field(default_factory=trio.Event)
     result: object = None
     error: BaseException | None = None
-    tx: Tx | None = None
-    commit: object = None  # the SignedCommit it made
+    events: list = field(default_factory=list)
+    follows: list = field(default_factory=list)
     committed: bool = False
 
 
@@ -198,6 +139,127 @@ class Stream:
             pass
 
 
+class ThreadWrites:
+    """The GroupWriter on the daemon's store thread (``[gateway] writer = "thread"``)."""
+
+    def __init__(self, gw: Gateway):
+        self._node = gw.node
+        self._writer = writes.GroupWriter(gw.store, gw.node.id, gw.cfg.event_retention)
+        self._sent: deque[list[dict]] = deque()
+
+    async def start(self) -> None:
+        pass
+
+    async def send(self, reqs: list[dict]) -> None:
+        self._sent.append(reqs)
+
+    async def receive(self) -> list[dict]:
+        """The answers to the oldest group sent (applied now, on the store thread)."""
+        return await self._node.db(self._writer.apply, self._sent.popleft())
+
+    async def aclose(self) -> None:
+        pass
+
+
+class ProcessWrites:
+    """The GroupWriter in a process of its own (``python -m pttd.gateway.writes``, the
+    default): one group at a time over its stdin and stdout. Started with the gateway,
+    and again on the next write if it ends (a write it was doing is answered 500: it may
+    or may not be stored, like a write cut by a crash)."""
+
+    def __init__(self, gw: Gateway):
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        self._env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        level = logging.getLevelName(logging.getLogger("pttd").getEffectiveLevel())
+        self._args = [sys.executable, "-m", "pttd.gateway.writes", gw.store.path, gw.node.cfg.synchronous]
+        self._args += [gw.node.id.hex(), str(gw.cfg.event_retention), str(level)]
+        self._proc: trio.Process | None = None
+        self._generation = 0  # processes started so far
+        self._sent: deque[tuple[int | None, BaseException | None]] = deque()  # groups awaiting answers
+        self._buf = bytearray()
+
+    async def start(self) -> None:
+        if self._proc is not None and self._proc.poll() is not None:
+            await self._end()  # it ended while idle: nothing of ours was in it
+        if self._proc is None:
+            self._proc = await trio.lowlevel.open_process(
+                self._args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self._env
+            )
+            self._generation += 1
+            log.info("writer process %d started", self._proc.pid)
+
+    async def _read(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            data = await self._proc.stdout.receive_some(1 << 20)
+            if not data:
+                raise EOFError
+            self._buf += data
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    async def send(self, reqs: list[dict]) -> None:
+        """Hand a group to the writer process (its answers come from ``receive``, in
+        the order the groups were sent)."""
+        data = pickle.dumps(reqs, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            await self.start()
+            await self._proc.stdin.send_all(len(data).to_bytes(4, "big") + data)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._sent.append((None, exc))
+            await self._end()
+            return
+        except BaseException:  # cancelled halfway through a frame: the pipe cannot be used again
+            await self._end()
+            raise
+        self._sent.append((self._generation, None))
+
+    async def receive(self) -> list[dict]:
+        generation, error = self._sent.popleft()
+        if error is not None or generation != self._generation or self._proc is None:
+            raise ServerError(f"the writer process ended before this group was written ({error or 'see the log'})")
+        try:
+            answer = pickle.loads(await self._read(int.from_bytes(await self._read(4), "big")))
+        except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
+            code = await self._end()
+            raise ServerError(
+                f"the writer process ended (exit status {code}; see the log): this write may or may not be stored"
+            ) from None
+        except BaseException:  # cancelled halfway through a frame: the pipe cannot be used again
+            await self._end()
+            raise
+        if "failed" in answer:
+            raise ServerError(f"the store could not write: {answer['failed']}")
+        return answer["answers"]
+
+    async def _end(self) -> int | None:
+        """Close the writer's input, wait for it to finish its groups and exit (killed
+        after WRITER_EXIT_TIMEOUT); its exit status. Groups sent to it and not answered
+        are answered with an error."""
+        proc, self._proc = self._proc, None
+        self._buf = bytearray()
+        if proc is None:
+            return None
+        with trio.CancelScope(shield=True):
+            try:
+                await proc.stdin.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+            with trio.move_on_after(WRITER_EXIT_TIMEOUT):
+                await proc.wait()
+            if proc.returncode is None:
+                log.error("writer process %d did not exit within %g s: killed", proc.pid, WRITER_EXIT_TIMEOUT)
+                proc.kill()
+                await proc.wait()
+            await proc.stdout.aclose()
+        if proc.returncode:
+            log.error("writer process %d ended with status %s", proc.pid, proc.returncode)
+        return proc.returncode
+
+    async def aclose(self) -> None:
+        await self._end()
+
+
 class Gateway:
     def __init__(self, node, key: GatewayKey | None):
         self.node = node
@@ -214,13 +276,11 @@ class Gateway:
         self._failed_accounts = Failures(self.cfg.login_window, self.cfg.login_failures_per_account)
         self._failed_addresses = Failures(self.cfg.login_window, self.cfg.login_failures_per_address)
         self._events_added = 0
-        self._heads: dict[bytes, object] = {}  # hosted repository -> its newest commit (SignedCommit)
         self._nursery: trio.Nursery | None = None
         self._tokens: dict[str, tuple] = {}  # verified token -> (user, expiry, session id)
         self._revoked: set[str] = set()  # sessions logged out (or revoked) and not yet expired
         self._refresh_locks: dict[str, trio.Lock] = {}
         self._recent_refresh: dict[bytes, tuple] = {}  # spent refresh hash -> (until, answer, new hash)
-        self._in_topic: set[tuple[str, bytes]] = set()  # (topic, user) known in gw_topics
         self.oidc = Verifier(node.cfg.oidc)
         self._joined: set[bytes] = set()
         self._remote_reads = trio.CapacityLimiter(REMOTE_FILE_READS)
@@ -228,6 +288,8 @@ class Gateway:
         self._moved: set[bytes] = (
             set()
         )  # users exported elsewhere: writes refused  # hosted users the hubs were asked to take in, this run
+        self._writes = ProcessWrites(self) if self.cfg.writer == "process" else ThreadWrites(self)
+        node.others_write = self.cfg.writer == "process"
         self.groups = 0  # transactions the writer made (for the bench and status)
         self.writes = 0
 
@@ -237,6 +299,13 @@ class Gateway:
             self._revoked = await self.node.db(self._load_revoked)
             rows = await self.node.db(self.store.query, "SELECT repo FROM gw_moved")
             self._moved = {r for (r,) in rows}
+        try:
+            await self._serve(task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._writes.aclose()
+
+    async def _serve(self, task_status) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._writer)
@@ -764,9 +833,10 @@ class Gateway:
 
     # --- writes -----------------------------------------------------------------------
 
-    async def write(self, user: ChatUser, fn: Callable[[Batch, Tx], object]):
-        """Apply ``fn(batch, tx)`` to the user's repository as one commit; its result,
-        once durable (shared with the writes that arrived together)."""
+    async def write(self, user: ChatUser, op: str, *args):
+        """Apply the operation ``op`` (of ``writes.OPS``) with ``args`` to the user's
+        repository as one commit; its result, once durable (shared with the writes that
+        arrived together)."""
         if not user.repo.writable:
             raise Forbidden(
                 "this gateway does not hold your repository's key (you logged in with your own key): "
@@ -777,7 +847,7 @@ class Gateway:
                 "this account was exported to another home (pttctl user export): it is written there, "
                 "not here, so that its repository does not fork"
             )
-        req = WriteRequest(user, fn)
+        req = WriteRequest(user, op, args)
         await self._send.send(req)
         await req.done.wait()
         if req.error is not None:
@@ -785,19 +855,47 @@ class Gateway:
         return req.result
 
     async def _writer(self) -> None:
-        while True:
-            reqs = [await self._recv.receive()]
-            while len(reqs) < self.cfg.group_max:
-                try:
-                    reqs.append(self._recv.receive_nowait())
-                except trio.WouldBlock:
-                    break
+        """Groups the waiting writes and hands them to the writer; up to
+        WRITE_GROUPS_IN_FLIGHT groups at once, so that the next group is already there
+        when the writer finishes one (while it waits for its sync to the disk, say)."""
+        try:
+            await self._writes.start()
+        except OSError as exc:  # tried again at the first write
+            log.error("cannot start the writer process: %s", exc)
+        slots = trio.Semaphore(WRITE_GROUPS_IN_FLIGHT)
+        sent_send, sent_recv = trio.open_memory_channel[list[WriteRequest]](WRITE_GROUPS_IN_FLIGHT)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._answer_groups, sent_recv, slots)
+            while True:
+                first = await self._recv.receive()
+                await slots.acquire()
+                reqs = [first]
+                while len(reqs) < self.cfg.group_max:
+                    try:
+                        reqs.append(self._recv.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                plain = [
+                    writes.request(r.op, r.args, r.user.key, r.user.repo.row.id, r.user.name, bytes(r.user.repo._key))
+                    for r in reqs
+                ]
+                await self._writes.send(plain)
+                await sent_send.send(reqs)
+
+    async def _answer_groups(self, sent: trio.MemoryReceiveChannel, slots: trio.Semaphore) -> None:
+        async for reqs in sent:
             try:
-                await self.node.db(self._apply, reqs)
+                answers = await self._writes.receive()
             except Exception as exc:  # the transaction failed (disk full, I/O error, a bug): nothing of it is stored
                 log.error("a group of %d writes failed, nothing of it stored: %r", len(reqs), exc)
-                for r in reqs:
-                    r.error, r.committed = ServerError(f"the store could not write: {exc}"), False
+                error = exc if isinstance(exc, ServerError) else ServerError(f"the store could not write: {exc}")
+                answers = [{"error": error}] * len(reqs)
+            slots.release()
+            for r, a in zip(reqs, answers):
+                if "error" in a:
+                    r.error = a["error"]
+                else:
+                    r.result, r.committed, r.events, r.follows = a["result"], a["committed"], a["events"], a["follows"]
             self.groups += 1
             self.writes += len(reqs)
             for r in reqs:
@@ -812,63 +910,13 @@ class Gateway:
         for r in reqs:
             if r.error is None and r.committed:
                 changed[r.user.key] = None
-            if r.error is None and r.tx is not None:
-                if len(self._in_topic) > 200_000:
-                    self._in_topic.clear()
-                self._in_topic.update(r.tx.in_topic)
-                self._dispatch(r.tx.events)
-                for k in r.tx.follows:  # not in the writer's way
+            if r.error is None:
+                self._dispatch(r.events)
+                for k in r.follows:  # not in the writer's way
                     self._nursery.start_soon(self._follow_gossip, k)
                     self._nursery.start_soon(self._catch_up, k, r.user)
         for key in changed:
             await self.node.publish(key)
-
-    def _apply(self, reqs: list[WriteRequest]) -> None:
-        """The group in one transaction. Each request runs its checks and builds its
-        commit without writing a row (a request that fails leaves nothing to undo);
-        then the commits and the gateway's rows of all that succeeded are written
-        together, and the transaction commits: one sync to the disk."""
-        heads: dict[bytes, object] = {}  # the newest commit of each repository in this group
-        try:
-            with self.store.write() as w:
-                for r in reqs:
-                    self._apply_one(r, w, heads)
-                ok = [r for r in reqs if r.error is None and r.commit is not None]
-                self.store.insert_commits([(r.user.repo.row, r.commit) for r in ok])
-                flush_rows(self, [r.tx for r in reqs if r.error is None])
-                self._trim_events()
-        except BaseException:
-            for r in reqs:  # nothing of the group is stored: no head made in it stands
-                self._heads.pop(r.user.key, None)
-            raise
-        for key, sc in heads.items():
-            if key != self.node.id:  # the local repository is also written by pttctl put
-                if len(self._heads) >= HEAD_CACHE:
-                    self._heads.clear()
-                self._heads[key] = sc  # only the gateway writes a hosted repository
-        for r in reqs:
-            r.committed = r.error is None and r.commit is not None
-
-    def _apply_one(self, r: WriteRequest, w, heads: dict) -> None:
-        tx = Tx(self)
-        u = r.user
-        if u.key in self._moved:  # exported while this write waited for its group
-            r.error = Forbidden("this account was exported to another home: it is written there, not here")
-            return
-        head = heads.get(u.key) or self._heads.get(u.key)
-        try:
-            with u.repo.batch_in(w, head=head, insert=False) as b:
-                r.result = r.fn(b, tx)
-            r.tx, r.commit = tx, b.commit
-            if b.commit is not None:
-                heads[u.key] = b.commit
-        except USER_ERRORS as exc:  # what a request can do wrong: it alone is refused
-            if isinstance(exc, (MissingBlock, CorruptBlock)):
-                raise  # the store, not the request: the whole group fails
-            r.error = exc
-        # Anything else (the store, the disk, a bug) fails the whole group: a later request
-        # of it may hit the same failure without knowing it, e.g. a block insert running in
-        # the background, and no commit may be stored without its blocks.
 
     def _trim_events(self) -> None:
         """Inside a write: drop the events older than the newest ``event_retention``
@@ -876,9 +924,7 @@ class Gateway:
         if self._events_added < TRIM_EVERY:
             return
         self._events_added = 0
-        top = self.store.query("SELECT coalesce(max(id), 0) FROM gw_events")[0][0]
-        if top > self.cfg.event_retention:
-            self.store.execute("DELETE FROM gw_events WHERE id <= ?", (top - self.cfg.event_retention,))
+        writes.trim_events(self.store, self.cfg.event_retention)
 
     async def read(self, fn, *args):
         return await self.node.db(fn, *args)
@@ -889,58 +935,19 @@ class Gateway:
         return bool(self.store.query("SELECT 1 FROM gw_users WHERE repo=?", (key,)))
 
     async def post(self, u: ChatUser, topic: str, data):
-        def fn(b: Batch, tx: Tx):
-            post = chat.post_message(b, topic, data)
-            self._post_event(tx, u, topic, "new", post)
-            return post
-
-        return await self.write(u, fn)
+        return await self.write(u, "post", topic, data)
 
     async def create_topic(self, u: ChatUser, topic: str):
-        def fn(b: Batch, tx: Tx):
-            post = chat.create_topic(b, topic)
-            self._post_event(tx, u, topic, "new", post)
-            return {"id": topic, "post": post}
-
-        return await self.write(u, fn)
+        return await self.write(u, "create_topic", topic)
 
     async def edit(self, u: ChatUser, topic: str, post_id: str, data):
-        def fn(b: Batch, tx: Tx):
-            post = chat.edit_message(b, topic, post_id, data)
-            self._post_event(tx, u, topic, "edit", post)
-            return post
-
-        return await self.write(u, fn)
+        return await self.write(u, "edit", topic, post_id, data)
 
     async def delete(self, u: ChatUser, topic: str, post_id: str):
-        def fn(b: Batch, tx: Tx):
-            res = chat.delete_message(b, topic, post_id)
-            self._post_event(tx, u, topic, "delete", res)
-            return res
-
-        return await self.write(u, fn)
-
-    def _post_event(self, tx: Tx, u: ChatUser, topic: str, action: str, post: dict) -> None:
-        if (topic, u.key) not in self._in_topic:
-            tx.sql("INSERT OR IGNORE INTO gw_topics(topic, repo) VALUES (?, ?)", (topic, u.key))
-            tx.in_topic.append((topic, u.key))
-        tx.event("post", topic, None, {"action": action, "author": u.hex, "topic": topic, "post": post})
+        return await self.write(u, "delete", topic, post_id)
 
     async def add_friend(self, u: ChatUser, data):
-        def fn(b: Batch, tx: Tx):
-            rec = chat.add_friend(b, u.repo._key, data)
-            friend = bytes.fromhex(rec["key"])
-            n = self.store.query("SELECT count(*) FROM gw_friends WHERE user=?", (u.key,))[0][0]
-            if n >= MAX_FRIENDS and not self.store.query(
-                "SELECT 1 FROM gw_friends WHERE user=? AND friend=?", (u.key, friend)
-            ):
-                raise Forbidden(f"at most {MAX_FRIENDS} friends per user on this gateway")
-            tx.sql("INSERT OR IGNORE INTO gw_friends(friend, user) VALUES (?, ?)", (friend, u.key))
-            if not self.is_hosted(friend):
-                tx.follows.append(friend)
-            return rec
-
-        return await self.write(u, fn)
+        return await self.write(u, "add_friend", data, MAX_FRIENDS)
 
     async def _follow_gossip(self, key: bytes) -> None:
         """Follow a friend's direct-message envelopes (hosted elsewhere) from any peer,
@@ -982,23 +989,7 @@ class Gateway:
             log.warning("replicator %s did not pin %s: %s", replicator, key.hex()[:16], exc)
 
     async def send_dm(self, u: ChatUser, recipients: list[bytes], msg: dict, channel: dict | None):
-        def fn(b: Batch, tx: Tx):
-            sent = chat.send_envelopes(b, u.repo._key, recipients, msg, channel)
-            for i, (r, path, plain) in enumerate(sent):
-                if i == 0:  # the sender's own index: one entry per message, not per recipient
-                    tx.sql(
-                        "INSERT OR IGNORE INTO gw_dms(user, sender, path, peer, date) VALUES (?, ?, ?, ?, ?)",
-                        (u.key, u.key, path, r, plain["date"]),
-                    )
-                if self.is_hosted(r) or r == self.node.id:
-                    tx.sql(
-                        "INSERT OR IGNORE INTO gw_dms(user, sender, path, peer, date) VALUES (?, ?, ?, ?, ?)",
-                        (r, u.key, path, u.key, plain["date"]),
-                    )
-                    tx.event("dm", None, r, {"sender": u.hex, "path": path}, plain)
-            return [p for _r, _path, p in sent]
-
-        return await self.write(u, fn)
+        return await self.write(u, "send_dm", recipients, msg, channel)
 
     def dm_channels(self, u: ChatUser, peer: bytes | None, since: int | None) -> list[dict]:
         """The user's direct-message conversations with their opened messages (``peer``:
@@ -1074,13 +1065,7 @@ class Gateway:
             content = bytes(SecretBox(secret).encrypt(content))
         fid = blake3(content).hexdigest()[:32]
 
-        def fn(b: Batch, tx: Tx):
-            path = f"/files/{fid}"
-            if not b.exists(path):
-                b.put(path, content)
-            return fid
-
-        await self.write(u, fn)
+        await self.write(u, "store_file", fid, content)
         info = {"id": fid, "key": u.hex, "name": name, "size": size, "type": ctype, "url": f"/files/{u.hex}/{fid}"}
         if secret is not None:
             info["secret"] = secret.hex()
@@ -1209,7 +1194,7 @@ class Gateway:
             return []
         row = self.store.find_repo(sender)
         repo = Repository(self.store, row, None)
-        tx = Tx(self)
+        tx = Tx()
         with self.store.write():
             for k, ref in new:
                 path = k.decode()
@@ -1232,7 +1217,7 @@ class Gateway:
                         (u.key, sender, path, sender, date),
                     )
                     tx.event("dm", None, u.key, {"sender": sender.hex(), "path": path}, plain)
-            tx.flush()
+            self._events_added += flush_rows(self.store, [tx])
             self._trim_events()
         return tx.events
 

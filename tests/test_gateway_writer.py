@@ -1,0 +1,88 @@
+"""The gateway's writer process: commits are built beside the HTTP server, in a process
+of its own, and a writer that dies is replaced without losing an answered write."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pickle
+import signal
+import sqlite3
+
+import trio
+from nacl.signing import SigningKey
+
+from pttd.gateway.writes import GroupWriter, request, serve
+from pttd.store import Store
+from tests.gwutil import gateway, login, result
+from tests.netutil import log_lines
+
+
+async def test_writes_are_built_in_a_writer_process_replaced_when_it_dies(tmp_path, caplog):
+    async with gateway(tmp_path) as g:
+        _k, h = await login(g.web, "alice")
+        first = result(await g.web.post("/topics/general", json={"data": "one"}, headers=h))
+        writer = g.gateway._writes._proc
+        assert writer is not None and writer.pid != os.getpid() and writer.poll() is None
+        os.kill(writer.pid, signal.SIGKILL)
+        await writer.wait()
+        # nothing was in it: the next write starts a new writer and is answered
+        second = result(await g.web.post("/topics/general", json={"data": "two"}, headers=h))
+        again = g.gateway._writes._proc
+        assert again.pid != writer.pid
+        assert [m["id"] for m in result(await g.web.get("/topics/general", headers=h))] == [first["id"], second["id"]]
+        assert any(f"writer process {writer.pid} ended with status -9" in m for m in log_lines(caplog, logging.ERROR))
+        # a write the writer refuses comes back as the same error: an edit of a missing
+        # post is 404, a message of the wrong shape 400 naming the field; nothing stored
+        err = result(await g.web.put("/topics/general/nosuchpost", json={"data": "x"}, headers=h), 404)
+        assert "no post nosuchpost in topic general" in err
+        err = result(await g.web.put(f"/topics/general/{first['id']}", json={"data": {"type": 5}}, headers=h), 400)
+        assert err.startswith("data.type: must be a lowercase word")
+        assert [m["message"]["value"] for m in result(await g.web.get("/topics/general", headers=h))] == ["one", "two"]
+    assert again.returncode == 0  # stopped with the gateway, after its last group
+
+
+async def test_many_writes_of_many_users_in_flight_together(tmp_path):
+    """Writes pipelined to the writer (groups in flight) all land, each user's in order."""
+    async with gateway(tmp_path) as g:
+        users = [await login(g.web, f"user{i}") for i in range(8)]
+        sent: dict[int, list[str]] = {i: [] for i in range(8)}
+
+        async def client(i: int) -> None:
+            _k, h = users[i]
+            for n in range(15):
+                p = result(await g.web.post("/topics/busy", json={"data": f"{i}-{n}"}, headers=h))
+                sent[i].append(p["id"])
+
+        async with trio.open_nursery() as nursery:
+            for i in range(8):
+                nursery.start_soon(client, i)
+        for i in range(8):
+            mine = [m for m in result(await g.web.get("/topics/busy", headers=users[i][1])) if m["id"] in sent[i]]
+            assert [m["message"]["value"] for m in mine] == [f"{i}-{n}" for n in range(15)]
+        assert g.gateway.groups < g.gateway.writes  # writes shared groups
+
+
+def test_a_group_the_store_refuses_is_answered_failed_and_stores_nothing(tmp_path):
+    store = Store(str(tmp_path / "store.sqlite3"), create=True)
+    try:
+        sk = SigningKey.generate()
+        key = bytes(sk.verify_key)
+        writer = GroupWriter(store, b"\0" * 32, 100)
+        real_write = store.write
+
+        def failing_write(*args, **kwargs):
+            raise sqlite3.OperationalError("disk I/O error")
+
+        store.write = failing_write
+        body = pickle.dumps([request("post", ("general", "lost"), key, 1, "alice", bytes(sk))])
+        out = io.BytesIO()
+        serve(io.BytesIO(len(body).to_bytes(4, "big") + body), out, writer)
+        answer = out.getvalue()
+        assert int.from_bytes(answer[:4], "big") == len(answer) - 4
+        assert pickle.loads(answer[4:]) == {"failed": "OperationalError: disk I/O error"}
+        store.write = real_write
+        assert store.query("SELECT count(*) FROM commits")[0][0] == 0
+    finally:
+        store.close()
