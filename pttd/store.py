@@ -46,6 +46,7 @@ SYNC_MODES = ("FULL", "NORMAL", "EXTRA")
 FLUSH_BLOCKS = 16_000
 FLUSH_BYTES = 16 << 20
 NODE_CACHE = 8192
+COMMIT_CACHE = 16384  # checked commits (~0.4 KB each)
 SERVED_CACHE = 2048  # node blocks kept as bytes, for answering peers (~1 MB)
 COMPLETE_CACHE = 200_000
 WAL_CHECKPOINT_BYTES = 256 << 20
@@ -676,9 +677,7 @@ class Store:
             raise CorruptBlock(address, f"commit seq {seq}: {exc}") from None
         if sc.seq != seq:
             raise CorruptBlock(address, f"commit stored as seq {seq} says seq {sc.seq}")
-        if len(self._commits) > 4096:
-            self._commits.clear()
-        self._commits[address] = sc
+        self._remember_commit(sc)
         return sc
 
     def commit_seqs(self, repo: RepoRow) -> list[int]:
@@ -693,9 +692,7 @@ class Store:
         )
         # made or checked by the caller: its next read needs no signature check (a
         # rolled-back insert leaves an entry no stored row will match)
-        if len(self._commits) > 4096:
-            self._commits.clear()
-        self._commits[sc.address] = sc
+        self._remember_commit(sc)
 
     def insert_commits(self, rows: list[tuple[RepoRow, SignedCommit]]) -> None:
         """Record several commits at once (a gateway's group); inside a write."""
@@ -703,10 +700,18 @@ class Store:
             "INSERT INTO commits(repo, seq, hash, block, sig) VALUES (?, ?, ?, ?, ?)",
             [(repo.id, sc.seq, sc.address, sc.block, sc.signature) for repo, sc in rows],
         )
-        if len(self._commits) > 4096:
-            self._commits.clear()
         for _repo, sc in rows:
-            self._commits[sc.address] = sc
+            self._remember_commit(sc)
+
+    def _remember_commit(self, sc: SignedCommit) -> None:
+        """A commit checked (or made) here, so that reading it back costs no signature
+        check (~0.1 ms). The oldest quarter goes when full: a gateway's heads move on
+        with every write, and clearing all at once made every user's next write check
+        its head again."""
+        if len(self._commits) >= COMMIT_CACHE:
+            for k in list(self._commits)[: COMMIT_CACHE // 4]:
+                del self._commits[k]
+        self._commits[sc.address] = sc
 
     def accept_commit(
         self,
