@@ -16,7 +16,8 @@ Figures, per number of concurrent clients:
   posts    POST /topics/bench as that client's user (users spread over the 1,000 hosted):
            posts/s, p50/p99 ms, and posts/s as a fraction of the ceiling
   startup  seconds from exec to the first answer of /health with N hosted users, and the
-           resident memory (VmRSS) then and after N/100 users have each posted once
+           resident memory (VmRSS of the daemon and its writer process) then and after N/100 users
+           have each posted once
 """
 
 from __future__ import annotations
@@ -91,12 +92,22 @@ class Daemon:
                 time.sleep(0.005)
         raise SystemExit("pttd did not start")
 
+    def pids(self) -> list[int]:
+        """The daemon and its children (the gateway's writer process)."""
+        return [self.proc.pid] + children(self.proc.pid)
+
     def rss_mb(self) -> float:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        return 0.0
+        """Resident memory of the daemon and its children together."""
+        total = 0.0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1]) / 1024
+            except OSError:
+                pass
+        return total
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -144,19 +155,33 @@ def request(method: str, path: str, token: str | None = None, body: bytes | None
     return ("\r\n".join(head) + "\r\n\r\n").encode() + (body or b"")
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system, all threads) a process has used."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system, all threads) the processes have used."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 async def load(
-    host: str, port: int, requests: list[bytes], seconds: float, warmup: float = 0.5, pid: int | None = None
+    host: str, port: int, requests: list[bytes], seconds: float, warmup: float = 0.5, pids: list[int] | None = None
 ) -> dict:
     """Each request of ``requests`` is one client, repeating it for ``seconds``. With the
-    server's ``pid``: its CPU time per request too, a figure that a busy machine moves
-    much less than rates and latencies."""
+    server's ``pids`` (the daemon and its writer process): their CPU time per request
+    too, a figure that a busy machine moves much less than rates and latencies."""
     latencies: list[float] = []
     errors = 0
     done = 0
@@ -191,10 +216,10 @@ async def load(
         await trio.sleep(warmup)
         measuring = True
         t0 = time.perf_counter()
-        cpu0 = cpu_seconds(pid) if pid else 0.0
+        cpu0 = cpu_seconds(pids) if pids else 0.0
         await trio.sleep(seconds)
         measuring = False
-        cpu = cpu_seconds(pid) - cpu0 if pid else 0.0
+        cpu = cpu_seconds(pids) - cpu0 if pids else 0.0
         elapsed = time.perf_counter() - t0
         nursery.cancel_scope.cancel()
     latencies.sort()
@@ -204,25 +229,25 @@ async def load(
         "p50_ms": round(statistics.median(latencies) * 1000, 2) if latencies else None,
         "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 2) if latencies else None,
         "errors": errors,
-        **({"server_cpu_ms_per_request": round(cpu * 1000 / done, 3)} if pid and done else {}),
+        **({"server_cpu_ms_per_request": round(cpu * 1000 / done, 3)} if pids and done else {}),
     }
 
 
 def run_load(
-    host: str, port: int, users: list[tuple[str, str]], concurrency: list[int], seconds: float, pid: int
+    host: str, port: int, users: list[tuple[str, str]], concurrency: list[int], seconds: float, daemon: Daemon
 ) -> dict:
     out = {}
     health = request("GET", "/health")
     for c in concurrency:
         log(f"{c} clients: ceiling (GET /health) ...")
-        ceiling = trio.run(load, host, port, [health] * c, seconds, 0.5, pid)
+        ceiling = trio.run(load, host, port, [health] * c, seconds, 0.5, daemon.pids())
         step = max(1, len(users) // c)
         posts = [
             request("POST", "/topics/bench", users[(i * step) % len(users)][1], b'{"data":"a benchmark message"}')
             for i in range(c)
         ]
         log(f"{c} clients: posts ...")
-        post = trio.run(load, host, port, posts, seconds, 0.5, pid)
+        post = trio.run(load, host, port, posts, seconds, 0.5, daemon.pids())
         log(f"  ceiling {ceiling['per_s']}/s, posts {post['per_s']}/s, p99 {post['p99_ms']} ms")
         out[str(c)] = {
             "ceiling": ceiling,
@@ -299,7 +324,7 @@ def main() -> None:
         try:
             host, port = daemon.address()
             concurrency = [int(c) for c in args.concurrency.split(",")]
-            results = run_load(host, port, users, concurrency, args.seconds, daemon.proc.pid)
+            results = run_load(host, port, users, concurrency, args.seconds, daemon)
             rss = daemon.rss_mb()
         finally:
             daemon.stop()
