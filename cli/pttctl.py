@@ -215,6 +215,12 @@ def _human_daemon(command: str, d: dict, out) -> None:
         print(f"{len(d['peers'])} peers", file=out)
         for f in d["follows"]:
             _print_follow(f, out)
+        if "gateway" in d:
+            g = d["gateway"]
+            where = f"writer process {g['writer_pid']}" if g.get("writer_pid") else f"writer {g['writer']}"
+            if g.get("writer_starts", 0) > 1:
+                where += f" (started {g['writer_starts']} times)"
+            print(f"gateway: {g['writes']} writes in {g['groups']} groups; {where}", file=out)
         if "pins" in d:
             print(
                 f"{len(d['pins'])} pinned repositories (version, lag behind the newest head seen, last sync):", file=out

@@ -167,6 +167,8 @@ class ControlServer:
             st = node.status()
             if node.replicator is not None:
                 st["pins"] = node.replicator.status()
+            if self.gateway is not None:
+                st["gateway"] = self.gateway.status()
             return st
         if cmd == "peers":
             return {"peers": node.status()["peers"]}

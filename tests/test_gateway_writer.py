@@ -31,6 +31,9 @@ async def test_writes_are_built_in_a_writer_process_replaced_when_it_dies(tmp_pa
         second = result(await g.web.post("/topics/general", json={"data": "two"}, headers=h))
         again = g.gateway._writes._proc
         assert again.pid != writer.pid
+        st = (await g.call("status"))["gateway"]
+        assert st["writer"] == "process" and st["writer_pid"] == again.pid and st["writer_starts"] == 2
+        assert st["writes"] == 2
         assert [m["id"] for m in result(await g.web.get("/topics/general", headers=h))] == [first["id"], second["id"]]
         assert any(f"writer process {writer.pid} ended with status -9" in m for m in log_lines(caplog, logging.ERROR))
         # a write the writer refuses comes back as the same error: an edit of a missing

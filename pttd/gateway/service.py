@@ -150,6 +150,9 @@ class ThreadWrites:
     async def start(self) -> None:
         pass
 
+    def status(self) -> dict:
+        return {}
+
     async def send(self, reqs: list[dict]) -> None:
         self._sent.append(reqs)
 
@@ -187,6 +190,10 @@ class ProcessWrites:
             )
             self._generation += 1
             log.info("writer process %d started", self._proc.pid)
+
+    def status(self) -> dict:
+        running = self._proc is not None and self._proc.returncode is None
+        return {"writer_pid": self._proc.pid if running else None, "writer_starts": self._generation}
 
     async def _read(self, n: int) -> bytes:
         while len(self._buf) < n:
@@ -319,6 +326,10 @@ class Gateway:
                 for rep in self.cfg.replicators:
                     nursery.start_soon(self._ask_pins, rep, friends)
             task_status.started()
+
+    def status(self) -> dict:
+        """For ``pttctl status``: where writes are built and how many were."""
+        return {"writer": self.cfg.writer, **self._writes.status(), "groups": self.groups, "writes": self.writes}
 
     # --- users ------------------------------------------------------------------------
 
