@@ -33,7 +33,8 @@ def pack(obj: Any) -> bytes:
 
 
 def pack_fast(obj: Any) -> bytes:
-    """Encoding of an object known to contain no maps (tree nodes): already canonical."""
+    """Encoding of an object known to be canonical as it is: no maps (tree nodes), or
+    maps whose keys are already in canonical order (a commit's)."""
     return msgpack.packb(obj, use_bin_type=True)
 
 

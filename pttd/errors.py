@@ -60,7 +60,11 @@ class TooMany(PttError):
 
     def __init__(self, message: str, retry_after: int):
         super().__init__(message)
+        self.retry_after = retry_after
         self.headers = {"Retry-After": str(retry_after)}
+
+    def __reduce__(self):  # rebuilt from its parts (it may cross from the writer process)
+        return (TooMany, (str(self), self.retry_after))
 
 
 class ServerError(PttError):

@@ -107,6 +107,7 @@ class Fetcher:
         # hold each is taken. As prefixes, a path that ends a child's range would also
         # take the next child (its keys could start with the path), one more round trip.
         self.exact = exact
+        self.decoded: dict[bytes, object] = {}  # exact mode: the nodes taken, decoded
         # values larger than this are not fetched; the largest one skipped is noted
         self.max_value = max_value
         self.too_large: int | None = None
@@ -394,7 +395,7 @@ class Fetcher:
         if n.low is not None and node.keys and node.keys[0] <= n.low:
             raise FormatError("tree node holds keys outside its parent's range")
         if self.exact:  # an on-demand read: the read that follows walks these same nodes
-            self.store.remember_node(n.addr, node)
+            self.decoded[n.addr] = node
         keys, vals = node.keys, node.vals
         children = 0
         child = self._child

@@ -188,6 +188,7 @@ class Node:
         self._later_partial: list[bytes] = []
         self._later_done: trio.Event | None = None
         self._later_now = trio.Event()
+        self._storing: set[trio.Event] = set()  # writes of held blocks under way
         self._dialers: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self._per_address: dict[str, int] = {}
@@ -906,6 +907,8 @@ class Node:
                 if fetcher.too_large is not None:
                     raise TooLarge(f"{path} is {fetcher.too_large} bytes, more than {max_value} may be fetched")
                 rows, partial = fetcher.take_rows()
+                for address, node in fetcher.decoded.items():  # the read below walks them
+                    self.store.remember_node(address, node)
                 small = len(rows) <= QUICK_ROWS and sum(len(b) for _, b in rows) <= QUICK_BYTES
                 if small and then is not None:
                     # Answer from the fetched blocks first and store them a little later,
@@ -936,8 +939,12 @@ class Node:
         self._later_rows += rows
         self._later_partial += partial
         if self._later_done is None:
-            self._later_done = trio.Event()
-            self._nursery.start_soon(self._store_held, self._later_done)
+            done = trio.Event()
+            try:
+                self._nursery.start_soon(self._store_held, done)
+            except RuntimeError:  # the node is stopping: they are stored on its way out
+                return
+            self._later_done = done
         elif len(self._later_rows) >= QUICK_ROWS:
             self._later_now.set()
 
@@ -945,19 +952,24 @@ class Node:
         try:
             with trio.move_on_after(STORE_LATER_DELAY):
                 await self._later_now.wait()
-            rows: list = []
-            try:
-                async with self.gate.sync():
-                    # taken only now: until here, a shutdown stores them (_store_held_now)
-                    rows, partial = self._later_rows, self._later_partial
-                    self._later_rows, self._later_partial = [], []
-                    self._later_done, self._later_now = None, trio.Event()
-                    run = self.db_quick_write if len(rows) <= QUICK_ROWS else self.db
+            async with self.gate.sync():
+                # taken only now: until here, a shutdown stores them (_store_held_now)
+                rows, partial = self._later_rows, self._later_partial
+                self._later_rows, self._later_partial = [], []
+                self._later_done, self._later_now = None, trio.Event()
+                self._storing.add(done)
+                run = self.db_quick_write if len(rows) <= QUICK_ROWS else self.db
+                try:
                     await run(self.store.put_fetched, rows, partial)
-            except Exception as exc:  # the disk, most likely: the blocks can be fetched again
-                log.warning("%d blocks of on-demand reads not stored: %r", len(rows), exc)
-                self.store.drop_unstored(rows)
+                except Exception as exc:  # the disk, most likely: the blocks can be fetched again
+                    log.warning("%d blocks of on-demand reads not stored: %r", len(rows), exc)
+                    self.store.drop_unstored(rows)
+                except BaseException:  # cancelled: the node stops, and stores them on its way out
+                    self._later_rows += rows
+                    self._later_partial += partial
+                    raise
         finally:
+            self._storing.discard(done)
             done.set()
 
     def _store_held_now(self) -> None:
@@ -973,9 +985,10 @@ class Node:
 
     async def fetched_stored(self) -> None:
         """Wait until the blocks of on-demand reads answered before being stored are."""
-        done = self._later_done
-        if done is not None:
+        if self._later_done is not None:
             self._later_now.set()
+            await self._later_done.wait()
+        for done in list(self._storing):
             await done.wait()
 
     async def fetch_prefix(self, key: bytes, prefix: str, version: int | None = None) -> None:

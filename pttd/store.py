@@ -270,14 +270,18 @@ class Writer:
 
 
 class Store:
-    def __init__(self, path: str, *, synchronous: str = "FULL", create: bool = False, page_size: int = 0):
+    def __init__(
+        self, path: str, *, synchronous: str = "FULL", create: bool = False, page_size: int = 0, busy_timeout=30.0
+    ):
         self.path = path
         if synchronous.upper() not in SYNC_MODES:
             raise DataDirError(f"store synchronous mode must be one of {', '.join(SYNC_MODES)}, not {synchronous!r}")
         if not create and not os.path.exists(path):
             raise DataDirError(f"no store at {path}")
         try:
-            self._db = _Connection(sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0))
+            self._db = _Connection(
+                sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout)
+            )
             # takes effect only when the file is created
             self._db.execute(f"PRAGMA page_size={page_size or PAGE_SIZE}")
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -527,14 +531,15 @@ class Store:
             w.flush()
             if partial:
                 self._db.db.executemany("INSERT OR IGNORE INTO partial(hash) VALUES (?)", [(a,) for a in partial])
+        self._remember_complete(a for a, b in rows if b[0] == KIND_VALUE or b[0] == KIND_CHUNK)
         self.drop_unstored(rows)
 
     def drop_unstored(self, rows: list[tuple[bytes, bytes]]) -> None:
+        """Forget held blocks (stored now, or given up on)."""
         if self._unstored:
             with self._lock:
                 for a, _ in rows:
                     self._unstored.pop(a, None)
-        self._remember_complete(a for a, b in rows if b[0] == KIND_VALUE or b[0] == KIND_CHUNK)
 
     def clear_partial(self, addresses: list[bytes]) -> None:
         with self._lock:
@@ -558,7 +563,7 @@ class Store:
             data = self.get_block(address)
             if len(self._served) >= SERVED_CACHE:
                 for k in list(self._served)[: SERVED_CACHE // 4]:
-                    del self._served[k]
+                    self._served.pop(k, None)
             self._served[address] = data
         return self._decoded(address, KIND_NODE, decode_node, data), data
 
@@ -574,19 +579,21 @@ class Store:
             node = decode(data[1:])
         except FormatError as exc:
             raise CorruptBlock(address, str(exc)) from None
-        if len(self._nodes) >= NODE_CACHE:
-            # Drop the oldest quarter: nodes are immutable, so a miss only costs a read.
-            for k in list(self._nodes)[: NODE_CACHE // 4]:
-                del self._nodes[k]
-        self._nodes[(kind, address)] = node
+        self._cache_node((kind, address), node)
         return node
 
-    def remember_node(self, address: bytes, node: Node) -> None:
-        """A node this process just made (and is storing): kept decoded for the next read."""
+    def _cache_node(self, key: tuple[int, bytes], node) -> None:
         if len(self._nodes) >= NODE_CACHE:
+            # Drop the oldest quarter: nodes are immutable, so a miss only costs a read.
+            # (pop: the event loop may remember a node while the store thread evicts)
             for k in list(self._nodes)[: NODE_CACHE // 4]:
-                del self._nodes[k]
-        self._nodes[(KIND_NODE, address)] = node
+                self._nodes.pop(k, None)
+        self._nodes[key] = node
+
+    def remember_node(self, address: bytes, node: Node) -> None:
+        """A node this process just made or fetched and checked (and is storing): kept
+        decoded for the next read."""
+        self._cache_node((KIND_NODE, address), node)
 
     def load_node(self, address: bytes) -> Node:
         return self._decoded(address, KIND_NODE, decode_node)

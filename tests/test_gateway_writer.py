@@ -10,13 +10,20 @@ import pickle
 import signal
 import sqlite3
 
+import pytest
 import trio
+from blake3 import blake3
 from nacl.signing import SigningKey
 
+from protocol.hashing import KIND_VALUE
+from pttd.errors import Forbidden, MissingBlock
+from pttd.gateway import account, chat, service
 from pttd.gateway.writes import GroupWriter, request, serve
 from pttd.store import Store
 from tests.gwutil import gateway, login, result
-from tests.netutil import log_lines
+from tests.netutil import log_lines, start_daemon
+
+PASSPHRASE = "correct horse battery staple"
 
 
 async def test_writes_are_built_in_a_writer_process_replaced_when_it_dies(tmp_path, caplog):
@@ -87,5 +94,97 @@ def test_a_group_the_store_refuses_is_answered_failed_and_stores_nothing(tmp_pat
         assert pickle.loads(answer[4:]) == {"failed": "OperationalError: disk I/O error"}
         store.write = real_write
         assert store.query("SELECT count(*) FROM commits")[0][0] == 0
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("writer", ["process", "thread"])
+async def test_a_write_waiting_when_its_user_is_exported_is_refused(tmp_path, writer):
+    """The exported file names the last version written here: a write that was already
+    on its way is either in that version or refused, never written after it (the new
+    home would sign the same version again: a fork)."""
+    async with gateway(tmp_path, writer=writer) as g:
+        gw = g.gateway
+        u = await gw.add_user("bob", "password-123456", None)
+        real_send = gw._writes.send
+        sent = trio.Event()
+
+        async def slow_send(reqs):  # the writer is busy: the write waits
+            sent.set()
+            await trio.sleep(0.3)
+            await real_send(reqs)
+
+        gw._writes.send = slow_send
+        answers = []
+
+        async def post() -> None:
+            try:
+                answers.append(await gw.post(u, "general", "late"))
+            except Forbidden as exc:
+                answers.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(post)
+            await sent.wait()  # past the check in write(), waiting for its group
+            doc = await gw.export_user("bob", PASSPHRASE)
+        head = account.open_account(doc, PASSPHRASE)[3]
+        assert await g.node.db(gw._head_seq, u.key) == head
+        assert len(answers) == 1 and isinstance(answers[0], Forbidden) and "exported" in str(answers[0])
+
+
+async def test_stopping_waits_for_the_writer_to_finish_its_group(tmp_path, monkeypatch):
+    """A group in the writer when the gateway stops is finished and stored, and the
+    writer exits at once, even with its answer (here over a pipe's 64 KiB) unread."""
+    monkeypatch.setattr(service, "WRITER_EXIT_TIMEOUT", 5.0)
+    async with gateway(tmp_path) as g:
+        gw = g.gateway
+        u = await gw.add_user("bob", "password-123456", None)
+        w = service.ProcessWrites(gw)
+        await w.start()
+        texts = [f"{i} " + "x" * 3000 for i in range(100)]
+        await w.send([request("post", ("general", t), u.key, u.repo.row.id, u.name, bytes(u.repo._key)) for t in texts])
+
+        def head() -> int:
+            return gw._head_seq(u.key)
+
+        with trio.fail_after(10):
+            while await g.node.db(head) < 101:  # created at seq 1, then one per post
+                await trio.sleep(0.01)
+        proc = w._proc
+        started = trio.current_time()
+        await w.aclose()
+        assert proc.returncode == 0 and trio.current_time() - started < 4
+        stored = await gw.read(chat.messages, u.repo, "general", None, None, None)
+        assert sorted(m["message"]["value"] for m in stored) == sorted(texts)
+
+
+@pytest.mark.parametrize("mode", ["node", "hub"])
+async def test_other_modes_start_no_writer_process(tmp_path, mode):
+    async with trio.open_nursery() as nursery:
+        d = await start_daemon(nursery, os.path.join(tmp_path, mode), mode=mode)
+        assert isinstance(d.daemon.gateway._writes, service.ThreadWrites) and not d.node.others_write
+        d.daemon.stop()
+
+
+def test_blocks_held_for_reads_that_cannot_be_stored_are_not_taken_as_stored(tmp_path):
+    store = Store(str(tmp_path / "store.sqlite3"), create=True)
+    try:
+        block = bytes((KIND_VALUE,)) + b"fetched for a read"
+        address = blake3(block).digest()
+        store.hold_unstored([(address, block)])
+        assert store.get_block(address) == block  # readable while held
+        real_write = store.write
+
+        def failing_write(*args, **kwargs):
+            raise sqlite3.OperationalError("database is locked")
+
+        store.write = failing_write
+        with pytest.raises(sqlite3.OperationalError):
+            store.put_fetched([(address, block)], [])
+        store.drop_unstored([(address, block)])  # what the node does then
+        store.write = real_write
+        with pytest.raises(MissingBlock):
+            store.get_block(address)
+        assert address not in store.known_complete  # a later sync fetches it again
     finally:
         store.close()

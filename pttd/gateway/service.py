@@ -55,7 +55,7 @@ from . import account, chat, writes
 from .chat import GOSSIP, BadInput, ChatUser
 from .keys import GatewayKey
 from .oidc import Verifier
-from .writes import Event, Tx, flush_rows
+from .writes import Event
 
 log = logging.getLogger("pttd.gateway")
 
@@ -68,7 +68,6 @@ CHALLENGE_TTL = 120  # seconds a key-login challenge stays valid
 REFRESH_GRACE = 60.0  # seconds a refresh may be retried with the same token (its answer was lost)
 MAX_CHALLENGES = 10_000
 MAX_FRIENDS = 1000  # each friend hosted elsewhere is a repository this daemon follows
-TRIM_EVERY = 1024
 BACKLOG_PAGE = 1000
 FILE_FETCH_TIMEOUT = 20.0  # seconds to find a repository's head before fetching a file of it
 REMOTE_FILE_READS = 8  # files of repositories not held fetched at once (more wait their turn)
@@ -109,7 +108,7 @@ class Failures:
 
 @dataclass
 class WriteRequest:
-    user: ChatUser
+    user: ChatUser | None  # None: rows and events only, no commit (delivered direct messages)
     op: str  # one of writes.OPS
     args: tuple
     done: trio.Event = field(default_factory=trio.Event)
@@ -166,9 +165,10 @@ class ThreadWrites:
 
 class ProcessWrites:
     """The GroupWriter in a process of its own (``python -m pttd.gateway.writes``, the
-    default): one group at a time over its stdin and stdout. Started with the gateway,
-    and again on the next write if it ends (a write it was doing is answered 500: it may
-    or may not be stored, like a write cut by a crash)."""
+    default in gateway mode), fed groups on its stdin and answering them in order on
+    its stdout. Started with the gateway; if it ends, the answers it wrote are still
+    read, the groups it had not answered are answered 500 (each may or may not be
+    stored, as after a crash), and the next write starts a new one."""
 
     def __init__(self, gw: Gateway):
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -178,12 +178,14 @@ class ProcessWrites:
         self._args += [gw.node.id.hex(), str(gw.cfg.event_retention), str(level)]
         self._proc: trio.Process | None = None
         self._generation = 0  # processes started so far
-        self._sent: deque[tuple[int | None, BaseException | None]] = deque()  # groups awaiting answers
+        # groups sent and not yet answered: (the process's generation, None), or
+        # (None, why it was not sent)
+        self._sent: deque[tuple[int | None, BaseException | None]] = deque()
         self._buf = bytearray()
 
     async def start(self) -> None:
-        if self._proc is not None and self._proc.poll() is not None:
-            await self._end()  # it ended while idle: nothing of ours was in it
+        if self._proc is not None and self._proc.poll() is not None and not self._sent:
+            await self._end()  # it ended with nothing of ours in it (or all read back)
         if self._proc is None:
             self._proc = await trio.lowlevel.open_process(
                 self._args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self._env
@@ -209,12 +211,21 @@ class ProcessWrites:
         """Hand a group to the writer process (its answers come from ``receive``, in
         the order the groups were sent)."""
         data = pickle.dumps(reqs, protocol=pickle.HIGHEST_PROTOCOL)
+        if len(data) >= 1 << 32:
+            self._sent.append((None, ServerError("a group of writes too large to hand to the writer")))
+            return
         try:
             await self.start()
+        except OSError as exc:
+            self._sent.append((None, ServerError(f"cannot start the writer process: {exc}")))
+            return
+        if self._proc.poll() is not None:  # it ended; earlier groups' answers are read first
+            self._sent.append((None, ServerError("the writer process ended: this write was not stored")))
+            return
+        try:
             await self._proc.stdin.send_all(len(data).to_bytes(4, "big") + data)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self._sent.append((None, exc))
-            await self._end()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            self._sent.append((None, ServerError("the writer process ended: this write was not stored")))
             return
         except BaseException:  # cancelled halfway through a frame: the pipe cannot be used again
             await self._end()
@@ -222,15 +233,19 @@ class ProcessWrites:
         self._sent.append((self._generation, None))
 
     async def receive(self) -> list[dict]:
+        """The answers to the oldest group sent."""
         generation, error = self._sent.popleft()
-        if error is not None or generation != self._generation or self._proc is None:
-            raise ServerError(f"the writer process ended before this group was written ({error or 'see the log'})")
+        if error is not None:
+            raise error
+        if generation != self._generation or self._proc is None:
+            raise ServerError("the writer process ended before answering: this write may or may not be stored")
         try:
             answer = pickle.loads(await self._read(int.from_bytes(await self._read(4), "big")))
         except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
             code = await self._end()
             raise ServerError(
-                f"the writer process ended (exit status {code}; see the log): this write may or may not be stored"
+                f"the writer process ended (exit status {code}; see the log) before answering: "
+                "this write may or may not be stored"
             ) from None
         except BaseException:  # cancelled halfway through a frame: the pipe cannot be used again
             await self._end()
@@ -240,25 +255,24 @@ class ProcessWrites:
         return answer["answers"]
 
     async def _end(self) -> int | None:
-        """Close the writer's input, wait for it to finish its groups and exit (killed
-        after WRITER_EXIT_TIMEOUT); its exit status. Groups sent to it and not answered
-        are answered with an error."""
+        """Close the writer's input and output, wait for it to finish the group it holds
+        and exit (killed after WRITER_EXIT_TIMEOUT); its exit status."""
         proc, self._proc = self._proc, None
         self._buf = bytearray()
         if proc is None:
             return None
         with trio.CancelScope(shield=True):
-            try:
-                await proc.stdin.aclose()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
+            for pipe in (proc.stdin, proc.stdout):  # a writer blocked on a full pipe gets EPIPE
+                try:
+                    await pipe.aclose()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
             with trio.move_on_after(WRITER_EXIT_TIMEOUT):
                 await proc.wait()
             if proc.returncode is None:
                 log.error("writer process %d did not exit within %g s: killed", proc.pid, WRITER_EXIT_TIMEOUT)
                 proc.kill()
                 await proc.wait()
-            await proc.stdout.aclose()
         if proc.returncode:
             log.error("writer process %d ended with status %s", proc.pid, proc.returncode)
         return proc.returncode
@@ -282,7 +296,6 @@ class Gateway:
         self._challenges: dict[str, tuple[bytes, float]] = {}  # nonce -> (key, expiry)
         self._failed_accounts = Failures(self.cfg.login_window, self.cfg.login_failures_per_account)
         self._failed_addresses = Failures(self.cfg.login_window, self.cfg.login_failures_per_address)
-        self._events_added = 0
         self._nursery: trio.Nursery | None = None
         self._tokens: dict[str, tuple] = {}  # verified token -> (user, expiry, session id)
         self._revoked: set[str] = set()  # sessions logged out (or revoked) and not yet expired
@@ -295,8 +308,10 @@ class Gateway:
         self._moved: set[bytes] = (
             set()
         )  # users exported elsewhere: writes refused  # hosted users the hubs were asked to take in, this run
-        self._writes = ProcessWrites(self) if self.cfg.writer == "process" else ThreadWrites(self)
-        node.others_write = self.cfg.writer == "process"
+        # the other modes write only the data directory's own repository here (pttctl)
+        in_process = self.cfg.writer == "process" and node.mode == "gateway"
+        self._writes = ProcessWrites(self) if in_process else ThreadWrites(self)
+        node.others_write = in_process
         self.groups = 0  # transactions the writer made (for the bench and status)
         self.writes = 0
 
@@ -489,22 +504,27 @@ class Gateway:
             raise Conflict(f"user {name!r} brought their own key: this gateway holds no key to export")
         sk = self.key.unseal(sealed)
         was_moved = repo in self._moved
-        if not keep:  # no write after the head recorded in the file
+        if not keep:
+            # No write after the head recorded in the file: the mark is stored before the
+            # head is read, and the writer checks it inside each group's transaction, so
+            # a write that was already waiting either is in that head or is refused.
             self._moved.add(repo)
-        head = await self.node.db(self._head_seq, repo)
+            if not was_moved:
+                await self.node.db(
+                    self.store.execute,
+                    "INSERT OR REPLACE INTO gw_moved(repo, moved) VALUES (?, ?)",
+                    (repo, int(time.time())),
+                )
         try:
+            head = await self.node.db(self._head_seq, repo)
             doc = await trio.to_thread.run_sync(account.seal_account, sk, name, password, passphrase, head)
         except BaseException:
             if not keep and not was_moved:  # nothing exported: the user writes here as before
+                with trio.CancelScope(shield=True):
+                    await self.node.db(self.store.execute, "DELETE FROM gw_moved WHERE repo=?", (repo,))
                 self._moved.discard(repo)
             raise
         if not keep:
-            await self.node.db(
-                self.store.execute,
-                "INSERT OR REPLACE INTO gw_moved(repo, moved) VALUES (?, ?)",
-                (repo, int(time.time())),
-            )
-            self._moved.add(repo)
             log.info("user %r exported: its writes here are refused from now on", name)
         return doc
 
@@ -858,7 +878,9 @@ class Gateway:
                 "this account was exported to another home (pttctl user export): it is written there, "
                 "not here, so that its repository does not fork"
             )
-        req = WriteRequest(user, op, args)
+        return await self._submit(WriteRequest(user, op, args))
+
+    async def _submit(self, req: WriteRequest):
         await self._send.send(req)
         await req.done.wait()
         if req.error is not None:
@@ -888,6 +910,8 @@ class Gateway:
                         break
                 plain = [
                     writes.request(r.op, r.args, r.user.key, r.user.repo.row.id, r.user.name, bytes(r.user.repo._key))
+                    if r.user is not None
+                    else writes.request(r.op, r.args, None, 0, "", b"")
                     for r in reqs
                 ]
                 await self._writes.send(plain)
@@ -919,7 +943,7 @@ class Gateway:
     async def _after_group(self, reqs: list[WriteRequest]) -> None:
         changed: dict[bytes, None] = {}
         for r in reqs:
-            if r.error is None and r.committed:
+            if r.error is None and r.committed and r.user is not None:
                 changed[r.user.key] = None
             if r.error is None:
                 self._dispatch(r.events)
@@ -928,14 +952,6 @@ class Gateway:
                     self._nursery.start_soon(self._catch_up, k, r.user)
         for key in changed:
             await self.node.publish(key)
-
-    def _trim_events(self) -> None:
-        """Inside a write: drop the events older than the newest ``event_retention``
-        (checked every TRIM_EVERY events, so the DELETE is rare and short)."""
-        if self._events_added < TRIM_EVERY:
-            return
-        self._events_added = 0
-        writes.trim_events(self.store, self.cfg.event_retention)
 
     async def read(self, fn, *args):
         return await self.node.db(fn, *args)
@@ -984,7 +1000,7 @@ class Gateway:
         except USER_ERRORS:
             return  # nothing stored yet: the follow's first sync brings them
         try:
-            self._dispatch(await self.node.db(self._receive_envelopes, friend, None, root, [u]))
+            await self._deliver(await self.node.db(self._open_envelopes, friend, None, root, [u]))
         except Exception:
             log.exception("envelopes of %s for %s not taken", friend.hex()[:16], u.name)
 
@@ -1187,10 +1203,18 @@ class Gateway:
         if not users:
             return
         candidates = [u for u in [await self.user(r[0]) for r in users] if u is not None]
-        events = await self.node.db(self._receive_envelopes, key, old_root, new_root, candidates)
-        self._dispatch(events)
+        await self._deliver(await self.node.db(self._open_envelopes, key, old_root, new_root, candidates))
 
-    def _receive_envelopes(self, sender: bytes, old_root, new_root, candidates: list[ChatUser]) -> list[Event]:
+    async def _deliver(self, found: list[tuple]) -> None:
+        """Direct messages for hosted users, opened: recorded (and their events numbered)
+        by the writer like any write, so that every event reaches the streams in the order
+        of its id; a stream resumed with Last-Event-ID then misses none."""
+        if found:
+            await self._submit(WriteRequest(None, "deliver_dms", (found,)))
+
+    def _open_envelopes(self, sender: bytes, old_root, new_root, candidates: list[ChatUser]) -> list[tuple]:
+        """The new envelopes of ``sender`` that ``candidates`` can open: (recipient,
+        sender, path, date, message) each."""
         prefix = f"/topics/{GOSSIP}/".encode()
         load = self.store.load_node
         try:
@@ -1203,34 +1227,19 @@ class Gateway:
             return []
         if not new:
             return []
-        row = self.store.find_repo(sender)
-        repo = Repository(self.store, row, None)
-        tx = Tx()
-        with self.store.write():
-            for k, ref in new:
-                path = k.decode()
-                try:
-                    raw = ref if isinstance(ref, bytes) else b"".join(repo._read_ref(ref))
-                except USER_ERRORS:
-                    continue
-                for u in candidates:
-                    plain = chat.open_envelope(u.repo._key, sender, raw, sender, u.key)
-                    if plain is None:
-                        continue
-                    date = plain["date"]
-                    before = self.store.query(
-                        "SELECT 1 FROM gw_dms WHERE user=? AND sender=? AND path=?", (u.key, sender, path)
-                    )
-                    if before:
-                        continue  # never delivered twice
-                    tx.sql(
-                        "INSERT INTO gw_dms(user, sender, path, peer, date) VALUES (?, ?, ?, ?, ?)",
-                        (u.key, sender, path, sender, date),
-                    )
-                    tx.event("dm", None, u.key, {"sender": sender.hex(), "path": path}, plain)
-            self._events_added += flush_rows(self.store, [tx])
-            self._trim_events()
-        return tx.events
+        repo = Repository(self.store, self.store.find_repo(sender), None)
+        found = []
+        for k, ref in new:
+            path = k.decode()
+            try:
+                raw = ref if isinstance(ref, bytes) else b"".join(repo._read_ref(ref))
+            except USER_ERRORS:
+                continue
+            for u in candidates:
+                plain = chat.open_envelope(u.repo._key, sender, raw, sender, u.key)
+                if plain is not None:
+                    found.append((u.key, sender, path, plain["date"], plain))
+        return found
 
     # --- live streams -----------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import pickle
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ log = logging.getLogger("pttd.gateway.writes")
 
 TRIM_EVERY = 1024  # events written between two trims of the old ones
 IN_TOPIC_CACHE = 200_000
+BUSY_TIMEOUT = 3600.0  # seconds a group waits for the store's lock (the daemon's gc)
 
 
 @dataclass
@@ -190,6 +192,22 @@ def op_send_dm(w: GroupWriter, u: Author, b: Batch, tx: Tx, recipients: list[byt
     return [p for _r, _path, p in sent]
 
 
+def op_deliver_dms(w: GroupWriter, u: None, b: None, tx: Tx, found: list[tuple]):
+    """Direct messages from elsewhere for hosted users, opened by the daemon: indexed
+    for each recipient, with a ``dm`` event; never twice."""
+    for user, sender, path, date, plain in found:
+        if (user, sender, path) in w.delivered or w.store.query(
+            "SELECT 1 FROM gw_dms WHERE user=? AND sender=? AND path=?", (user, sender, path)
+        ):
+            continue
+        w.delivered.add((user, sender, path))
+        tx.sql(
+            "INSERT INTO gw_dms(user, sender, path, peer, date) VALUES (?, ?, ?, ?, ?)",
+            (user, sender, path, sender, date),
+        )
+        tx.event("dm", None, user, {"sender": sender.hex(), "path": path}, plain)
+
+
 def op_store_file(w: GroupWriter, u: Author, b: Batch, tx: Tx, fid: str, content: bytes):
     path = f"/files/{fid}"
     if not b.exists(path):
@@ -214,6 +232,7 @@ OPS = {
     "folder_delete": op_folder_delete,
     "add_friend": op_add_friend,
     "send_dm": op_send_dm,
+    "deliver_dms": op_deliver_dms,  # no user, no commit: rows and events only
     "store_file": op_store_file,
     "add_pchannel": op_add_pchannel,
     "set_profile": op_set_profile,
@@ -238,6 +257,7 @@ class GroupWriter:
         self.in_topic: set[tuple[str, bytes]] = set()  # (topic, user) known to be in gw_topics
         self._keys: dict[bytes, SigningKey] = {}
         self._events_added = 0
+        self.delivered: set[tuple] = set()  # direct messages delivered in this group
 
     def is_hosted(self, key: bytes) -> bool:
         return bool(self.store.query("SELECT 1 FROM gw_users WHERE repo=?", (key,)))
@@ -264,8 +284,9 @@ class GroupWriter:
         out: list[dict] = []
         commits = []
         txs: list[Tx] = []
+        self.delivered = set()
         with store.write() as w:
-            keys = list({r["key"] for r in reqs})
+            keys = list({r["key"] for r in reqs if r["key"] is not None})
             marks = ",".join("?" * len(keys))
             moved = {k for (k,) in store.query(f"SELECT repo FROM gw_moved WHERE repo IN ({marks})", keys)}
             for r in reqs:
@@ -286,6 +307,16 @@ class GroupWriter:
         return out
 
     def _apply_one(self, r: dict, w, heads: dict, moved: set, commits: list, txs: list) -> dict:
+        if r["key"] is None:  # rows and events only
+            tx = Tx()
+            try:
+                result = OPS[r["op"]](self, None, None, tx, *r["args"])
+            except USER_ERRORS as exc:
+                if isinstance(exc, (MissingBlock, CorruptBlock)):
+                    raise
+                return {"error": exc}
+            txs.append(tx)
+            return {"result": result, "committed": False, "tx": tx}
         if r["key"] in moved:  # exported while this write waited for its group
             return {"error": Forbidden("this account was exported to another home: it is written there, not here")}
         u = self._author(r)
@@ -358,10 +389,16 @@ def main(argv: list[str]) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # The daemon stops it by closing its input, after the group it holds: a Ctrl-C or
+    # SIGTERM meant for the daemon's process group must not cut that group.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # the answers go to the daemon on the real stdout; anything printed goes to stderr
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
-    store = Store(path, synchronous=synchronous)
+    # a long gc or checkpoint by the daemon holds the store's lock: wait for it, as the
+    # writes did on the daemon's store thread
+    store = Store(path, synchronous=synchronous, busy_timeout=BUSY_TIMEOUT)
     try:
         serve(sys.stdin.buffer, out, GroupWriter(store, bytes.fromhex(node_id), int(retention)))
     finally:
