@@ -271,7 +271,14 @@ class Writer:
 
 class Store:
     def __init__(
-        self, path: str, *, synchronous: str = "FULL", create: bool = False, page_size: int = 0, busy_timeout=30.0
+        self,
+        path: str,
+        *,
+        synchronous: str = "FULL",
+        create: bool = False,
+        page_size: int = 0,
+        busy_timeout: float = 30.0,
+        checkpoints: bool = True,
     ):
         self.path = path
         if synchronous.upper() not in SYNC_MODES:
@@ -310,6 +317,8 @@ class Store:
             )
         self._lock = threading.RLock()
         self.defer_checkpoints = False  # set while a call runs on the daemon's event loop
+        # False: another process checkpoints this store (a gateway's writer process)
+        self.checkpoints = checkpoints
         self._overlay: dict[bytes, bytes] | None = None
         self._nodes: dict[tuple[int, bytes], object] = {}
         self._served: dict[bytes, bytes] = {}
@@ -338,10 +347,11 @@ class Store:
 
     def close(self) -> None:
         with self._lock:
-            try:
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.OperationalError as exc:  # another process is reading: fine
-                log.info("checkpoint on close skipped: %s", exc)
+            if self.checkpoints:
+                try:
+                    self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.OperationalError as exc:  # another process is reading: fine
+                    log.info("checkpoint on close skipped: %s", exc)
             self._db.close()
 
     def wal_bytes(self) -> int:
@@ -429,7 +439,7 @@ class Store:
                 raise
             finally:
                 self._writer = None
-            if not self.defer_checkpoints and self.wal_bytes() > WAL_CHECKPOINT_BYTES:
+            if self.checkpoints and not self.defer_checkpoints and self.wal_bytes() > WAL_CHECKPOINT_BYTES:
                 try:  # the transaction is durable already: a failed checkpoint is retried later
                     self.checkpoint()
                 except sqlite3.Error as exc:

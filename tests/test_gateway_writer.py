@@ -188,3 +188,22 @@ def test_blocks_held_for_reads_that_cannot_be_stored_are_not_taken_as_stored(tmp
         assert address not in store.known_complete  # a later sync fetches it again
     finally:
         store.close()
+
+
+async def test_the_daemon_checkpoints_the_wal_its_writer_process_grows(tmp_path, monkeypatch):
+    import pttd.store
+
+    monkeypatch.setattr(pttd.store, "WAL_CHECKPOINT_BYTES", 256 << 10)
+    monkeypatch.setattr(service, "CHECKPOINT_EVERY", 0.05)
+    async with gateway(tmp_path) as g:
+        _k, h = await login(g.web, "alice")
+        store = g.node.store
+        grew = False
+        for i in range(200):
+            result(await g.web.post("/topics/general", json={"data": f"message {i} " + "x" * 2000}, headers=h))
+            grew = grew or store.wal_bytes() > 256 << 10
+        assert grew
+        with trio.fail_after(10):
+            while store.wal_bytes() > 256 << 10:
+                await trio.sleep(0.02)
+        assert len(result(await g.web.get("/topics/general", headers=h))) == 200

@@ -19,6 +19,7 @@ import logging
 import os
 import pickle
 import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -73,6 +74,7 @@ FILE_FETCH_TIMEOUT = 20.0  # seconds to find a repository's head before fetching
 REMOTE_FILE_READS = 8  # files of repositories not held fetched at once (more wait their turn)
 ON_DEMAND_FOLLOWS = 64  # repositories followed only to read their files: the least recently used go
 FILE_REFRESH_TIMEOUT = 5.0  # seconds to ask peers for a newer head when a file is not in the one held
+CHECKPOINT_EVERY = 2.0  # seconds between looks at the WAL's size, with a writer process
 WRITE_GROUPS_IN_FLIGHT = 2  # groups handed to the writer and not yet answered, at most
 WRITER_EXIT_TIMEOUT = 30.0  # seconds the writer process gets to finish its group on the way out
 STREAM_BUFFER = 1024  # events queued for one slow stream before it is closed (it resumes)
@@ -331,6 +333,8 @@ class Gateway:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._writer)
+            if isinstance(self._writes, ProcessWrites):
+                nursery.start_soon(self._checkpoints)
             if self.cfg.replicators and self.key is not None:
                 # every start: a pin asked before may have failed, or the replicator is new
                 rows = await self.node.db(
@@ -916,6 +920,18 @@ class Gateway:
                 ]
                 await self._writes.send(plain)
                 await sent_send.send(reqs)
+
+    async def _checkpoints(self) -> None:
+        """With a writer process: the WAL it grows is copied into the database file here,
+        once past WAL_CHECKPOINT_BYTES. The writer's next group waits for it; the writer
+        itself never waits for this process's readers to finish."""
+        while True:
+            await trio.sleep(CHECKPOINT_EVERY)
+            if self.store.checkpoint_due():
+                try:
+                    await self.node.db(self.store.checkpoint)
+                except sqlite3.Error as exc:
+                    log.warning("checkpoint failed (tried again in %g s): %s", CHECKPOINT_EVERY, exc)
 
     async def _answer_groups(self, sent: trio.MemoryReceiveChannel, slots: trio.Semaphore) -> None:
         async for reqs in sent:

@@ -398,7 +398,9 @@ def main(argv: list[str]) -> int:
     os.dup2(2, 1)
     # a long gc or checkpoint by the daemon holds the store's lock: wait for it, as the
     # writes did on the daemon's store thread
-    store = Store(path, synchronous=synchronous, busy_timeout=BUSY_TIMEOUT)
+    # Checkpoints are the daemon's (Gateway._checkpoints): one here would wait for the
+    # daemon's readers with every write held up behind it.
+    store = Store(path, synchronous=synchronous, busy_timeout=BUSY_TIMEOUT, checkpoints=False)
     try:
         serve(sys.stdin.buffer, out, GroupWriter(store, bytes.fromhex(node_id), int(retention)))
     finally:
