@@ -167,7 +167,7 @@ class ControlServer:
             st = node.status()
             if node.replicator is not None:
                 st["pins"] = node.replicator.status()
-            if self.gateway is not None:
+            if self.gateway is not None and node.mode == "gateway":
                 st["gateway"] = self.gateway.status()
             return st
         if cmd == "peers":

@@ -348,7 +348,8 @@ class Gateway:
 
     def status(self) -> dict:
         """For ``pttctl status``: where writes are built and how many were."""
-        return {"writer": self.cfg.writer, **self._writes.status(), "groups": self.groups, "writes": self.writes}
+        kind = "process" if isinstance(self._writes, ProcessWrites) else "thread"
+        return {"writer": kind, **self._writes.status(), "groups": self.groups, "writes": self.writes}
 
     # --- users ------------------------------------------------------------------------
 
