@@ -16,11 +16,10 @@ import time
 
 import trio
 from starlette.requests import Request
-from starlette.routing import Route
 
 from .errors import Forbidden, NotFound
 from .gateway.chat import check_key
-from .web import AsgiEndpoint, answer, make_app, not_allowed, read_object
+from .web import make_app, read_object, table_routes
 
 log = logging.getLogger("pttd.replicator")
 
@@ -118,14 +117,5 @@ def build_replicator_app(rep: Replicator, cors_origins: list[str]):
 
     table = {"/load": {"POST": load}, "/pins": {"GET": pins}, "/health": {"GET": health}}
 
-    def endpoint(methods: dict):
-        async def handle(request: Request):
-            fn = methods.get(request.method)
-            if fn is None:
-                return not_allowed(request, methods)
-            return await answer(request, lambda: fn(request))
-
-        return handle
-
-    routes = [Route(p, AsgiEndpoint(endpoint(m))) for p, m in table.items()]
+    routes = table_routes(table)
     return make_app(routes, cors_origins, ["GET", "POST"], ["Content-Type"])

@@ -133,6 +133,22 @@ class AsgiEndpoint:
         await response(scope, receive, send)
 
 
+def table_routes(table: dict[str, dict[str, Callable[[Request], Awaitable]]]) -> list[Route]:
+    """Routes from ``{path: {method: fn(request)}}``: each call's result (or error)
+    answered as JSON, a method not in the table 405."""
+
+    def endpoint(methods: dict):
+        async def handle(request: Request) -> Response:
+            fn = methods.get(request.method)
+            if fn is None:
+                return not_allowed(request, methods)
+            return await answer(request, lambda: fn(request))
+
+        return handle
+
+    return [Route(p, AsgiEndpoint(endpoint(m))) for p, m in table.items()]
+
+
 def make_app(routes: list[Route], cors_origins: list[str], methods: list[str], headers: list[str]) -> FastApp:
     async def http_error(request: Request, exc: HTTPException) -> Response:
         if exc.status_code == 404:

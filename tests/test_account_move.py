@@ -95,17 +95,9 @@ async def test_export_on_one_gateway_import_on_another(tmp_path, monkeypatch):
             assert len(await g2.gateway.list_users()) == users_before
             assert "seed" not in doc and "head" not in doc  # all sealed
 
-            code, out, err = await run_pttctl(
-                g2,
-                "user",
-                "import",
-                file,
-                "--peer",
-                g1.address,
-                "--keep-name",
-                "--passphrase-env",
-                "PTT_TEST_PASSPHRASE",
-            )
+            import_args = ["user", "import", file, "--peer", g1.address, "--keep-name"]
+            import_args += ["--passphrase-env", "PTT_TEST_PASSPHRASE"]
+            code, out, err = await run_pttctl(g2, *import_args)
             assert code == 0, err
             imported = json.loads(out)
             assert imported["key"] == alice and imported["name"] == "test:alice" and imported["version"] >= 4
@@ -121,17 +113,7 @@ async def test_export_on_one_gateway_import_on_another(tmp_path, monkeypatch):
             await wait_hub(hubweb, "general", texts + ["from my new home"])
 
             # importing twice is refused
-            code, _, err = await run_pttctl(
-                g2,
-                "user",
-                "import",
-                file,
-                "--peer",
-                g1.address,
-                "--keep-name",
-                "--passphrase-env",
-                "PTT_TEST_PASSPHRASE",
-            )
+            code, _, err = await run_pttctl(g2, *import_args)
             assert code == 1 and "already exists" in err
             nursery.cancel_scope.cancel()
 

@@ -19,12 +19,11 @@ import logging
 
 import trio
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import StreamingResponse
 
 from ..gateway.chat import check_id
 from ..gateway.http import KEEPALIVE, MAX_LIMIT, _int_param, _sse
-from ..web import AsgiEndpoint, FastApp, answer, make_app, not_allowed, read_object
+from ..web import FastApp, make_app, read_object, table_routes
 from .service import Hub, HubBadInput, HubStream
 
 log = logging.getLogger("pttd.http")
@@ -118,14 +117,5 @@ def build_hub_app(hub: Hub, cors_origins: list[str]) -> FastApp:
         "/health": {"GET": health},
     }
 
-    def endpoint(methods: dict):
-        async def handle(request: Request) -> Response:
-            fn = methods.get(request.method)
-            if fn is None:
-                return not_allowed(request, methods)
-            return await answer(request, lambda: fn(request))
-
-        return handle
-
-    routes = [Route(p, AsgiEndpoint(endpoint(m))) for p, m in table.items()]
+    routes = table_routes(table)
     return make_app(routes, cors_origins, ["GET", "POST"], ["Content-Type", "Last-Event-ID"])
