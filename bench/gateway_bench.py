@@ -318,7 +318,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--concurrency", default="1,64")
-    ap.add_argument("--startup-users", type=int, default=10_000)
+    ap.add_argument("--startup-users", type=int, default=10_000, help="0: no start-up figure")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
@@ -343,7 +343,7 @@ def main() -> None:
             "seconds_per_run": args.seconds,
             "load": results,
             "rss_mb_after_load": round(rss, 1),
-            "startup": startup(base, args.startup_users),
+            "startup": startup(base, args.startup_users) if args.startup_users else None,
         }
         print(json.dumps(out, indent=2))
     finally:

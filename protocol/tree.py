@@ -401,6 +401,11 @@ def mutate(root: bytes, changes: dict[bytes, ValueRef | None], load: Load, emit:
         # No (key, value) tuples: a million-entry first commit stays small in memory.
         keys = sorted(k for k, v in changes.items() if v is not None)
         return build_sorted(keys, [changes[k] for k in keys], emit)
+    if len(changes) == 1:
+        ((key, value),) = changes.items()
+        new_root = _change_one(root, old_root, key, value, load, emit, remember)
+        if new_root is not None:
+            return new_root
 
     new_nodes: dict[bytes, Node] = {}
 
@@ -481,6 +486,63 @@ def mutate(root: bytes, changes: dict[bytes, ValueRef | None], load: Load, emit:
         for h, n in new_nodes.items():
             remember(h, n)
     return new_root
+
+
+def _change_one(root: bytes, old_root: Node, key: bytes, value, load: Load, emit: Emit, remember) -> bytes | None:
+    """The new root after one change of a key of level 0, or None to leave the change
+    to the general path (a key of a higher level, or a delete that would empty a node).
+
+    A level-0 key is never a cut, so adding, changing or removing it moves no node
+    boundary at any level: the leaf where it belongs is rewritten, and each node above
+    it takes the new child's address and last key. (Past the tree's last key, that
+    holds while the last key is no cut either.) That is exactly what ``mutate``
+    builds, in a fraction of the work (one write of a chat post is one such change).
+    """
+    if key_level(key) != 0:
+        return None
+    path: list[tuple[Node, int]] = []
+    node = old_root
+    while node.level > 0:
+        i = bisect_left(node.keys, key)
+        if i == len(node.keys):  # past the tree's last key: down the last children
+            i -= 1
+        path.append((node, i))
+        node = _child(node, i, load)
+    keys, vals = node.keys, node.vals
+    j = bisect_left(keys, key)
+    if j == len(keys) and key_level(keys[-1]) != 0:
+        # Past the tree's last key, which is a cut: new nodes start after it (and the
+        # root may grow).
+        return None
+    found = j < len(keys) and keys[j] == key
+    if value is None:
+        if not found:
+            return root
+        if len(keys) == 1:
+            return None
+        keys = keys[:j] + keys[j + 1 :]
+        vals = vals[:j] + vals[j + 1 :]
+    elif found:
+        if vals[j] == value:
+            return root
+        vals = list(vals)
+        vals[j] = value
+    else:
+        keys = keys[:j] + [key] + keys[j:]
+        vals = vals[:j] + [value] + vals[j:]
+    level = 0
+    while True:
+        h, b = node_block(level, keys, vals)
+        emit(h, b)
+        if remember is not None:
+            remember(h, Node(level, keys, vals))
+        if not path:
+            return h
+        parent, i = path.pop()
+        last = keys[-1]
+        keys, vals = list(parent.keys), list(parent.vals)
+        keys[i], vals[i] = last, h
+        level = parent.level
 
 
 def _merge(keys: list[bytes], vals: list, muts: list, out_k: list, out_v: list) -> None:

@@ -163,3 +163,45 @@ def test_diff_under_a_prefix_reads_only_what_a_sparse_replica_holds(mem):
     sparse.blocks = {h: mem.blocks[h] for h in wanted}
     assert len(sparse.blocks) < len(mem.blocks) / 2  # the /files/ subtrees are not there
     assert list(tree.diff(r1, r2, sparse.load, [prefix])) == [(b"/topics/t3/new", None, b"x")]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    start=st.dictionaries(st.sampled_from(_paths), st.binary(min_size=1, max_size=4), max_size=120),
+    ops=st.lists(
+        st.tuples(st.sampled_from(_paths + [b"/zzz/end", b"/0/first"]), st.none() | st.binary(min_size=1, max_size=4)),
+        min_size=1,
+        max_size=60,
+    ),
+)
+def test_one_change_at_a_time_lands_on_the_root_of_the_final_set(start, ops):
+    """Commits of one entry each (a chat post), puts, changes and deletes in any order,
+    at the ends and in the middle of the key range, give the root of the final set."""
+    mem = MemoryBlocks()
+    root = build(mem, start)
+    entries = dict(start)
+    for key, value in ops:
+        if value is None and key not in entries:
+            continue
+        before = dict(mem.blocks)
+        new_root = tree.mutate(root, {key: value}, mem.load, mem.emit)
+        if value is None:
+            del entries[key]
+        else:
+            entries[key] = value
+        assert new_root == build(MemoryBlocks(), entries)
+        tree.check_shape(new_root, mem.load)
+        if value is not None and tree.key_level(key) == 0:
+            # a key that is no cut moves no boundary: one new node per level at most
+            assert len(set(mem.blocks) - set(before)) <= mem.load(new_root).level + 1
+        root = new_root
+    assert dict(tree.iterate(root, b"/", mem.load)) == entries
+
+
+def test_a_put_of_the_same_value_writes_nothing(mem):
+    entries = {f"/t/{i:04d}".encode(): b"v%d" % i for i in range(300)}
+    root = build(mem, entries)
+    before = dict(mem.blocks)
+    for k in list(entries)[::37]:
+        assert tree.mutate(root, {k: entries[k]}, mem.load, mem.emit) == root
+    assert mem.blocks == before
