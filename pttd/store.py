@@ -681,6 +681,25 @@ class Store:
             ).fetchone()
         return None if row is None else self._checked_commit(repo, row)
 
+    def head_commits(self, repos: list[RepoRow]) -> dict[int, SignedCommit]:
+        """The newest commit of each of ``repos`` (one query), checked; by repository
+        row id, without the repositories that have none."""
+        out: dict[int, SignedCommit] = {}
+        by_id = {r.id: r for r in repos}
+        ids = list(by_id)
+        with self._lock:
+            for i in range(0, len(ids), 900):
+                part = ids[i : i + 900]
+                rows = self._db.execute(
+                    "SELECT c.repo, c.hash, c.block, c.sig, c.seq FROM commits c JOIN "
+                    f"(SELECT repo, max(seq) AS seq FROM commits WHERE repo IN ({','.join('?' * len(part))}) "
+                    "GROUP BY repo) h ON c.repo = h.repo AND c.seq = h.seq",
+                    part,
+                ).fetchall()
+                for repo_id, *row in rows:
+                    out[repo_id] = self._checked_commit(by_id[repo_id], row)
+        return out
+
     def _checked_commit(self, repo: RepoRow, row) -> SignedCommit:
         address, block, sig, seq = row
         cached = self._commits.get(address)

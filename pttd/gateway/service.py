@@ -76,6 +76,7 @@ ON_DEMAND_FOLLOWS = 64  # repositories followed only to read their files: the le
 FILE_REFRESH_TIMEOUT = 5.0  # seconds to ask peers for a newer head when a file is not in the one held
 CHECKPOINT_EVERY = 2.0  # seconds between looks at the WAL's size, with a writer process
 WRITE_GROUPS_IN_FLIGHT = 2  # groups handed to the writer and not yet answered, at most
+SPLIT_MIN = 16  # writes that find the writer idle, from which on they go as two groups
 WRITER_EXIT_TIMEOUT = 30.0  # seconds the writer process gets to finish its group on the way out
 STREAM_BUFFER = 1024  # events queued for one slow stream before it is closed (it resumes)
 
@@ -913,14 +914,25 @@ class Gateway:
                         reqs.append(self._recv.receive_nowait())
                     except trio.WouldBlock:
                         break
-                plain = [
-                    writes.request(r.op, r.args, r.user.key, r.user.repo.row.id, r.user.name, bytes(r.user.repo._key))
-                    if r.user is not None
-                    else writes.request(r.op, r.args, None, 0, "", b"")
-                    for r in reqs
-                ]
-                await self._writes.send(plain)
-                await sent_send.send(reqs)
+                if len(reqs) >= SPLIT_MIN and slots.value > 0:
+                    # The writer is idle: hand it half now and half as the next group,
+                    # so that it builds the second while the first one's answers go
+                    # out and their clients' next requests come in.
+                    half = len(reqs) // 2
+                    await self._hand_over(reqs[:half], sent_send)
+                    await slots.acquire()
+                    reqs = reqs[half:]
+                await self._hand_over(reqs, sent_send)
+
+    async def _hand_over(self, reqs: list[WriteRequest], sent_send: trio.MemorySendChannel) -> None:
+        plain = [
+            writes.request(r.op, r.args, r.user.key, r.user.repo.row.id, r.user.name, bytes(r.user.repo._key))
+            if r.user is not None
+            else writes.request(r.op, r.args, None, 0, "", b"")
+            for r in reqs
+        ]
+        await self._writes.send(plain)
+        await sent_send.send(reqs)
 
     async def _checkpoints(self) -> None:
         """With a writer process: the WAL it grows is copied into the database file here,

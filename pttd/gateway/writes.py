@@ -289,6 +289,10 @@ class GroupWriter:
             keys = list({r["key"] for r in reqs if r["key"] is not None})
             marks = ",".join("?" * len(keys))
             moved = {k for (k,) in store.query(f"SELECT repo FROM gw_moved WHERE repo IN ({marks})", keys)}
+            # the heads, read inside this transaction: one query for the group
+            rows = {r["row"]: RepoRow(r["row"], r["key"], True) for r in reqs if r["key"] is not None}
+            for row_id, sc in store.head_commits(list(rows.values())).items():
+                heads[rows[row_id].key] = sc
             for r in reqs:
                 out.append(self._apply_one(r, w, heads, moved, commits, txs))
             store.insert_commits(commits)
@@ -323,7 +327,6 @@ class GroupWriter:
         repo = Repository(self.store, RepoRow(r["row"], u.key, True), u.sk)
         tx = Tx()
         try:
-            # the head is read inside this transaction unless this group moved it on
             with repo.batch_in(w, head=heads.get(u.key), insert=False) as b:
                 result = OPS[r["op"]](self, u, b, tx, *r["args"])
         except USER_ERRORS as exc:  # what a request can do wrong: it alone is refused
