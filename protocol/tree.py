@@ -510,10 +510,22 @@ def _change_one(root: bytes, old_root: Node, key: bytes, value, load: Load, emit
         node = _child(node, i, load)
     keys, vals = node.keys, node.vals
     j = bisect_left(keys, key)
-    if j == len(keys) and key_level(keys[-1]) != 0:
-        # Past the tree's last key, which is a cut: new nodes start after it (and the
-        # root may grow).
-        return None
+    if j == len(keys) and value is not None:
+        cut = key_level(keys[-1])
+        if cut:
+            # Past the tree's last key, a cut under its level: the new key starts a
+            # node of its own on each level below that one, and joins the last node
+            # there. (Where that level is the root's, the root would split: the
+            # general path builds that.)
+            if cut >= old_root.level:
+                return None
+            h = value
+            for level in range(cut):
+                h = _emit_new(level, [key], [h], emit, remember)
+            while path[-1][0].level < cut:
+                path.pop()
+            parent, _ = path.pop()
+            return _rewrite_up(cut, parent.keys + [key], parent.vals + [h], path, emit, remember)
     found = j < len(keys) and keys[j] == key
     if value is None:
         if not found:
@@ -530,12 +542,22 @@ def _change_one(root: bytes, old_root: Node, key: bytes, value, load: Load, emit
     else:
         keys = keys[:j] + [key] + keys[j:]
         vals = vals[:j] + [value] + vals[j:]
-    level = 0
+    return _rewrite_up(0, keys, vals, path, emit, remember)
+
+
+def _emit_new(level: int, keys: list[bytes], vals: list, emit: Emit, remember) -> bytes:
+    h, b = node_block(level, keys, vals)
+    emit(h, b)
+    if remember is not None:
+        remember(h, Node(level, keys, vals))
+    return h
+
+
+def _rewrite_up(level: int, keys: list[bytes], vals: list, path: list[tuple[Node, int]], emit: Emit, remember) -> bytes:
+    """Emit the new node (level, keys, vals), then each node of ``path`` above it (its
+    ancestors, the parent last) pointing at the new child by its last key."""
     while True:
-        h, b = node_block(level, keys, vals)
-        emit(h, b)
-        if remember is not None:
-            remember(h, Node(level, keys, vals))
+        h = _emit_new(level, keys, vals, emit, remember)
         if not path:
             return h
         parent, i = path.pop()

@@ -191,7 +191,7 @@ def test_one_change_at_a_time_lands_on_the_root_of_the_final_set(start, ops):
             entries[key] = value
         assert new_root == build(MemoryBlocks(), entries)
         tree.check_shape(new_root, mem.load)
-        if value is not None and tree.key_level(key) == 0:
+        if value is not None and tree.key_level(key) == 0 and mem.load(new_root).level == mem.load(root).level:
             # a key that is no cut moves no boundary: one new node per level at most
             assert len(set(mem.blocks) - set(before)) <= mem.load(new_root).level + 1
         root = new_root
@@ -205,3 +205,18 @@ def test_a_put_of_the_same_value_writes_nothing(mem):
     for k in list(entries)[::37]:
         assert tree.mutate(root, {k: entries[k]}, mem.load, mem.emit) == root
     assert mem.blocks == before
+
+
+def test_appending_one_key_at_a_time_lands_on_the_built_root(mem):
+    """Time-ordered keys (chat posts), each in a commit of its own, past a last key
+    that is now and then a cut at one level or several: the root of the whole set."""
+    entries = {f"/p/{i:05d}".encode(): b"s" for i in range(0, 600, 2)}
+    root = build(mem, entries)
+    for i in range(600, 1800):
+        key = f"/p/{i:05d}".encode()
+        root = tree.mutate(root, {key: b"a"}, mem.load, mem.emit)
+        entries[key] = b"a"
+        if i % 100 == 0:
+            assert root == build(MemoryBlocks(), entries)
+    assert root == build(MemoryBlocks(), entries)
+    tree.check_shape(root, mem.load)
