@@ -207,3 +207,27 @@ async def test_the_daemon_checkpoints_the_wal_its_writer_process_grows(tmp_path,
             while store.wal_bytes() > 256 << 10:
                 await trio.sleep(0.02)
         assert len(result(await g.web.get("/topics/general", headers=h))) == 200
+
+
+async def test_a_burst_that_finds_the_writer_idle_goes_as_two_groups(tmp_path):
+    """Writes that reach the writer task together (the event loop moves requests in
+    step) are handed over as two groups, and every write of them lands."""
+    n = 2 * service.SPLIT_MIN
+    async with gateway(tmp_path) as g:
+        keys = [(await login(g.web, f"user{i}"))[0] for i in range(n // 2)]
+        users = [await g.gateway.user(bytes.fromhex(k)) for k in keys]
+        groups, writes = g.gateway.groups, g.gateway.writes
+        answers: list = [None] * n
+
+        async def post(i: int) -> None:
+            answers[i] = await g.gateway.post(users[i % len(users)], "burst", f"{i}")
+
+        async with trio.open_nursery() as nursery:
+            for i in range(n):  # all waiting before the writer task runs again
+                nursery.start_soon(post, i)
+        assert g.gateway.writes - writes == n
+        assert g.gateway.groups - groups == 2
+        for j in range(len(keys)):
+            _k, h = await login(g.web, f"user{j}")
+            mine = [m["message"]["value"] for m in result(await g.web.get("/topics/burst", headers=h))]
+            assert sorted(mine, key=int) == [str(i) for i in range(j, n, len(users))]
