@@ -490,7 +490,8 @@ def mutate(root: bytes, changes: dict[bytes, ValueRef | None], load: Load, emit:
 
 def _change_one(root: bytes, old_root: Node, key: bytes, value, load: Load, emit: Emit, remember) -> bytes | None:
     """The new root after one change of a key of level 0, or None to leave the change
-    to the general path (a key of a higher level, or a delete that would empty a node).
+    to the general path (a key of a higher level, a delete that would empty a node, or
+    an append past a last key that is a cut at the root's level: the root splits).
 
     A level-0 key is never a cut, so adding, changing or removing it moves no node
     boundary at any level: the leaf where it belongs is rewritten, and each node above
