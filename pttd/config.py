@@ -141,7 +141,7 @@ class Config:
     mode: str = "node"
     control: str | None = None  # default: <data-dir>/control.sock
     synchronous: str = "FULL"
-    # bytes per SQLite page of a new data directory (0: by mode, 16384 for a gateway's
+    # bytes per SQLite page of a new data directory (0: by mode, 4096 for a gateway's
     # many small commits, 65536 otherwise, which stores large values faster)
     page_size: int = 0
     log_level: str = "INFO"

@@ -231,3 +231,24 @@ async def test_a_burst_that_finds_the_writer_idle_goes_as_two_groups(tmp_path):
             _k, h = await login(g.web, f"user{j}")
             mine = [m["message"]["value"] for m in result(await g.web.get("/topics/burst", headers=h))]
             assert sorted(mine, key=int) == [str(i) for i in range(j, n, len(users))]
+
+
+async def test_a_new_gateway_store_gets_small_pages_and_a_node_store_large_ones(tmp_path):
+    """Small pages for a gateway's many small commits (each rewrites a page of the
+    address index per new block), large ones for a node's large values."""
+    async with gateway(tmp_path) as g:
+        key, auth = await login(g.web, "pages")
+        result(await g.web.post("/topics/general", json={"data": {"type": "text", "value": "hi"}}, headers=auth))
+    async with trio.open_nursery() as nursery:
+        n = await start_daemon(nursery, os.path.join(tmp_path, "node"), mode="node")
+        n.daemon.stop()
+
+    def page_size(name: str) -> int:
+        db = sqlite3.connect(os.path.join(tmp_path, name, "pttd.sqlite3"))
+        try:
+            return db.execute("PRAGMA page_size").fetchone()[0]
+        finally:
+            db.close()
+
+    assert page_size("gw") == 4096
+    assert page_size("node") == 65536
