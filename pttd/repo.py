@@ -284,6 +284,10 @@ class Repository:
         _, ref = self._ref(path, version)
         return self._read_ref(ref)
 
+    def read_ref(self, ref: tree.ValueRef) -> bytes:
+        """The value an entry's reference names (as ``tree.iterate`` yields them)."""
+        return ref if isinstance(ref, bytes) else b"".join(self._read_ref(ref))
+
     def _read_ref(self, ref: tree.ValueRef) -> Iterator[bytes]:
         if isinstance(ref, bytes):
             yield ref

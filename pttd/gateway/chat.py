@@ -16,13 +16,19 @@ import base64
 import json
 import os
 import re
+import threading
 import time
+from bisect import bisect_left, bisect_right
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from blake3 import blake3
+from msgpack import ExtType
 from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey, SealedBox
 from nacl.signing import SigningKey, VerifyKey
+
+from protocol import tree
 
 from ..errors import Conflict, NotFound, PttError
 from ..repo import Batch, Repository
@@ -301,28 +307,95 @@ def topics(repo: Repository) -> list[str]:
     return list(seen)
 
 
+def _message_order(raw: bytes) -> tuple | None:
+    """(date, id) of a stored message, by which a topic's messages are ordered; None for
+    a value that is no message of ours (written by another client: skipped, not fatal)."""
+    try:
+        post = parse_json(raw)
+        date = post["date"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(date, (int, float)):
+        return None
+    return date, str(post.get("id"))
+
+
+@dataclass
+class _Topic:
+    root: bytes  # the tree the entries are of
+    entries: list  # (date, id, key, value reference), sorted
+    dates: list  # entries' dates, for bisection
+
+
+class TopicIndex:
+    """The messages of each recently read topic of a repository, ordered by (date, id)
+    without their bodies, for the tree they were read from. A later read of the same
+    topic brings the index up to the new head by a diff of the topic's prefix (work
+    proportional to the change), and reads only the messages it returns: a page of a
+    long topic costs its own size, not the topic's. Bounded by ``max_entries`` in all
+    (least recently read topics dropped first)."""
+
+    def __init__(self, max_entries: int = 200_000):
+        self.max_entries = max_entries
+        self._topics: OrderedDict[tuple[bytes, str], _Topic] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def messages(
+        self, repo: Repository, topic: str, since: int | None, before: int | None, limit: int | None
+    ) -> list[dict]:
+        """Messages with ``since <= date <= before`` (inclusive: a page boundary never
+        loses a post with the same date), the newest ``limit`` of them, oldest first."""
+        root = repo.head().commit.root
+        with self._lock:
+            t = self._current(repo, topic, root)
+        lo = 0 if since is None else bisect_left(t.dates, since)
+        hi = len(t.dates) if before is None else bisect_right(t.dates, before)
+        if limit is not None:
+            lo = max(lo, hi - limit)
+        return [parse_json(repo.read_ref(e[3])) for e in t.entries[lo:hi]]
+
+    def _current(self, repo: Repository, topic: str, root: bytes) -> _Topic:
+        name = (repo.key, topic)
+        t = self._topics.pop(name, None)
+        if t is not None:
+            self._size -= len(t.entries)
+        prefix = f"/topics/{topic}/".encode()
+        load = repo.store.load_node
+        if t is None:
+            found = {k: ref for k, ref in tree.iterate(root, prefix, load) if b"/" not in k[len(prefix) :]}
+        elif t.root != root:
+            found = {e[2]: e for e in t.entries}
+            for k, _old, new in tree.diff(t.root, root, load, prefixes=[prefix]):
+                if b"/" not in k[len(prefix) :]:
+                    found[k] = new
+        else:
+            found = None
+        if found is not None:
+            entries = []
+            for k, item in found.items():
+                if item is None:
+                    continue  # removed
+                if isinstance(item, tuple) and not isinstance(item, ExtType):
+                    entries.append(item)  # unchanged since the last read
+                    continue
+                order = _message_order(repo.read_ref(item))
+                if order is not None:
+                    entries.append((*order, k, item))
+            entries.sort(key=lambda e: e[:3])  # ties in (date, id): in path order
+            t = _Topic(root, entries, [e[0] for e in entries])
+        if len(t.entries) <= self.max_entries:
+            self._topics[name] = t
+            self._size += len(t.entries)
+            while self._size > self.max_entries:
+                _, old = self._topics.popitem(last=False)
+                self._size -= len(old.entries)
+        return t
+
+
 def messages(repo: Repository, topic: str, since: int | None, before: int | None, limit: int | None) -> list[dict]:
-    out = []
-    for path, raw in repo.items(f"/topics/{topic}/"):
-        if not _is_message(path, topic):
-            continue
-        try:
-            post = parse_json(raw)
-            date = post["date"]
-        except (ValueError, KeyError, TypeError):
-            continue  # not a message of ours: written by another client; skipped, not fatal
-        if not isinstance(date, (int, float)):
-            continue
-        # inclusive: a page boundary never loses a post with the same date (ids tell repeats)
-        if since is not None and date < since:
-            continue
-        if before is not None and date > before:
-            continue
-        out.append(post)
-    out.sort(key=lambda p: (p["date"], str(p.get("id"))))
-    if limit is not None and len(out) > limit:
-        out = out[-limit:]
-    return out
+    """As ``TopicIndex.messages``, with an index of this one read."""
+    return TopicIndex().messages(repo, topic, since, before, limit)
 
 
 def folder(repo: Repository, topic: str, kind: str) -> list[dict]:

@@ -397,7 +397,7 @@ async def read_topic(gw: Gateway, request: Request, data, user: ChatUser, topic:
     since = _int_param(request, "since")
     before = _int_param(request, "before")
     limit = _int_param(request, "limit", 1, MAX_LIMIT)
-    return await gw.read(chat.messages, user.repo, topic, since, before, limit)
+    return await gw.read(gw.topic_index.messages, user.repo, topic, since, before, limit)
 
 
 @route("POST", "/topics/{topic}", "Post a message", POST, body=MESSAGE_IN)

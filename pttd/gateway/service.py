@@ -315,6 +315,7 @@ class Gateway:
         in_process = self.cfg.writer == "process" and node.mode == "gateway"
         self._writes = ProcessWrites(self) if in_process else ThreadWrites(self)
         node.others_write = in_process
+        self.topic_index = chat.TopicIndex()  # GET /topics/:id reads a page, not the topic
         self.groups = 0  # transactions the writer made (for the bench and status)
         self.writes = 0
 
