@@ -185,6 +185,39 @@ async def test_friends_and_channels_are_sealed_to_the_owner(tmp_path):
         assert result(await http.get("/friends", headers=hb)) == []
 
 
+async def test_direct_messages_page_by_date_and_limit_newest_first(tmp_path):
+    async with gateway(tmp_path) as g:
+        http = g.web
+        alice, ha = await login(http, "alice")
+        bob, hb = await login(http, "bob")
+        carol, hc = await login(http, "carol")
+        for i in range(6):  # two conversations for alice, interleaved
+            result(await http.post("/dm", json={"data": {"key": alice, "message": f"b{i}"}}, headers=hb))
+            result(await http.post("/dm", json={"data": {"key": alice, "message": f"c{i}"}}, headers=hc))
+
+        def texts(convs):
+            return {c["key"]: [m["message"]["value"] for m in c["messages"]] for c in convs}
+
+        everything = result(await http.get("/dm", headers=ha))
+        assert texts(everything) == {bob: [f"b{i}" for i in range(6)], carol: [f"c{i}" for i in range(6)]}
+        # the gateway's order: by date, then (the same millisecond) by sender
+        in_order = sorted((m for c in everything for m in c["messages"]), key=lambda m: (m["date"], m["from"], m["id"]))
+
+        def ids(convs):
+            return sorted(m["id"] for c in convs for m in c["messages"])
+
+        newest = result(await http.get("/dm?limit=3", headers=ha))
+        assert ids(newest) == sorted(m["id"] for m in in_order[-3:])
+        assert newest[0]["messages"][-1]["id"] == in_order[-1]["id"]  # the newest conversation first
+        # the page before: up to the date of the 6th message, the newest 3 of those
+        mid = in_order[5]["date"]
+        older = result(await http.get(f"/dm?before={mid}&limit=3", headers=ha))
+        assert ids(older) == sorted(m["id"] for m in [m for m in in_order if m["date"] <= mid][-3:])
+        assert texts(result(await http.get(f"/dm?key={bob}&limit=2", headers=ha))) == {bob: ["b4", "b5"]}
+        assert "limit" in result(await http.get("/dm?limit=0", headers=ha), 400)
+        assert "before" in result(await http.get("/dm?before=x", headers=ha), 400)
+
+
 async def test_direct_messages_between_two_users_on_one_gateway(tmp_path):
     async with gateway(tmp_path) as g:
         http = g.web

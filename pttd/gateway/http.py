@@ -502,13 +502,33 @@ async def send_dm(gw: Gateway, request: Request, data, user: ChatUser):
     _list(CONVERSATION),
     query=[
         {"name": "key", "in": "query", "schema": KEY, "description": "only the conversation with this key"},
-        {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": MAX_INT}},
+        {
+            "name": "since",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 0, "maximum": MAX_INT},
+            "description": "date >= since (ms)",
+        },
+        {
+            "name": "before",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 0, "maximum": MAX_INT},
+            "description": "date <= before (ms)",
+        },
+        {
+            "name": "limit",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
+            "description": "at most this many messages in all, the newest",
+        },
     ],
 )
 async def list_dms(gw: Gateway, request: Request, data, user: ChatUser):
     peer = request.query_params.get("key")
     key = chat.check_key(peer, "key") if peer is not None else None
-    return await gw.read(gw.dm_channels, user, key, _int_param(request, "since"))
+    since = _int_param(request, "since")
+    before = _int_param(request, "before")
+    limit = _int_param(request, "limit", 1, MAX_LIMIT)
+    return await gw.read(gw.dm_channels, user, key, since, before, limit)
 
 
 DMS_IN = {

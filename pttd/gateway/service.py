@@ -1048,23 +1048,42 @@ class Gateway:
     async def send_dm(self, u: ChatUser, recipients: list[bytes], msg: dict, channel: dict | None):
         return await self.write(u, "send_dm", recipients, msg, channel)
 
-    def dm_channels(self, u: ChatUser, peer: bytes | None, since: int | None) -> list[dict]:
+    def dm_channels(
+        self,
+        u: ChatUser,
+        peer: bytes | None,
+        since: int | None,
+        before: int | None = None,
+        limit: int | None = None,
+    ) -> list[dict]:
         """The user's direct-message conversations with their opened messages (``peer``:
-        only those with that key: the direct one and channels it is a member of)."""
+        only those with that key: the direct one and channels it is a member of), of
+        the messages with ``since <= date <= before``, the newest ``limit``. Envelopes
+        are opened newest first and only until ``limit`` are found: a page costs its
+        own size, not the user's whole history."""
         q = "SELECT sender, path, peer, date FROM gw_dms WHERE user=?"
         params: list = [u.key]
         if since is not None:
             q += " AND date>=?"
             params.append(since)
-        q += " ORDER BY date"
-        convs: dict[str, dict] = {}
+        if before is not None:
+            q += " AND date<=?"
+            params.append(before)
+        q += " ORDER BY date DESC, sender DESC, path DESC"
+        picked: list[tuple[bytes, dict]] = []
         for sender, path, other, _date in self.store.query(q, params):
+            if limit is not None and len(picked) >= limit:
+                break
             plain = self._open(u, sender, path, other)
             if plain is None:
                 continue
             ch = plain.get("channel")
             if peer is not None and other != peer and (ch is None or peer.hex() not in ch["members"]):
                 continue
+            picked.append((other, plain))
+        convs: dict[str, dict] = {}
+        for other, plain in reversed(picked):  # oldest first
+            ch = plain.get("channel")
             ckey = chat.conversation_key(plain, other)
             if ch is not None:
                 conv = convs.setdefault(ckey, {"channel": ch, "messages": []})
