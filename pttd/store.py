@@ -681,9 +681,12 @@ class Store:
             ).fetchone()
         return None if row is None else self._checked_commit(repo, row)
 
-    def head_commits(self, repos: list[RepoRow]) -> dict[int, SignedCommit]:
+    def head_commits(
+        self, repos: list[RepoRow], damaged: dict[int, CorruptBlock] | None = None
+    ) -> dict[int, SignedCommit]:
         """The newest commit of each of ``repos`` (one query), checked; by repository
-        row id, without the repositories that have none."""
+        row id, without the repositories that have none. A head that fails its check
+        raises CorruptBlock, or with ``damaged``, is left out and put there instead."""
         out: dict[int, SignedCommit] = {}
         by_id = {r.id: r for r in repos}
         ids = list(by_id)
@@ -697,7 +700,12 @@ class Store:
                     part,
                 ).fetchall()
                 for repo_id, *row in rows:
-                    out[repo_id] = self._checked_commit(by_id[repo_id], row)
+                    try:
+                        out[repo_id] = self._checked_commit(by_id[repo_id], row)
+                    except CorruptBlock as exc:
+                        if damaged is None:
+                            raise
+                        damaged[repo_id] = exc
         return out
 
     def _checked_commit(self, repo: RepoRow, row) -> SignedCommit:

@@ -4,6 +4,7 @@ of its own, and a writer that dies is replaced without losing an answered write.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import pickle
@@ -16,8 +17,10 @@ from blake3 import blake3
 from nacl.signing import SigningKey
 
 from protocol.hashing import KIND_VALUE
+from pttd.datadir import DataDir
 from pttd.errors import Forbidden, MissingBlock
 from pttd.gateway import account, chat, service
+from pttd.gateway.keys import GatewayKey
 from pttd.gateway.writes import GroupWriter, request, serve
 from pttd.store import Store
 from tests.gwutil import gateway, login, result
@@ -96,6 +99,34 @@ def test_a_group_the_store_refuses_is_answered_failed_and_stores_nothing(tmp_pat
         assert store.query("SELECT count(*) FROM commits")[0][0] == 0
     finally:
         store.close()
+
+
+def test_a_damaged_head_fails_the_writes_to_its_repository_and_not_the_group(tmp_path, caplog):
+    dd = DataDir.init(str(tmp_path / "gw"))
+    try:
+        key = GatewayKey.load(dd.store, str(tmp_path / "gw" / "gateway.key"), None)
+        alice, bob = service.create_users(dd.store, key, [("alice", None, "Alice"), ("bob", None, "Bob")])
+        store = dd.store
+        # alice's newest commit, its signature flipped on the disk
+        (seq,) = store.query("SELECT max(seq) FROM commits WHERE repo=?", (alice.repo.row.id,))[0]
+        store.execute(
+            "UPDATE commits SET sig = ? WHERE repo=? AND seq=?",
+            (bytes(64), alice.repo.row.id, seq),
+        )
+        writer = GroupWriter(store, b"\0" * 32, 100)
+        reqs = [
+            request("post", ("general", text), u.repo.key, u.repo.row.id, u.name, bytes(u.repo._key))
+            for u, text in ((alice, "from alice"), (bob, "from bob"))
+        ]
+        with caplog.at_level(logging.ERROR, logger="pttd.gateway.writes"):
+            answers = writer.apply(reqs)
+        assert "damaged" in str(answers[0]["error"]) and "error" not in answers[1]
+        assert alice.repo.key.hex() in caplog.text
+        assert store.query("SELECT max(seq) FROM commits WHERE repo=?", (alice.repo.row.id,))[0][0] == seq
+        posts = [json.loads(v) for _p, v in bob.repo.items("/topics/general/")]
+        assert [p["message"]["value"] for p in posts] == ["from bob"]
+    finally:
+        dd.close()
 
 
 @pytest.mark.parametrize("writer", ["process", "thread"])

@@ -292,9 +292,15 @@ class GroupWriter:
             moved = {k for (k,) in store.query(f"SELECT repo FROM gw_moved WHERE repo IN ({marks})", keys)}
             # the heads, read inside this transaction: one query for the group
             rows = {r["row"]: RepoRow(r["row"], r["key"], True) for r in reqs if r["key"] is not None}
-            for row_id, sc in store.head_commits(list(rows.values())).items():
+            # a damaged head fails the writes to its repository, not the whole group
+            damaged: dict[int, CorruptBlock] = {}
+            for row_id, sc in store.head_commits(list(rows.values()), damaged).items():
                 heads[rows[row_id].key] = sc
             for r in reqs:
+                if r["key"] is not None and r["row"] in damaged:
+                    log.error("repository %s cannot be written: %s", r["key"].hex(), damaged[r["row"]])
+                    out.append({"error": ServerError("this repository's newest version is damaged in the store")})
+                    continue
                 out.append(self._apply_one(r, w, heads, moved, commits, txs))
             store.insert_commits(commits)
             self._events_added += flush_rows(store, txs)
