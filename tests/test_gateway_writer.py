@@ -240,6 +240,23 @@ async def test_the_daemon_checkpoints_the_wal_its_writer_process_grows(tmp_path,
         assert len(result(await g.web.get("/topics/general", headers=h))) == 200
 
 
+async def test_the_daemon_copies_the_wal_beside_the_writer_long_before_it_is_due(tmp_path, monkeypatch):
+    """Passive checkpoints, every CHECKPOINT_EVERY: what the writer commits reaches the
+    database file while the WAL is far below its limit (and is not emptied)."""
+    monkeypatch.setattr(service, "CHECKPOINT_EVERY", 0.05)
+    async with gateway(tmp_path) as g:
+        _k, h = await login(g.web, "alice")
+        store = g.node.store
+        size = os.path.getsize(store.path)
+        for i in range(50):
+            result(await g.web.post("/topics/general", json={"data": f"message {i} " + "x" * 4000}, headers=h))
+        assert 0 < store.wal_bytes() < 64 << 20
+        with trio.fail_after(10):
+            while os.path.getsize(store.path) < size + 150_000:  # the 50 posts' 200 KB
+                await trio.sleep(0.02)
+        assert store.wal_bytes() > 0  # copied, not emptied: that is for a WAL past its limit
+
+
 async def test_a_burst_that_finds_the_writer_idle_goes_as_two_groups(tmp_path):
     """Writes that reach the writer task together (the event loop moves requests in
     step) are handed over as two groups, and every write of them lands."""

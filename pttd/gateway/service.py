@@ -936,16 +936,23 @@ class Gateway:
         await sent_send.send(reqs)
 
     async def _checkpoints(self) -> None:
-        """With a writer process: the WAL it grows is copied into the database file here,
-        once past WAL_CHECKPOINT_BYTES. The writer's next group waits for it; the writer
-        itself never waits for this process's readers to finish."""
+        """With a writer process: the WAL it grows is copied into the database file here.
+
+        Every CHECKPOINT_EVERY seconds a passive checkpoint copies what the writer has
+        committed, beside it (it waits for nobody, and nobody waits for it). Under
+        steady load the writer seldom finds the log all copied, so it never starts it
+        afresh and the file grows; past WAL_CHECKPOINT_BYTES a TRUNCATE checkpoint holds
+        the writer while it copies what the last passive one left and empties the file.
+        Measured under 64 clients: the writer's longest group 66 ms this way, against
+        255-352 ms when the whole WAL was copied at once with the writer held."""
         while True:
             await trio.sleep(CHECKPOINT_EVERY)
-            if self.store.checkpoint_due():
-                try:
+            try:
+                await self.node.db(self.store.checkpoint, "PASSIVE")
+                if self.store.checkpoint_due():
                     await self.node.db(self.store.checkpoint)
-                except sqlite3.Error as exc:
-                    log.warning("checkpoint failed (tried again in %g s): %s", CHECKPOINT_EVERY, exc)
+            except sqlite3.Error as exc:
+                log.warning("checkpoint failed (tried again in %g s): %s", CHECKPOINT_EVERY, exc)
 
     async def _answer_groups(self, sent: trio.MemoryReceiveChannel, slots: trio.Semaphore) -> None:
         async for reqs in sent:
