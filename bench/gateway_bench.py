@@ -269,10 +269,10 @@ def run_load(
             ceiling = trio.run(load, host, port, [health] * c, seconds, 0.5, daemon.pids())
             log(f"{c} clients, round {r + 1}/{rounds}: posts ...")
             post = trio.run(load, host, port, posts, seconds, 0.5, daemon.pids())
-            ratio = round(post["per_s"] / ceiling["per_s"], 3) if ceiling["per_s"] else 0.0
+            ratio = round(post["per_s"] / ceiling["per_s"], 3) if ceiling["per_s"] else None
             log(f"  ceiling {ceiling['per_s']}/s, posts {post['per_s']}/s, p99 {post['p99_ms']} ms, ratio {ratio}")
             runs.append({"ceiling": ceiling, "posts": post, "posts_vs_ceiling": ratio})
-        median = sorted(runs, key=lambda x: x["posts_vs_ceiling"])[len(runs) // 2]
+        median = sorted(runs, key=lambda x: x["posts_vs_ceiling"] or 0.0)[len(runs) // 2]
         out[str(c)] = {
             **median,  # the round with the median ratio
             "rounds": [
@@ -343,13 +343,18 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--concurrency", default="1,64")
     ap.add_argument(
-        "--rounds", type=int, default=3, help="ceiling + posts runs per number of clients (median reported)"
+        "--rounds",
+        type=int,
+        default=None,
+        help="ceiling + posts runs per number of clients, median reported (3; --quick: 1)",
     )
     ap.add_argument("--startup-users", type=int, default=10_000, help="0: no start-up figure")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
-        args.seconds, args.startup_users, args.rounds = 2.0, 2000, 1
+        args.seconds, args.startup_users = 2.0, 2000
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
     base = tempfile.mkdtemp(prefix="pttd-gw-bench-")
     try:
         d = os.path.join(base, "gw")

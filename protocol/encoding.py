@@ -44,7 +44,10 @@ def pack_fast(obj: Any) -> bytes:
     packer = getattr(_local, "packer", None)
     if packer is None:
         packer = _local.packer = msgpack.Packer(use_bin_type=True)
-    return packer.pack(obj)
+    out = packer.pack(obj)
+    if len(out) > 1 << 20:
+        _local.packer = None  # its buffer grew to this size: not kept for the thread's life
+    return out
 
 
 def unpack_canonical(data: bytes, what: str = "object", maps: bool = True) -> Any:

@@ -314,7 +314,10 @@ async def chat_command(gw, cmd: str, args: dict) -> dict:
         return {"post": await gw.post(u, topic, args.get("text"))}
     if cmd == "chat_read":
         topic = chat.check_id(args.get("topic"), "topic", topic=True)
-        return {"messages": await gw.read(gw.topic_index.messages, u.repo, topic, None, None, args.get("limit"))}
+        limit = args.get("limit")
+        if limit is not None and (type(limit) is not int or limit < 1):
+            raise PttError(f"limit must be a positive whole number, not {limit!r:.20}")
+        return {"messages": await gw.read(gw.topic_index.messages, u.repo, topic, None, None, limit)}
     if cmd == "chat_friends":
         return {"friends": await gw.read(chat.sealed_list, u, "/friends/")}
     if cmd == "chat_friend_add":

@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from pttd.errors import PttError
+from pttd.gateway import chat
 from tests.gwutil import SSE, gateway, login, result
 from tests.netutil import start_daemon, wait_for
 
@@ -216,6 +217,23 @@ async def test_direct_messages_page_by_date_and_limit_newest_first(tmp_path):
         assert texts(result(await http.get(f"/dm?key={bob}&limit=2", headers=ha))) == {bob: ["b4", "b5"]}
         assert "limit" in result(await http.get("/dm?limit=0", headers=ha), 400)
         assert "before" in result(await http.get("/dm?before=x", headers=ha), 400)
+
+
+async def test_direct_message_conversations_in_one_millisecond_keep_the_page_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(chat, "now_ms", lambda: 1_800_000_000_000)  # every message in one ms
+    async with gateway(tmp_path, writer="thread") as g:
+        http = g.web
+        alice, ha = await login(http, "alice")
+        _bob, hb = await login(http, "bob")
+        _carol, hc = await login(http, "carol")
+        for i in range(3):
+            result(await http.post("/dm", json={"data": {"key": alice, "message": f"b{i}"}}, headers=hb))
+            result(await http.post("/dm", json={"data": {"key": alice, "message": f"c{i}"}}, headers=hc))
+        everything = result(await http.get("/dm", headers=ha))
+        # one date for all: the page's order is by sender, then envelope path
+        in_order = sorted((m for c in everything for m in c["messages"]), key=lambda m: (m["from"], m["id"]))
+        for convs in (everything, result(await http.get("/dm?limit=4", headers=ha))):
+            assert convs[0]["messages"][-1]["from"] == in_order[-1]["from"]  # the newest conversation first
 
 
 async def test_direct_messages_between_two_users_on_one_gateway(tmp_path):

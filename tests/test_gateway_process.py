@@ -98,6 +98,9 @@ def test_pttctl_users_and_chat_actions(gw):
         assert gw.pttctl("topics").stdout.decode().split() == ["general"]
         read = gw.pttctl("read", "general")
         assert read.returncode == 0 and "from the command line" in read.stdout.decode()
+        assert "from the command line" in gw.pttctl("read", "general", "--limit", "1").stdout.decode()
+        nothing = gw.pttctl("read", "general", "--limit", "0")
+        assert nothing.returncode == 1 and b"limit must be a positive" in nothing.stderr
         assert gw.pttctl("friends", "add", bob).returncode == 0
         assert bob in gw.pttctl("friends").stdout.decode()
         sent = gw.pttctl("dm", bob, "hello bob")

@@ -7,6 +7,7 @@ import json
 import random
 
 from pttd.gateway.chat import TopicIndex, parse_json
+from pttd.repo import collect_garbage
 
 
 def expected(repo, topic, since, before, limit):
@@ -84,6 +85,17 @@ def test_a_page_of_a_long_topic_reads_about_its_own_size(repo, datadir):
     before = store.blocks_read
     assert [p["id"] for p in index.messages(repo, "long", 100, 104, None)] == [f"m{i:04d}" for i in range(100, 105)]
     assert store.blocks_read - before <= 5  # unchanged: the page alone
+
+
+def test_a_topic_read_again_after_its_old_version_was_collected(repo, datadir):
+    for i in range(50):
+        post(repo, "t", f"m{i:03d}", i, pad=100)
+    index = TopicIndex()
+    assert len(index.messages(repo, "t", None, None, 5)) == 5
+    post(repo, "t", "m999", 999)
+    collect_garbage(datadir.store, keep=1)  # the version the index was read at is gone
+    datadir.store.drop_cache()
+    assert [p["id"] for p in index.messages(repo, "t", None, None, 2)] == ["m049", "m999"]
 
 
 def test_the_index_keeps_at_most_its_bound(repo):

@@ -30,7 +30,7 @@ from nacl.signing import SigningKey, VerifyKey
 
 from protocol import tree
 
-from ..errors import Conflict, NotFound, PttError
+from ..errors import Conflict, MissingBlock, NotFound, PttError
 from ..repo import Batch, Repository
 
 ID_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}"
@@ -366,9 +366,12 @@ class TopicIndex:
             found = {k: ref for k, ref in tree.iterate(root, prefix, load) if b"/" not in k[len(prefix) :]}
         elif t.root != root:
             found = {e[2]: e for e in t.entries}
-            for k, _old, new in tree.diff(t.root, root, load, prefixes=[prefix]):
-                if b"/" not in k[len(prefix) :]:
-                    found[k] = new
+            try:
+                for k, _old, new in tree.diff(t.root, root, load, prefixes=[prefix]):
+                    if b"/" not in k[len(prefix) :]:
+                        found[k] = new
+            except MissingBlock:  # the old version was pruned and collected since: read afresh
+                found = {k: ref for k, ref in tree.iterate(root, prefix, load) if b"/" not in k[len(prefix) :]}
         else:
             found = None
         if found is not None:

@@ -939,7 +939,8 @@ class Gateway:
         """With a writer process: the WAL it grows is copied into the database file here.
 
         Every CHECKPOINT_EVERY seconds a passive checkpoint copies what the writer has
-        committed, beside it (it waits for nobody, and nobody waits for it). Under
+        committed, beside it: the writer does not wait for it (this process's store
+        thread does, a few ms per 10 MB of WAL: reads queue behind it). Under
         steady load the writer seldom finds the log all copied, so it never starts it
         afresh and the file grows; past WAL_CHECKPOINT_BYTES a TRUNCATE checkpoint holds
         the writer while it copies what the last passive one left and empties the file.
@@ -1089,7 +1090,8 @@ class Gateway:
                 continue
             picked.append((other, plain))
         convs: dict[str, dict] = {}
-        for other, plain in reversed(picked):  # oldest first
+        last: dict[str, int] = {}  # each conversation's newest message: its place in the page
+        for i, (other, plain) in enumerate(reversed(picked)):  # oldest first
             ch = plain.get("channel")
             ckey = chat.conversation_key(plain, other)
             if ch is not None:
@@ -1097,7 +1099,8 @@ class Gateway:
             else:
                 conv = convs.setdefault(ckey, {"key": other.hex(), "messages": []})
             conv["messages"].append(plain)
-        return sorted(convs.values(), key=lambda c: c["messages"][-1]["date"], reverse=True)
+            last[ckey] = i
+        return [convs[k] for k in sorted(convs, key=last.__getitem__, reverse=True)]
 
     def _open(self, u: ChatUser, sender: bytes, path: str, other: bytes) -> dict | None:
         """An envelope in ``sender``'s repository between ``u`` and ``other``, opened."""
