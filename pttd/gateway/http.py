@@ -370,7 +370,8 @@ async def create_topic(gw: Gateway, request: Request, data, user: ChatUser):
     return await gw.create_topic(user, topic)
 
 
-TOPIC_QUERY = [
+# the paging parameters of GET /topics/{topic} and GET /dm
+PAGE_QUERY = [
     {
         "name": "since",
         "in": "query",
@@ -387,17 +388,19 @@ TOPIC_QUERY = [
         "name": "limit",
         "in": "query",
         "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
-        "description": "at most this many, the newest",
+        "description": "at most this many messages, the newest",
     },
 ]
 
 
-@route("GET", "/topics/{topic}", "Messages of a topic, oldest first", _list(POST), query=TOPIC_QUERY)
+def _page(request: Request) -> tuple[int | None, int | None, int | None]:
+    """since, before and limit (PAGE_QUERY), checked."""
+    return _int_param(request, "since"), _int_param(request, "before"), _int_param(request, "limit", 1, MAX_LIMIT)
+
+
+@route("GET", "/topics/{topic}", "Messages of a topic, oldest first", _list(POST), query=PAGE_QUERY)
 async def read_topic(gw: Gateway, request: Request, data, user: ChatUser, topic: str):
-    since = _int_param(request, "since")
-    before = _int_param(request, "before")
-    limit = _int_param(request, "limit", 1, MAX_LIMIT)
-    return await gw.read(gw.topic_index.messages, user.repo, topic, since, before, limit)
+    return await gw.read(gw.topic_index.messages, user.repo, topic, *_page(request))
 
 
 @route("POST", "/topics/{topic}", "Post a message", POST, body=MESSAGE_IN)
@@ -500,35 +503,13 @@ async def send_dm(gw: Gateway, request: Request, data, user: ChatUser):
     "/dm",
     "The user's direct-message conversations, messages opened, newest conversation first",
     _list(CONVERSATION),
-    query=[
-        {"name": "key", "in": "query", "schema": KEY, "description": "only the conversation with this key"},
-        {
-            "name": "since",
-            "in": "query",
-            "schema": {"type": "integer", "minimum": 0, "maximum": MAX_INT},
-            "description": "date >= since (ms)",
-        },
-        {
-            "name": "before",
-            "in": "query",
-            "schema": {"type": "integer", "minimum": 0, "maximum": MAX_INT},
-            "description": "date <= before (ms)",
-        },
-        {
-            "name": "limit",
-            "in": "query",
-            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
-            "description": "at most this many messages in all, the newest",
-        },
-    ],
+    query=[{"name": "key", "in": "query", "schema": KEY, "description": "only the conversation with this key"}]
+    + PAGE_QUERY,
 )
 async def list_dms(gw: Gateway, request: Request, data, user: ChatUser):
     peer = request.query_params.get("key")
     key = chat.check_key(peer, "key") if peer is not None else None
-    since = _int_param(request, "since")
-    before = _int_param(request, "before")
-    limit = _int_param(request, "limit", 1, MAX_LIMIT)
-    return await gw.read(gw.dm_channels, user, key, since, before, limit)
+    return await gw.read(gw.dm_channels, user, key, *_page(request))
 
 
 DMS_IN = {
