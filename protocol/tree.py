@@ -312,6 +312,20 @@ def lookup(root: bytes, key: bytes, load: Load) -> ValueRef | None:
         node = _child(node, i, load)
 
 
+def seek(root: bytes, key: bytes, load: Load) -> tuple[bytes, ValueRef] | None:
+    """The first entry whose key is ``key`` or after it, or None: one path down (an
+    inner node names each child by its last key, so the child holding the first key at
+    or after ``key`` is the first one named at or after it)."""
+    node = load(root)
+    while True:
+        i = bisect_left(node.keys, key)
+        if i == len(node.keys):
+            return None
+        if node.level == 0:
+            return node.keys[i], node.vals[i]
+        node = _child(node, i, load)
+
+
 def path_nodes(root: bytes, key: bytes, load: Load) -> list[bytes]:
     """Addresses of the nodes from the root down to where ``key`` is or would be."""
     out = [root]

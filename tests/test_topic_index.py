@@ -1,12 +1,13 @@
-"""GET /topics/:id's index: a topic's messages ordered by (date, id), kept up to date by
-diffs, so that a page reads its own messages and not the whole topic."""
+"""Reading topics without reading every message: GET /topics/:id's index (a topic's
+messages ordered by (date, id), kept up to date by diffs, so that a page reads its own
+messages) and GET /topics (one step down the tree per topic)."""
 
 from __future__ import annotations
 
 import json
 import random
 
-from pttd.gateway.chat import TopicIndex, parse_json
+from pttd.gateway.chat import TopicIndex, parse_json, topics
 from pttd.repo import collect_garbage
 
 
@@ -109,3 +110,20 @@ def test_the_index_keeps_at_most_its_bound(repo):
     big = TopicIndex(max_entries=10)
     assert len(big.messages(repo, "a", None, None, None)) == 30  # too big to keep: read whole
     assert big._size == 0
+
+
+def test_the_topic_list_steps_over_each_topics_messages(repo, datadir):
+    # names that sort between a topic's own path and its messages: /topics/a-b/... lies
+    # between /topics/a and /topics/a/...
+    with repo.batch() as b:
+        for t in ("a", "a-b", "a.b", "a0", "b", "__gossiping"):
+            for i in range(200):
+                b.put(f"/topics/{t}/m{i:04d}", b"x")
+        b.put("/topics/a", b"a path of its own")
+        b.put("/topicsx/not-a-topic/m", b"x")
+    every = list(dict.fromkeys(info.path.split("/")[2] for info in repo.list("/topics/")))
+    assert every == ["__gossiping", "a", "a-b", "a.b", "a0", "b"]
+    datadir.store.drop_cache()
+    before = datadir.store.blocks_read
+    assert topics(repo) == ["a", "a-b", "a.b", "a0", "b"]  # the direct messages' folder is no topic
+    assert datadir.store.blocks_read - before < 30  # listing every entry reads 165 blocks here

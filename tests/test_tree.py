@@ -220,3 +220,14 @@ def test_appending_one_key_at_a_time_lands_on_the_built_root(mem):
             assert root == build(MemoryBlocks(), entries)
     assert root == build(MemoryBlocks(), entries)
     tree.check_shape(root, mem.load)
+
+
+@given(keys=keys_st, probes=st.lists(st.binary(min_size=0, max_size=12), max_size=30))
+def test_seek_finds_the_first_entry_at_or_after_a_key(keys, probes):
+    mem = MemoryBlocks()
+    entries = {k: b"v" + k[:8] for k in keys}
+    root = build(mem, entries)
+    ordered = sorted(entries)
+    for probe in probes + ordered[:5] + [k + b"\x00" for k in ordered[:5]]:
+        after = [k for k in ordered if k >= probe]
+        assert tree.seek(root, probe, mem.load) == ((after[0], entries[after[0]]) if after else None)

@@ -299,11 +299,22 @@ def _is_message(path: str, topic: str) -> bool:
 
 
 def topics(repo: Repository) -> list[str]:
+    """The topics the repository holds anything under, in path order: one step down the
+    tree per topic, skipping each topic's entries (not a walk over every message)."""
+    root = repo.head().commit.root
+    load = repo.store.load_node
     seen: dict[str, None] = {}
-    for info in repo.list("/topics/"):
-        name = info.path.split("/")[2]
-        if name != GOSSIP:
-            seen[name] = None
+    top = b"/topics/"
+    at = top
+    while (entry := tree.seek(root, at, load)) is not None and entry[0].startswith(top):
+        key = entry[0]
+        name, slash, _rest = key[len(top) :].partition(b"/")
+        if name.decode() != GOSSIP:
+            seen[name.decode()] = None
+        # past every key under this topic (no path holds the byte 0xff); a key that is
+        # the topic's own path is passed alone, as keys such as /topics/a-b/... sort
+        # between /topics/a and /topics/a/...
+        at = top + name + b"/\xff" if slash else key + b"\x00"
     return list(seen)
 
 
