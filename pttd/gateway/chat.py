@@ -344,9 +344,10 @@ class TopicIndex:
     topic brings the index up to the new head by a diff of the topic's prefix (work
     proportional to the change), and reads only the messages it returns: a page of a
     long topic costs its own size, not the topic's. Bounded by ``max_entries`` in all
-    (least recently read topics dropped first)."""
+    (least recently read topics dropped first; about 400 bytes an entry, so 40 MB at the
+    default); a topic longer than that is read whole each time."""
 
-    def __init__(self, max_entries: int = 200_000):
+    def __init__(self, max_entries: int = 100_000):
         self.max_entries = max_entries
         self._topics: OrderedDict[tuple[bytes, str], _Topic] = OrderedDict()
         self._size = 0
