@@ -293,11 +293,6 @@ def conversation_key(plain: dict, other: bytes) -> str:
 # --- reads ----------------------------------------------------------------------------
 
 
-def _is_message(path: str, topic: str) -> bool:
-    rest = path[len(f"/topics/{topic}/") :]
-    return "/" not in rest
-
-
 def topics(repo: Repository) -> list[str]:
     """The topics the repository holds anything under, in path order: one step down the
     tree per topic, skipping each topic's entries (not a walk over every message)."""
