@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from blake3 import blake3
@@ -73,27 +73,57 @@ class Node:
     level: int
     keys: list[bytes]
     vals: list  # ValueRef at level 0, child addresses above
+    # The keys' encoded columns (prefix lengths, suffixes), when known: a node rewritten
+    # with one key changed re-encodes only the keys next to it.
+    cols: tuple[list[int], list[bytes]] | None = field(default=None, compare=False, repr=False)
 
 
-def encode_node(level: int, keys: list[bytes], vals: list) -> bytes:
+def columns(keys: list[bytes]) -> tuple[list[int], list[bytes]]:
+    """The prefix-compressed columns of sorted keys: each key's length of prefix shared
+    with the key before it (maximal), and the rest of it."""
     if not keys:
-        return pack_fast([level, [], [], vals])
+        return [], []
     plens = [0]
     sufs = [keys[0]]
     prev = keys[0]
     from_bytes = int.from_bytes
     for k in keys[1:]:
-        # common_prefix_len, inlined: this loop runs once per entry of every write.
+        # common_prefix_len, inlined: this loop runs once per entry of a node built whole.
         n = min(len(prev), len(k))
         p = n - ((from_bytes(prev[:n], "big") ^ from_bytes(k[:n], "big")).bit_length() + 7) // 8
         plens.append(p)
         sufs.append(k[p:])
         prev = k
+    return plens, sufs
+
+
+def _columns_after(node: Node, keys: list[bytes], i: int, inserted: bool) -> tuple[list[int], list[bytes]]:
+    """The columns of ``keys``: ``node``'s keys with the key at ``i`` replaced, or a key
+    inserted at ``i``. Only the entries at ``i`` and ``i + 1`` are computed again."""
+    if node.cols is None:
+        return columns(keys)
+    plens, sufs = list(node.cols[0]), list(node.cols[1])
+    if inserted:
+        plens.insert(i, 0)
+        sufs.insert(i, b"")
+    for j in (i, i + 1):
+        if j >= len(keys):
+            break
+        if j == 0:
+            plens[0], sufs[0] = 0, keys[0]
+        else:
+            p = common_prefix_len(keys[j - 1], keys[j])
+            plens[j], sufs[j] = p, keys[j][p:]
+    return plens, sufs
+
+
+def encode_node(level: int, keys: list[bytes], vals: list, cols: tuple | None = None) -> bytes:
+    plens, sufs = cols if cols is not None else columns(keys)
     return pack_fast([level, plens, sufs, vals])
 
 
-def node_block(level: int, keys: list[bytes], vals: list) -> tuple[bytes, bytes]:
-    return make_block(KIND_NODE, encode_node(level, keys, vals))
+def node_block(level: int, keys: list[bytes], vals: list, cols: tuple | None = None) -> tuple[bytes, bytes]:
+    return make_block(KIND_NODE, encode_node(level, keys, vals, cols))
 
 
 def _check_value_ref(v: object) -> None:
@@ -165,7 +195,7 @@ def decode_node(payload: bytes) -> Node:
         for v in vals:
             if not (type(v) is bytes and len(v) == HASH_SIZE):
                 raise FormatError("tree node: child address is not 32 bytes")
-    return Node(level, keys, vals)
+    return Node(level, keys, vals, (plens, sufs))
 
 
 def empty_tree(emit: Emit) -> bytes:
@@ -424,8 +454,9 @@ def mutate(root: bytes, changes: dict[bytes, ValueRef | None], load: Load, emit:
     new_nodes: dict[bytes, Node] = {}
 
     def emit_node(level: int, keys: list[bytes], vals: list) -> bytes:
-        h, b = node_block(level, keys, vals)
-        new_nodes[h] = Node(level, keys, vals)
+        cols = columns(keys)
+        h, b = node_block(level, keys, vals, cols)
+        new_nodes[h] = Node(level, keys, vals, cols)
         emit(h, b)
         return h
 
@@ -540,7 +571,9 @@ def _change_one(root: bytes, old_root: Node, key: bytes, value, load: Load, emit
             while path[-1][0].level < cut:
                 path.pop()
             parent, _ = path.pop()
-            return _rewrite_up(cut, parent.keys + [key], parent.vals + [h], path, emit, remember)
+            keys = parent.keys + [key]
+            cols = _columns_after(parent, keys, len(keys) - 1, inserted=True)
+            return _rewrite_up(cut, keys, parent.vals + [h], path, emit, remember, cols)
     found = j < len(keys) and keys[j] == key
     if value is None:
         if not found:
@@ -549,36 +582,46 @@ def _change_one(root: bytes, old_root: Node, key: bytes, value, load: Load, emit
             return None
         keys = keys[:j] + keys[j + 1 :]
         vals = vals[:j] + vals[j + 1 :]
+        cols = None
     elif found:
         if vals[j] == value:
             return root
         vals = list(vals)
         vals[j] = value
+        cols = node.cols
     else:
         keys = keys[:j] + [key] + keys[j:]
         vals = vals[:j] + [value] + vals[j:]
-    return _rewrite_up(0, keys, vals, path, emit, remember)
+        cols = _columns_after(node, keys, j, inserted=True)
+    return _rewrite_up(0, keys, vals, path, emit, remember, cols)
 
 
-def _emit_new(level: int, keys: list[bytes], vals: list, emit: Emit, remember) -> bytes:
-    h, b = node_block(level, keys, vals)
+def _emit_new(level: int, keys: list[bytes], vals: list, emit: Emit, remember, cols: tuple | None = None) -> bytes:
+    if cols is None:
+        cols = columns(keys)
+    h, b = node_block(level, keys, vals, cols)
     emit(h, b)
     if remember is not None:
-        remember(h, Node(level, keys, vals))
+        remember(h, Node(level, keys, vals, cols))
     return h
 
 
-def _rewrite_up(level: int, keys: list[bytes], vals: list, path: list[tuple[Node, int]], emit: Emit, remember) -> bytes:
-    """Emit the new node (level, keys, vals), then each node of ``path`` above it (its
-    ancestors, the parent last) pointing at the new child by its last key."""
+def _rewrite_up(
+    level: int, keys: list[bytes], vals: list, path: list[tuple[Node, int]], emit: Emit, remember, cols=None
+) -> bytes:
+    """Emit the new node (level, keys, vals; ``cols``, its columns when known), then
+    each node of ``path`` above it (its ancestors, the parent last) pointing at the new
+    child by its last key."""
     while True:
-        h = _emit_new(level, keys, vals, emit, remember)
+        h = _emit_new(level, keys, vals, emit, remember, cols)
         if not path:
             return h
         parent, i = path.pop()
         last = keys[-1]
         keys, vals = list(parent.keys), list(parent.vals)
+        unchanged = keys[i] == last
         keys[i], vals[i] = last, h
+        cols = parent.cols if unchanged else _columns_after(parent, keys, i, inserted=False)
         level = parent.level
 
 

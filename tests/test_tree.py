@@ -180,11 +180,21 @@ def test_one_change_at_a_time_lands_on_the_root_of_the_final_set(start, ops):
     mem = MemoryBlocks()
     root = build(mem, start)
     entries = dict(start)
-    for key, value in ops:
+    kept: dict[bytes, tree.Node] = {}  # nodes as a writer keeps them (with their columns)
+
+    def load(address: bytes) -> tree.Node:
+        return kept.get(address) or mem.load(address)
+
+    def remember(address: bytes, node: tree.Node) -> None:
+        assert node.cols == tree.columns(node.keys)  # patched columns: as if computed whole
+        assert tree.node_block(node.level, node.keys, node.vals)[0] == address
+        kept[address] = node
+
+    for n, (key, value) in enumerate(ops):
         if value is None and key not in entries:
             continue
         before = dict(mem.blocks)
-        new_root = tree.mutate(root, {key: value}, mem.load, mem.emit)
+        new_root = tree.mutate(root, {key: value}, load if n % 2 else mem.load, mem.emit, remember)
         if value is None:
             del entries[key]
         else:
