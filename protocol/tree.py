@@ -456,7 +456,7 @@ def mutate(root: bytes, changes: dict[bytes, ValueRef | None], load: Load, emit:
     def emit_node(level: int, keys: list[bytes], vals: list) -> bytes:
         cols = columns(keys)
         h, b = node_block(level, keys, vals, cols)
-        new_nodes[h] = Node(level, keys, vals, cols)
+        new_nodes[h] = Node(level, keys, vals, cols if remember is not None else None)
         emit(h, b)
         return h
 
