@@ -534,17 +534,21 @@ def mutate(root: bytes, changes: dict[bytes, ValueRef | None], load: Load, emit:
 
 
 def _change_one(root: bytes, old_root: Node, key: bytes, value, load: Load, emit: Emit, remember) -> bytes | None:
-    """The new root after one change of a key of level 0, or None to leave the change
-    to the general path (a key of a higher level, a delete that would empty a node, or
-    an append past a last key that is a cut at the root's level: the root splits).
+    """The new root after one change that moves no node boundary, or None to leave
+    the change to the general path: a new key of a higher level inside the tree, the
+    delete of a key of a higher level or one that would empty a node, or an append past
+    a last key that is a cut at the root's level (the root splits).
 
     A level-0 key is never a cut, so adding, changing or removing it moves no node
     boundary at any level: the leaf where it belongs is rewritten, and each node above
     it takes the new child's address and last key. (Past the tree's last key, that
-    holds while the last key is no cut either.) That is exactly what ``mutate``
-    builds, in a fraction of the work (one write of a chat post is one such change).
+    holds while the last key is no cut either.) Changing the value of any key moves no
+    boundary either; nor does appending a key of any level past the tree's last key, as
+    a cut only ends its node and nothing follows. That is exactly what ``mutate`` builds,
+    in a fraction of the work (one write of a chat post is one such change).
     """
-    if key_level(key) != 0:
+    high = key_level(key) != 0
+    if high and value is None:
         return None
     path: list[tuple[Node, int]] = []
     node = old_root
@@ -556,6 +560,8 @@ def _change_one(root: bytes, old_root: Node, key: bytes, value, load: Load, emit
         node = _child(node, i, load)
     keys, vals = node.keys, node.vals
     j = bisect_left(keys, key)
+    if high and j < len(keys) and keys[j] != key:
+        return None  # a new cut inside the tree: nodes split on the levels below the key's
     if j == len(keys) and value is not None:
         cut = key_level(keys[-1])
         if cut:
