@@ -534,18 +534,20 @@ def mutate(root: bytes, changes: dict[bytes, ValueRef | None], load: Load, emit:
 
 
 def _change_one(root: bytes, old_root: Node, key: bytes, value, load: Load, emit: Emit, remember) -> bytes | None:
-    """The new root after one change that moves no node boundary, or None to leave
-    the change to the general path: a new key of a higher level inside the tree, the
-    delete of a key of a higher level or one that would empty a node, or an append past
-    a last key that is a cut at the root's level (the root splits).
+    """The new root after one change, or None to leave it to the general path: the
+    delete of a key of a higher level or one that would empty a node, or a change that
+    would split the root (an append past a last key that is a cut at the root's level,
+    a new key inside the tree of a level above the root's).
 
     A level-0 key is never a cut, so adding, changing or removing it moves no node
     boundary at any level: the leaf where it belongs is rewritten, and each node above
     it takes the new child's address and last key. (Past the tree's last key, that
     holds while the last key is no cut either.) Changing the value of any key moves no
     boundary either; nor does appending a key of any level past the tree's last key, as
-    a cut only ends its node and nothing follows. That is exactly what ``mutate`` builds,
-    in a fraction of the work (one write of a chat post is one such change).
+    a cut only ends its node and nothing follows. A new key of a higher level inside the
+    tree splits the nodes it lands in below its level (``_insert_cut``). That is exactly
+    what ``mutate`` builds, in a fraction of the work (one write of a chat post is one
+    such change).
     """
     high = key_level(key) != 0
     if high and value is None:
@@ -561,7 +563,8 @@ def _change_one(root: bytes, old_root: Node, key: bytes, value, load: Load, emit
     keys, vals = node.keys, node.vals
     j = bisect_left(keys, key)
     if high and j < len(keys) and keys[j] != key:
-        return None  # a new cut inside the tree: nodes split on the levels below the key's
+        # a new cut inside the tree: the nodes where it lands split below its level
+        return _insert_cut(old_root, key, value, keys, vals, j, path, emit, remember)
     if j == len(keys) and value is not None:
         cut = key_level(keys[-1])
         if cut:
@@ -600,6 +603,34 @@ def _change_one(root: bytes, old_root: Node, key: bytes, value, load: Load, emit
         vals = vals[:j] + [value] + vals[j:]
         cols = _columns_after(node, keys, j, inserted=True)
     return _rewrite_up(0, keys, vals, path, emit, remember, cols)
+
+
+def _insert_cut(
+    old_root: Node, key: bytes, value, keys: list[bytes], vals: list, j: int, path: list, emit: Emit, remember
+) -> bytes | None:
+    """A new key of level L >= 1 inside the tree (before the leaf's key at ``j``): it
+    ends its node on each level below L, so there the node it lands in splits in two
+    right after it (the left part named by the key, the right keeping the old name); on
+    level L its node takes both parts; above, only addresses change. None where the
+    root itself would split (the general path builds the new levels)."""
+    cut = key_level(key)
+    if cut > old_root.level:
+        return None
+    left_k, left_v = keys[:j] + [key], vals[:j] + [value]
+    right_k, right_v = keys[j:], vals[j:]
+    level = 0
+    while True:
+        h_left = _emit_new(level, left_k, left_v, emit, remember)
+        h_right = _emit_new(level, right_k, right_v, emit, remember)
+        parent, i = path.pop()
+        level = parent.level
+        # the child at i keeps its name (its last key), after the new left part
+        k = parent.keys[:i] + [key] + parent.keys[i:]
+        v = parent.vals[:i] + [h_left, h_right] + parent.vals[i + 1 :]
+        if level >= cut:  # no cut on this level: the node holds both parts
+            return _rewrite_up(level, k, v, path, emit, remember, _columns_after(parent, k, i, inserted=True))
+        left_k, left_v = k[: i + 1], v[: i + 1]
+        right_k, right_v = k[i + 1 :], v[i + 1 :]
 
 
 def _emit_new(level: int, keys: list[bytes], vals: list, emit: Emit, remember, cols: tuple | None = None) -> bytes:
