@@ -241,3 +241,23 @@ def test_seek_finds_the_first_entry_at_or_after_a_key(keys, probes):
     for probe in probes + ordered[:5] + [k + b"\x00" for k in ordered[:5]]:
         after = [k for k in ordered if k >= probe]
         assert tree.seek(root, probe, mem.load) == ((after[0], entries[after[0]]) if after else None)
+
+
+def test_new_keys_of_every_level_inside_a_deep_tree_land_on_the_built_root():
+    """One key at a time into the middle of a 3,000-entry tree (a post into a topic with
+    paths after it): keys of a higher level split the nodes they land in."""
+    rnd = random.Random(5)
+    mem = MemoryBlocks()
+    entries = {f"/t/{i * 1000:09d}".encode(): b"v" for i in range(3000)}
+    root = build(mem, entries)
+    levels = set()
+    for n in range(400):
+        key = f"/t/{rnd.randrange(3_000_000):09d}x".encode()
+        levels.add(tree.key_level(key))
+        entries[key] = b"n%d" % n
+        root = tree.mutate(root, {key: entries[key]}, mem.load, mem.emit)
+        if n % 25 == 0:
+            assert root == build(MemoryBlocks(), entries)
+    assert root == build(MemoryBlocks(), entries)
+    assert max(levels) >= 2  # cuts on several levels were inserted
+    tree.check_shape(root, mem.load)
