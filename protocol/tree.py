@@ -332,14 +332,8 @@ def build_sorted(keys: list[bytes], vals: list, emit: Emit, level: int = 0, leve
 
 
 def lookup(root: bytes, key: bytes, load: Load) -> ValueRef | None:
-    node = load(root)
-    while True:
-        i = bisect_left(node.keys, key)
-        if i == len(node.keys):
-            return None
-        if node.level == 0:
-            return node.vals[i] if node.keys[i] == key else None
-        node = _child(node, i, load)
+    found = seek(root, key, load)
+    return found[1] if found is not None and found[0] == key else None
 
 
 def seek(root: bytes, key: bytes, load: Load) -> tuple[bytes, ValueRef] | None:
