@@ -19,7 +19,7 @@ from nacl.signing import SigningKey
 from protocol.hashing import KIND_VALUE
 from pttd.datadir import DataDir
 from pttd.errors import Forbidden, MissingBlock
-from pttd.gateway import account, chat, service
+from pttd.gateway import account, service
 from pttd.gateway.keys import GatewayKey
 from pttd.gateway.writes import GroupWriter, request, serve
 from pttd.store import Store
@@ -185,7 +185,7 @@ async def test_stopping_waits_for_the_writer_to_finish_its_group(tmp_path, monke
         started = trio.current_time()
         await w.aclose()
         assert proc.returncode == 0 and trio.current_time() - started < 4
-        stored = await gw.read(chat.messages, u.repo, "general", None, None, None)
+        stored = await gw.read(gw.topic_index.messages, u.repo, "general", None, None, None)
         assert sorted(m["message"]["value"] for m in stored) == sorted(texts)
 
 

@@ -369,18 +369,17 @@ class TopicIndex:
             self._size -= len(t.entries)
         prefix = f"/topics/{topic}/".encode()
         load = repo.store.load_node
-        if t is None:
-            found = {k: ref for k, ref in tree.iterate(root, prefix, load) if b"/" not in k[len(prefix) :]}
-        elif t.root != root:
+        found = None  # key -> an entry kept, or a reference to read (None: removed)
+        if t is not None and t.root != root:
             found = {e[2]: e for e in t.entries}
             try:
                 for k, _old, new in tree.diff(t.root, root, load, prefixes=[prefix]):
                     if b"/" not in k[len(prefix) :]:
                         found[k] = new
             except MissingBlock:  # the old version was pruned and collected since: read afresh
-                found = {k: ref for k, ref in tree.iterate(root, prefix, load) if b"/" not in k[len(prefix) :]}
-        else:
-            found = None
+                t = None
+        if t is None:
+            found = {k: ref for k, ref in tree.iterate(root, prefix, load) if b"/" not in k[len(prefix) :]}
         if found is not None:
             entries = []
             for k, item in found.items():
@@ -401,11 +400,6 @@ class TopicIndex:
                 _, old = self._topics.popitem(last=False)
                 self._size -= len(old.entries)
         return t
-
-
-def messages(repo: Repository, topic: str, since: int | None, before: int | None, limit: int | None) -> list[dict]:
-    """As ``TopicIndex.messages``, with an index of this one read."""
-    return TopicIndex().messages(repo, topic, since, before, limit)
 
 
 def folder(repo: Repository, topic: str, kind: str) -> list[dict]:
