@@ -241,6 +241,9 @@ class Repository:
             return
         # a small commit keeps its new nodes decoded: the next write to this tree starts there
         remember = self.store.remember_node if len(b._changes) <= 64 else None
+        if not remember:
+            # a large commit: its last values go in on the other core while the tree is built
+            w.flush(background=True)
         new_root = tree.mutate(head.commit.root, b._changes, self.store.load_node, w.emit, remember)
         if new_root == head.commit.root:
             return
