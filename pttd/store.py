@@ -174,12 +174,10 @@ def _insert_sql(rows: int) -> str:
     return "INSERT OR IGNORE INTO blocks(hash, data) VALUES " + ",".join(["(?,?)"] * rows)
 
 
-def _insert_blocks(db: sqlite3.Connection, rows: list[tuple[bytes, bytes]]) -> int:
-    before = db.total_changes
+def _insert_blocks(db: sqlite3.Connection, rows: list[tuple[bytes, bytes]]) -> None:
     for i in range(0, len(rows), ROWS_PER_INSERT):
         part = rows[i : i + ROWS_PER_INSERT]
         db.execute(_insert_sql(len(part)), [x for row in part for x in row])
-    return db.total_changes - before
 
 
 class _Connection:
@@ -194,18 +192,15 @@ class _Connection:
         self.db = db
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._inserted = 0
 
-    def wait(self) -> int:
-        """Wait for the background insert; return how many rows it added (or raise its error)."""
+    def wait(self) -> None:
+        """Wait for the background insert (and raise its error, if it failed)."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
             if self._error is not None:
                 err, self._error = self._error, None
                 raise err
-        n, self._inserted = self._inserted, 0
-        return n
 
     def execute(self, sql: str, params=()):
         self.wait()
@@ -223,21 +218,21 @@ class _Connection:
         self.wait()
         self.db.close()
 
-    def insert_blocks(self, rows: list[tuple[bytes, bytes]], background: bool) -> int:
-        """Insert rows (now, or in a background thread); return rows added by earlier inserts and this one if not background."""
-        added = self.wait()
+    def insert_blocks(self, rows: list[tuple[bytes, bytes]], background: bool) -> None:
+        """Insert rows, now or in a background thread (after the one before)."""
+        self.wait()
         if not background:
-            return added + _insert_blocks(self.db, rows)
+            _insert_blocks(self.db, rows)
+            return
 
         def work() -> None:
             try:
-                self._inserted = _insert_blocks(self.db, rows)
+                _insert_blocks(self.db, rows)
             except BaseException as exc:  # re-raised in the writing thread by wait()
                 self._error = exc
 
         self._thread = threading.Thread(target=work, name="pttd-block-insert", daemon=True)
         self._thread.start()
-        return added
 
 
 class Writer:
@@ -248,7 +243,6 @@ class Writer:
         self._conn = conn
         self._pending: dict[bytes, bytes] = {}
         self._pending_bytes = 0
-        self.blocks_written = 0
 
     def emit(self, address: bytes, block: bytes) -> None:
         if address not in self._pending:
@@ -267,7 +261,7 @@ class Writer:
         rows = [(a, pending[a]) for a in sorted(pending)]  # keys alone sort 2-3x faster than items
         self._pending = {}
         self._pending_bytes = 0
-        self.blocks_written += self._conn.insert_blocks(rows, background)
+        self._conn.insert_blocks(rows, background)
 
 
 class Store:
@@ -682,12 +676,10 @@ class Store:
             ).fetchone()
         return None if row is None else self._checked_commit(repo, row)
 
-    def head_commits(
-        self, repos: list[RepoRow], damaged: dict[int, CorruptBlock] | None = None
-    ) -> dict[int, SignedCommit]:
+    def head_commits(self, repos: list[RepoRow], damaged: dict[int, CorruptBlock]) -> dict[int, SignedCommit]:
         """The newest commit of each of ``repos`` (one query), checked; by repository
-        row id, without the repositories that have none. A head that fails its check
-        raises CorruptBlock, or with ``damaged``, is left out and put there instead."""
+        row id, without the repositories that have none. A head that fails its check is
+        left out and put in ``damaged`` instead."""
         out: dict[int, SignedCommit] = {}
         by_id = {r.id: r for r in repos}
         ids = list(by_id)
@@ -704,8 +696,6 @@ class Store:
                     try:
                         out[repo_id] = self._checked_commit(by_id[repo_id], row)
                     except CorruptBlock as exc:
-                        if damaged is None:
-                            raise
                         damaged[repo_id] = exc
         return out
 
