@@ -686,10 +686,14 @@ class Store:
         with self._lock:
             for i in range(0, len(ids), 900):
                 part = ids[i : i + 900]
+                # max(seq) per repository as a subquery of its own, which SQLite answers
+                # from the end of the (repo, seq) index; a GROUP BY over the IN list
+                # read every commit of those repositories (4 ms for 21 repositories of
+                # 1,000 commits each, growing with their histories).
                 rows = self._db.execute(
-                    "SELECT c.repo, c.hash, c.block, c.sig, c.seq FROM commits c JOIN "
-                    f"(SELECT repo, max(seq) AS seq FROM commits WHERE repo IN ({','.join('?' * len(part))}) "
-                    "GROUP BY repo) h ON c.repo = h.repo AND c.seq = h.seq",
+                    "SELECT c.repo, c.hash, c.block, c.sig, c.seq FROM repos r JOIN commits c "
+                    "ON c.repo = r.id AND c.seq = (SELECT max(seq) FROM commits WHERE repo = r.id) "
+                    f"WHERE r.id IN ({','.join('?' * len(part))})",
                     part,
                 ).fetchall()
                 for repo_id, *row in rows:

@@ -22,6 +22,7 @@ from pttd.errors import Forbidden, MissingBlock
 from pttd.gateway import account, service
 from pttd.gateway.keys import GatewayKey
 from pttd.gateway.writes import GroupWriter, request, serve
+from pttd.repo import Repository
 from pttd.store import Store
 from tests.gwutil import gateway, login, result
 from tests.netutil import log_lines, start_daemon
@@ -127,6 +128,55 @@ def test_a_damaged_head_fails_the_writes_to_its_repository_and_not_the_group(tmp
         assert [p["message"]["value"] for p in posts] == ["from bob"]
     finally:
         dd.close()
+
+
+def test_a_writer_on_a_reopened_store_continues_each_repository_from_its_newest_commit(tmp_path):
+    """The heads of a group come from the store (one query for the group) when the
+    writer has not seen them: each repository's newest commit, however many commits
+    came before it."""
+    dd = DataDir.init(str(tmp_path / "gw"))
+    key = GatewayKey.load(dd.store, str(tmp_path / "gw" / "gateway.key"), None)
+    users = service.create_users(dd.store, key, [(f"u{i}", None, f"U{i}") for i in range(4)])
+    path = dd.store.path
+    first = [dd.store.head_seq(u.repo.row) for u in users]
+
+    def post(writer, who: list[int], text: str) -> list[dict]:
+        return writer.apply(
+            [
+                request(
+                    "post",
+                    ("general", text),
+                    users[i].repo.key,
+                    users[i].repo.row.id,
+                    users[i].name,
+                    bytes(users[i].repo._key),
+                )
+                for i in who
+            ]
+        )
+
+    try:
+        writer = GroupWriter(dd.store, b"\0" * 32, 100)
+        for n in range(30):  # u0 posts 30 times, u1 10, u2 once, u3 never
+            assert all(
+                "error" not in a for a in post(writer, [i for i, m in ((0, 30), (1, 10), (2, 1)) if n < m], f"m{n}")
+            )
+        before = [dd.store.head_seq(u.repo.row) for u in users]
+        assert [b - f for b, f in zip(before, first)] == [30, 10, 1, 0]
+    finally:
+        dd.close()
+    store = Store(path)  # nothing of the writes above cached
+    try:
+        answers = post(GroupWriter(store, b"\0" * 32, 100), [0, 1, 2, 3], "after reopening")
+        assert [a.get("error") for a in answers] == [None] * 4
+        for u, seq, posts in zip(users, before, [30, 10, 1, 0]):
+            repo = Repository(store, u.repo.row, None)
+            head = repo.head()
+            assert head.seq == seq + 1 and head.commit.prev == store.load_commit(u.repo.row, seq).address
+            texts = [json.loads(v)["message"]["value"] for _p, v in repo.items("/topics/general/")]
+            assert len(texts) == posts + 1 and "after reopening" in texts
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize("writer", ["process", "thread"])
