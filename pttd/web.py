@@ -18,6 +18,7 @@ from starlette.routing import Route
 from protocol.errors import FormatError, PathError
 
 from .errors import USER_ERRORS, Conflict, Forbidden, NotFound, ServerError, TooLarge, TooMany, Unauthorized
+from .jsonvalue import parse_json
 
 log = logging.getLogger("pttd.http")
 
@@ -65,8 +66,8 @@ async def read_object(request, limit: int) -> dict:
 
     raw = await read_bytes(request, limit)
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        body = parse_json(raw)
+    except (ValueError, UnicodeDecodeError):
         raise BadInput("body", "is not JSON") from None
     if isinstance(body, dict) and isinstance(body.get("data"), dict):
         body = body["data"]

@@ -157,6 +157,13 @@ async def test_curators_moderation_reactions_profile(tmp_path):
         # NaN and Infinity are not JSON to any client: refused, never stored
         nan = b'{"data": {"x": NaN}}'
         assert "not JSON" in result(await http.post("/profile", content=nan, headers=h), 400)
+        # nor a number Python reads as infinity (it would be stored as Infinity)
+        huge = b'{"data": {"x": 1e400}}'
+        assert "not JSON" in result(await http.post("/profile", content=huge, headers=h), 400)
+        deep = b'{"data": {"x": ' + b"[" * 30_000 + b"]" * 30_000 + b"}}"
+        assert "not JSON" in result(await http.post("/profile", content=deep, headers=h), 400)
+        assert result(await http.post("/profile", json={"data": {"x": 1.5e300}}, headers=h))["x"] == 1.5e300
+        assert result(await http.post("/profile", json={"data": {"x": None}}, headers=h)) == {"name": "Alice A."}
         assert result(await http.get("/profile", headers=h)) == {"name": "Alice A."}
 
 

@@ -51,6 +51,7 @@ def test_records_that_would_break_readers_are_refused_or_made_safe():
     assert v.messages("t")[0]["id"] == "m1"
     v.apply(A, "/topics/t/m2", b'{"id": "m2", "date": 2, "message": {"type": "text", "value": NaN}}')
     v.apply(A, "/topics/t/m3", b"[" * 5000 + b"]" * 5000)
+    v.apply(A, "/topics/t/m4", b'{"id": "m4", "date": 4, "message": {"type": "text", "value": 1e400}}')
     assert [m["id"] for m in v.messages("t")] == ["m1"]
     json.dumps(v.messages("t"), allow_nan=False)  # what a browser can read
     # reactions and moderation records count toward the repository's limit

@@ -31,6 +31,7 @@ from nacl.signing import SigningKey, VerifyKey
 from protocol import tree
 
 from ..errors import Conflict, MissingBlock, NotFound, PttError
+from ..jsonvalue import parse_json
 from ..repo import Batch, Repository
 
 ID_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}"
@@ -89,16 +90,6 @@ def sniff_image(content: bytes) -> str | None:
     if content[:4] == b"RIFF" and content[8:12] == b"WEBP":
         return "image/webp"
     return None
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def parse_json(raw):
-    """JSON as the chat schema knows it: NaN and Infinity (which Python's json takes and
-    no client's JSON parser does) are refused like any bad JSON."""
-    return json.loads(raw, parse_constant=_no_constant)
 
 
 def now_ms() -> int:

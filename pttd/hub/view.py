@@ -14,9 +14,10 @@ log line; nothing it writes can break the view for others.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
+
+from ..jsonvalue import parse_json
 
 log = logging.getLogger("pttd.hub")
 
@@ -118,9 +119,9 @@ class View:
             self._skip(author, f"{path}: {len(value)} bytes, more than {self.limits.max_message_bytes}")
             return None
         try:
-            return json.loads(value, parse_constant=_no_constant)
-        except (ValueError, RecursionError):
-            self._skip(author, f"{path}: not JSON (or NaN, Infinity, or nested too deep)")
+            return parse_json(value)
+        except ValueError:
+            self._skip(author, f"{path}: not JSON every client reads back (NaN, Infinity, 1e400, nested too deep)")
             return None
 
     def _skip(self, author: str, reason: str) -> None:
@@ -284,10 +285,6 @@ class View:
     def profiles(self, authors=None) -> dict[str, dict]:
         keys = self.repos if authors is None else authors
         return {a: dict(self.repos[a].profile) for a in keys if a in self.repos}
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not JSON a browser can read")
 
 
 def _valid_post(post, topic: str, mid: str) -> bool:
