@@ -388,6 +388,13 @@ class Store:
         with self._lock:
             return self._db.execute(sql, params).lastrowid
 
+    def data_version(self) -> int:
+        """SQLite's count of the commits of other connections (other processes' too) seen
+        by this one: unchanged means nobody else wrote since it was last read. Read
+        inside ``write()``, it holds until that transaction ends."""
+        with self._lock:
+            return self._db.execute("PRAGMA data_version").fetchone()[0]
+
     def executemany(self, sql: str, rows) -> None:
         """One SQL statement for each of ``rows``."""
         with self._lock:

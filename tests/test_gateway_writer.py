@@ -179,6 +179,38 @@ def test_a_writer_on_a_reopened_store_continues_each_repository_from_its_newest_
         store.close()
 
 
+def test_a_writer_process_takes_commits_made_beside_it_by_another_connection(tmp_path):
+    """A writer process keeps the heads it wrote between groups; a commit by any other
+    connection (the daemon's) must be seen by its next write, not forked from."""
+    dd = DataDir.init(str(tmp_path / "gw"))
+    try:
+        key = GatewayKey.load(dd.store, str(tmp_path / "gw" / "gateway.key"), None)
+        (alice,) = service.create_users(dd.store, key, [("alice", None, "Alice")])
+        own = Store(dd.store.path)  # the writer process's own connection
+        try:
+            writer = GroupWriter(own, b"\0" * 32, 100, cache_state=True)
+            req = request(
+                "post", ("general", "one"), alice.repo.key, alice.repo.row.id, "alice", bytes(alice.repo._key)
+            )
+            assert "error" not in writer.apply([req])[0]
+            beside = Repository(dd.store, alice.repo.row, SigningKey(bytes(alice.repo._key))).put(
+                "/profile.json", b'{"name": "A"}'
+            )
+            (answer,) = writer.apply([{**req, "args": ("general", "two")}])
+            assert "error" not in answer, answer
+            head = Repository(own, alice.repo.row, None).head()
+            assert head.seq == beside.seq + 1 and head.commit.prev == beside.address
+            texts = sorted(
+                json.loads(v)["message"]["value"]
+                for _p, v in Repository(own, alice.repo.row, None).items("/topics/general/")
+            )
+            assert texts == ["one", "two"]
+        finally:
+            own.close()
+    finally:
+        dd.close()
+
+
 @pytest.mark.parametrize("writer", ["process", "thread"])
 async def test_a_write_waiting_when_its_user_is_exported_is_refused(tmp_path, writer):
     """The exported file names the last version written here: a write that was already
@@ -187,6 +219,7 @@ async def test_a_write_waiting_when_its_user_is_exported_is_refused(tmp_path, wr
     async with gateway(tmp_path, writer=writer) as g:
         gw = g.gateway
         u = await gw.add_user("bob", "password-123456", None)
+        await gw.post(u, "general", "first")  # the writer has seen bob, not exported
         real_send = gw._writes.send
         sent = trio.Event()
 

@@ -38,6 +38,7 @@ log = logging.getLogger("pttd.gateway.writes")
 
 TRIM_EVERY = 1024  # events written between two trims of the old ones
 IN_TOPIC_CACHE = 200_000
+HEADS_KEPT = 65_536  # newest commits of repositories kept by the writer (~0.5 KB each)
 BUSY_TIMEOUT = 3600.0  # seconds a group waits for the store's lock (the daemon's gc)
 
 
@@ -251,12 +252,22 @@ def request(op: str, args: tuple, key: bytes, row: int, name: str, seed: bytes) 
 class GroupWriter:
     """Applies groups of write requests to the store, one transaction per group."""
 
-    def __init__(self, store: Store, node_id: bytes, event_retention: int):
+    def __init__(self, store: Store, node_id: bytes, event_retention: int, cache_state: bool = False):
+        """``cache_state``: the store's connection is this writer's alone (a writer
+        process), so that SQLite's data_version tells every commit not its own."""
         self.store = store
+        self.cache_state = cache_state
         self.node_id = node_id
         self.event_retention = event_retention
         self.in_topic: set[tuple[str, bytes]] = set()  # (topic, user) known to be in gw_topics
         self._keys: dict[bytes, SigningKey] = {}
+        # What this writer knows of the store as of SQLite's data_version: the newest
+        # commit of the repositories it wrote, and keys it found not exported. Nothing
+        # but its own commits changed them while no other connection committed; any
+        # other commit (the daemon's: a login, an export, a sync) and they are read again.
+        self._version: int | None = None
+        self._heads: dict[bytes, object] = {}
+        self._not_moved: set[bytes] = set()
         self._events_added = 0
         self.delivered: set[tuple] = set()  # direct messages delivered in this group
 
@@ -281,32 +292,30 @@ class GroupWriter:
         (a block insert running in the background), and no commit may be stored without
         its blocks."""
         store = self.store
-        heads: dict[bytes, object] = {}  # the newest commit of each repository in this group
         out: list[dict] = []
         commits = []
         txs: list[Tx] = []
         self.delivered = set()
-        with store.write() as w:
-            keys = list({r["key"] for r in reqs if r["key"] is not None})
-            marks = ",".join("?" * len(keys))
-            moved = {k for (k,) in store.query(f"SELECT repo FROM gw_moved WHERE repo IN ({marks})", keys)}
-            # the heads, read inside this transaction: one query for the group
-            rows = {r["row"]: RepoRow(r["row"], r["key"], True) for r in reqs if r["key"] is not None}
-            # a damaged head fails the writes to its repository, not the whole group
-            damaged: dict[int, CorruptBlock] = {}
-            for row_id, sc in store.head_commits(list(rows.values()), damaged).items():
-                heads[rows[row_id].key] = sc
-            for r in reqs:
-                if r["key"] is not None and r["row"] in damaged:
-                    log.error("repository %s cannot be written: %s", r["key"].hex(), damaged[r["row"]])
-                    out.append({"error": ServerError("this repository's newest version is damaged in the store")})
-                    continue
-                out.append(self._apply_one(r, w, heads, moved, commits, txs))
-            store.insert_commits(commits)
-            self._events_added += flush_rows(store, txs)
-            if self._events_added >= TRIM_EVERY:
-                self._events_added = 0
-                trim_events(store, self.event_retention)
+        try:
+            with store.write() as w:
+                heads, moved, damaged, asked = self._read_state(reqs)
+                for r in reqs:
+                    if r["key"] is not None and r["row"] in damaged:
+                        log.error("repository %s cannot be written: %s", r["key"].hex(), damaged[r["row"]])
+                        out.append({"error": ServerError("this repository's newest version is damaged in the store")})
+                        continue
+                    out.append(self._apply_one(r, w, heads, moved, commits, txs))
+                store.insert_commits(commits)
+                self._events_added += flush_rows(store, txs)
+                if self._events_added >= TRIM_EVERY:
+                    self._events_added = 0
+                    trim_events(store, self.event_retention)
+        except BaseException:
+            self._version = None  # rolled back: what it learnt may have been this group's
+            raise
+        if self._version is not None:
+            self._heads.update(heads)
+            self._not_moved.update(k for k in asked if k not in moved)
         if len(self.in_topic) > IN_TOPIC_CACHE:
             self.in_topic.clear()
         for tx in txs:
@@ -316,6 +325,34 @@ class GroupWriter:
             if tx is not None:
                 a["events"], a["follows"] = tx.events, tx.follows
         return out
+
+    def _read_state(self, reqs: list[dict]) -> tuple[dict, set, dict, list]:
+        """Inside the group's transaction: the newest commit of each repository written
+        (by key), the keys exported, the repositories whose head is damaged (by row id),
+        and the keys looked up in gw_moved. What this writer knows from its own commits
+        is not read again while no other connection committed."""
+        store = self.store
+        if self.cache_state:
+            version = store.data_version()  # under the write lock: nobody commits until we do
+            if version != self._version or len(self._heads) > HEADS_KEPT:
+                self._heads.clear()
+                self._not_moved.clear()
+                self._version = version
+        heads: dict[bytes, object] = {k: self._heads[k] for r in reqs if (k := r["key"]) in self._heads}
+        asked = list({k for r in reqs if (k := r["key"]) is not None and k not in self._not_moved})
+        moved: set[bytes] = set()
+        if asked:
+            marks = ",".join("?" * len(asked))
+            moved = {k for (k,) in store.query(f"SELECT repo FROM gw_moved WHERE repo IN ({marks})", asked)}
+        rows = {
+            r["row"]: RepoRow(r["row"], r["key"], True) for r in reqs if r["key"] is not None and r["key"] not in heads
+        }
+        # a damaged head fails the writes to its repository, not the whole group
+        damaged: dict[int, CorruptBlock] = {}
+        if rows:  # one query for the group
+            for row_id, sc in store.head_commits(list(rows.values()), damaged).items():
+                heads[rows[row_id].key] = sc
+        return heads, moved, damaged, asked
 
     def _apply_one(self, r: dict, w, heads: dict, moved: set, commits: list, txs: list) -> dict:
         if r["key"] is None:  # rows and events only
@@ -416,7 +453,7 @@ def main(argv: list[str]) -> int:
     # group's time went to collections that found nothing.
     quiet_gc()
     try:
-        serve(sys.stdin.buffer, out, GroupWriter(store, bytes.fromhex(node_id), int(retention)))
+        serve(sys.stdin.buffer, out, GroupWriter(store, bytes.fromhex(node_id), int(retention), cache_state=True))
     finally:
         store.close()
     return 0
