@@ -3,7 +3,6 @@ answer 405 themselves, and the Starlette app around them (404 as JSON, CORS)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -17,6 +16,7 @@ from starlette.routing import Route
 
 from protocol.errors import FormatError, PathError
 
+from . import jsonvalue
 from .errors import USER_ERRORS, Conflict, Forbidden, NotFound, ServerError, TooLarge, TooMany, Unauthorized
 from .jsonvalue import parse_json
 
@@ -88,7 +88,7 @@ class JsonAnswer:
 
     def __init__(self, status: int, value, headers: dict | None = None):
         self.status = status
-        self.body = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+        self.body = jsonvalue.dumps(value)
         self.headers = headers
 
     async def __call__(self, scope, receive, send) -> None:

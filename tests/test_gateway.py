@@ -162,6 +162,9 @@ async def test_curators_moderation_reactions_profile(tmp_path):
         assert "not JSON" in result(await http.post("/profile", content=huge, headers=h), 400)
         deep = b'{"data": {"x": ' + b"[" * 30_000 + b"]" * 30_000 + b"}}"
         assert "not JSON" in result(await http.post("/profile", content=deep, headers=h), 400)
+        # nor a lone surrogate (no UTF-8 for it: the value could not be written)
+        lone = b'{"data": {"x": "\\ud800"}}'
+        assert "not JSON" in result(await http.post("/profile", content=lone, headers=h), 400)
         assert result(await http.post("/profile", json={"data": {"x": 1.5e300}}, headers=h))["x"] == 1.5e300
         assert result(await http.post("/profile", json={"data": {"x": None}}, headers=h)) == {"name": "Alice A."}
         assert result(await http.get("/profile", headers=h)) == {"name": "Alice A."}

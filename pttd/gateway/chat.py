@@ -13,7 +13,6 @@ naming the field; nothing is written.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import re
 import threading
@@ -30,6 +29,7 @@ from nacl.signing import SigningKey, VerifyKey
 
 from protocol import tree
 
+from .. import jsonvalue
 from ..errors import Conflict, MissingBlock, NotFound, PttError
 from ..jsonvalue import parse_json
 from ..repo import Batch, Repository
@@ -102,7 +102,7 @@ def new_id() -> str:
 
 
 def dumps(obj) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode()
+    return jsonvalue.dumps(obj, sort_keys=True)
 
 
 def loads(raw: bytes, what: str):

@@ -11,7 +11,6 @@ or ``{"error": "..."}`` with a 4xx/5xx status.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -25,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .. import __version__
+from .. import __version__, jsonvalue
 from ..errors import Forbidden, NotFound, Unauthorized
 from ..web import AsgiEndpoint, FastApp, answer, make_app, not_allowed, read_bytes
 from . import chat
@@ -645,7 +644,7 @@ async def events(gw: Gateway, request: Request, data, user: ChatUser):
 
 def _sse(eid: int | None, kind: str, payload) -> str:
     head = f"id: {eid}\n" if eid is not None else ""
-    return f"{head}event: {kind}\ndata: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
+    return f"{head}event: {kind}\ndata: {jsonvalue.dumps(payload).decode()}\n\n"
 
 
 FILE = {

@@ -17,7 +17,6 @@ written together and the transaction commits: one sync to the disk for the group
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 
 from nacl.signing import SigningKey
 
+from .. import jsonvalue
 from ..errors import USER_ERRORS, CorruptBlock, Forbidden, MissingBlock, ServerError
 from ..gctune import quiet_gc
 from ..repo import Batch, Repository
@@ -90,7 +90,7 @@ def flush_rows(store: Store, txs: list[Tx]) -> int:
     top = store.query("SELECT coalesce(max(id), 0) FROM gw_events")[0][0]
     store.executemany(
         "INSERT INTO gw_events(kind, topic, user, body, time) VALUES (?, ?, ?, ?, ?)",
-        [(k, t, u, json.dumps(b, separators=(",", ":")), now) for _tx, (k, t, u, b, _p) in events],
+        [(k, t, u, jsonvalue.dumps(b).decode(), now) for _tx, (k, t, u, b, _p) in events],
     )
     ids = [r[0] for r in store.query("SELECT id FROM gw_events WHERE id > ? ORDER BY id", (top,))]
     if len(ids) != len(events):
