@@ -180,6 +180,10 @@ def _insert_blocks(db: sqlite3.Connection, rows: list[tuple[bytes, bytes]]) -> N
         db.execute(_insert_sql(len(part)), [x for row in part for x in row])
 
 
+class InsertFailed(Exception):
+    """A background block insert failed other than in SQLite (its cause chained)."""
+
+
 class _Connection:
     """The SQLite connection, with at most one block insert running in the background.
 
@@ -194,13 +198,17 @@ class _Connection:
         self._error: BaseException | None = None
 
     def wait(self) -> None:
-        """Wait for the background insert (and raise its error, if it failed)."""
+        """Wait for the background insert (and raise its error, if it failed: as
+        InsertFailed unless it is SQLite's own, so that no caller takes it for an error
+        of its own work)."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
             if self._error is not None:
                 err, self._error = self._error, None
-                raise err
+                if isinstance(err, sqlite3.Error):
+                    raise err
+                raise InsertFailed(f"a block insert failed: {err!r}") from err
 
     def execute(self, sql: str, params=()):
         self.wait()

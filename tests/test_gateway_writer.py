@@ -19,7 +19,7 @@ from nacl.signing import SigningKey
 from protocol.hashing import KIND_VALUE
 from pttd.datadir import DataDir
 from pttd.errors import Forbidden, MissingBlock
-from pttd.gateway import account, service
+from pttd.gateway import account, service, writes
 from pttd.gateway.keys import GatewayKey
 from pttd.gateway.writes import GroupWriter, request, serve
 from pttd.repo import Repository
@@ -126,6 +126,47 @@ def test_a_damaged_head_fails_the_writes_to_its_repository_and_not_the_group(tmp
         assert store.query("SELECT max(seq) FROM commits WHERE repo=?", (alice.repo.row.id,))[0][0] == seq
         posts = [json.loads(v) for _p, v in bob.repo.items("/topics/general/")]
         assert [p["message"]["value"] for p in posts] == ["from bob"]
+    finally:
+        dd.close()
+
+
+def test_a_write_that_fails_unexpectedly_is_refused_alone_and_a_store_failure_fails_the_group(
+    tmp_path, monkeypatch, caplog
+):
+    dd = DataDir.init(str(tmp_path / "gw"))
+    try:
+        key = GatewayKey.load(dd.store, str(tmp_path / "gw" / "gateway.key"), None)
+        alice, bob = service.create_users(dd.store, key, [("alice", None, "Alice"), ("bob", None, "Bob")])
+        writer = GroupWriter(dd.store, b"\0" * 32, 100)
+        real_post = writes.OPS["post"]
+
+        def post_with_a_bug(w, u, b, tx, topic, data):
+            result = real_post(w, u, b, tx, topic, data)  # its value is already put
+            if data == "meets a bug":
+                raise RuntimeError("boom")
+            if data == "meets the disk":
+                raise sqlite3.OperationalError("disk I/O error")
+            return result
+
+        monkeypatch.setitem(writes.OPS, "post", post_with_a_bug)
+
+        def req(u, text):
+            return request("post", ("general", text), u.repo.key, u.repo.row.id, u.name, bytes(u.repo._key))
+
+        seqs = {u.name: dd.store.head_seq(u.repo.row) for u in (alice, bob)}
+        with caplog.at_level(logging.ERROR, logger="pttd.gateway.writes"):
+            answers = writer.apply([req(alice, "meets a bug"), req(bob, "from bob")])
+        assert "RuntimeError" in str(answers[0]["error"]) and answers[1]["committed"]
+        assert "refused alone" in caplog.text and alice.repo.key.hex() in caplog.text
+        assert dd.store.head_seq(alice.repo.row) == seqs["alice"]
+        assert dd.store.head_seq(bob.repo.row) == seqs["bob"] + 1
+        assert [json.loads(v)["message"]["value"] for _p, v in bob.repo.items("/topics/general/")] == ["from bob"]
+        assert list(alice.repo.items("/topics/general/")) == []
+        # a failure of the store is not the request's: nothing of the group is stored
+        with pytest.raises(sqlite3.OperationalError):
+            writer.apply([req(bob, "from bob again"), req(alice, "meets the disk")])
+        assert dd.store.head_seq(bob.repo.row) == seqs["bob"] + 1
+        assert dd.store.head_seq(alice.repo.row) == seqs["alice"]
     finally:
         dd.close()
 

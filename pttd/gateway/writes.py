@@ -21,6 +21,7 @@ import logging
 import os
 import pickle
 import signal
+import sqlite3
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from .. import jsonvalue
 from ..errors import USER_ERRORS, CorruptBlock, Forbidden, MissingBlock, ServerError
 from ..gctune import quiet_gc
 from ..repo import Batch, Repository
-from ..store import RepoRow, Store
+from ..store import InsertFailed, RepoRow, Store
 from . import chat
 
 log = logging.getLogger("pttd.gateway.writes")
@@ -243,6 +244,18 @@ OPS = {
 
 # --- the group writer -----------------------------------------------------------------
 
+# Failures of the store, not of one request: the whole group fails (a block insert of
+# an earlier request may be what failed, and no commit is stored without its blocks).
+STORE_FAILURES = (sqlite3.Error, OSError, MemoryError, InsertFailed)
+
+
+def _unexpected(r: dict, exc: Exception) -> ServerError:
+    """A request's operation failed in a way no request should (a bug it met): it alone
+    is refused, with nothing of it stored; the other writes of its group go on."""
+    who = r["key"].hex() if r["key"] is not None else "the gateway"
+    log.error("a %s write for %s failed, refused alone: %r", r["op"], who, exc, exc_info=exc)
+    return ServerError(f"this write failed ({exc.__class__.__name__}); nothing of it was stored")
+
 
 def request(op: str, args: tuple, key: bytes, row: int, name: str, seed: bytes) -> dict:
     """One write, as a GroupWriter takes it (plain values, to cross a pipe)."""
@@ -363,6 +376,10 @@ class GroupWriter:
                 if isinstance(exc, (MissingBlock, CorruptBlock)):
                     raise
                 return {"error": exc}
+            except STORE_FAILURES:
+                raise
+            except Exception as exc:
+                return {"error": _unexpected(r, exc)}
             txs.append(tx)
             return {"result": result, "committed": False, "tx": tx}
         if r["key"] in moved:  # exported while this write waited for its group
@@ -377,6 +394,10 @@ class GroupWriter:
             if isinstance(exc, (MissingBlock, CorruptBlock)):
                 raise  # the store, not the request: the whole group fails
             return {"error": exc}
+        except STORE_FAILURES:
+            raise
+        except Exception as exc:
+            return {"error": _unexpected(r, exc)}
         if b.commit is not None:
             heads[u.key] = b.commit
             commits.append((repo.row, b.commit))
