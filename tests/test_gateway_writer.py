@@ -90,7 +90,7 @@ def test_a_group_the_store_refuses_is_answered_failed_and_stores_nothing(tmp_pat
             raise sqlite3.OperationalError("disk I/O error")
 
         store.write = failing_write
-        body = pickle.dumps([request("post", ("general", "lost"), key, 1, "alice", bytes(sk))])
+        body = pickle.dumps(([request("post", ("general", "lost"), key, 1, "alice", bytes(sk))], False))
         out = io.BytesIO()
         serve(io.BytesIO(len(body).to_bytes(4, "big") + body), out, writer)
         answer = out.getvalue()
@@ -264,10 +264,10 @@ async def test_a_write_waiting_when_its_user_is_exported_is_refused(tmp_path, wr
         real_send = gw._writes.send
         sent = trio.Event()
 
-        async def slow_send(reqs):  # the writer is busy: the write waits
+        async def slow_send(reqs, *more):  # the writer is busy: the write waits
             sent.set()
             await trio.sleep(0.3)
-            await real_send(reqs)
+            await real_send(reqs, *more)
 
         gw._writes.send = slow_send
         answers = []
@@ -379,6 +379,21 @@ async def test_the_daemon_copies_the_wal_beside_the_writer_long_before_it_is_due
             while os.path.getsize(store.path) < size + 150_000:  # the 50 posts' 200 KB
                 await trio.sleep(0.02)
         assert store.wal_bytes() > 0  # copied, not emptied: that is for a WAL past its limit
+
+
+async def test_the_writer_starts_the_wal_afresh_after_each_checkpoint_instead_of_growing_it(tmp_path, monkeypatch):
+    """After each passive checkpoint by the daemon, the writer copies what it wrote
+    meanwhile, and its next write starts the log at the beginning of the same file: the
+    file stays at what a few checkpoint intervals write, far below all that was written
+    (appending past a file's end made every COMMIT's sync slower)."""
+    monkeypatch.setattr(service, "CHECKPOINT_EVERY", 0.05)
+    async with gateway(tmp_path) as g:
+        _k, h = await login(g.web, "alice")
+        store = g.node.store
+        for i in range(300):  # each a group of its own: > 6 MB of WAL frames in all
+            result(await g.web.post("/topics/general", json={"data": f"message {i} " + "x" * 8000}, headers=h))
+        assert 0 < store.wal_bytes() < 2 << 20
+        assert len(result(await g.web.get("/topics/general?limit=500", headers=h))) == 300
 
 
 async def test_a_burst_that_finds_the_writer_idle_goes_as_two_groups(tmp_path):

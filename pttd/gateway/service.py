@@ -155,8 +155,8 @@ class ThreadWrites:
     def status(self) -> dict:
         return {}
 
-    async def send(self, reqs: list[dict]) -> None:
-        self._sent.append(reqs)
+    async def send(self, reqs: list[dict], finish_checkpoint: bool = False) -> None:
+        self._sent.append(reqs)  # the daemon's store checkpoints after its own writes
 
     async def receive(self) -> list[dict]:
         """The answers to the oldest group sent (applied now, on the store thread)."""
@@ -210,10 +210,11 @@ class ProcessWrites:
         del self._buf[:n]
         return out
 
-    async def send(self, reqs: list[dict]) -> None:
+    async def send(self, reqs: list[dict], finish_checkpoint: bool = False) -> None:
         """Hand a group to the writer process (its answers come from ``receive``, in
-        the order the groups were sent)."""
-        data = pickle.dumps(reqs, protocol=pickle.HIGHEST_PROTOCOL)
+        the order the groups were sent); with ``finish_checkpoint``, once it has
+        answered the group it copies the rest of the WAL (see Gateway._checkpoints)."""
+        data = pickle.dumps((reqs, finish_checkpoint), protocol=pickle.HIGHEST_PROTOCOL)
         if len(data) >= 1 << 32:
             self._sent.append((None, ServerError("a group of writes too large to hand to the writer")))
             return
@@ -314,6 +315,7 @@ class Gateway:
         # the other modes write only the data directory's own repository here (pttctl)
         in_process = self.cfg.writer == "process" and node.mode == "gateway"
         self._writes = ProcessWrites(self) if in_process else ThreadWrites(self)
+        self._wal_copied = False  # a passive checkpoint ran: the writer finishes it after its next group
         node.others_write = in_process
         self.topic_index = chat.TopicIndex()  # GET /topics/:id reads a page, not the topic
         self.groups = 0  # transactions the writer made (for the bench and status)
@@ -932,7 +934,8 @@ class Gateway:
             else writes.request(r.op, r.args, None, 0, "", b"")
             for r in reqs
         ]
-        await self._writes.send(plain)
+        finish, self._wal_copied = self._wal_copied, False
+        await self._writes.send(plain, finish)
         await sent_send.send(reqs)
 
     async def _checkpoints(self) -> None:
@@ -940,16 +943,22 @@ class Gateway:
 
         Every CHECKPOINT_EVERY seconds a passive checkpoint copies what the writer has
         committed, beside it: the writer does not wait for it (this process's store
-        thread does, a few ms per 10 MB of WAL: reads queue behind it). Under
-        steady load the writer seldom finds the log all copied, so it never starts it
-        afresh and the file grows; past WAL_CHECKPOINT_BYTES a TRUNCATE checkpoint holds
-        the writer while it copies what the last passive one left and empties the file.
-        Measured under 64 clients: the writer's longest group 66 ms this way, against
-        255-352 ms when the whole WAL was copied at once with the writer held."""
+        thread does, a few ms per 10 MB of WAL: reads queue behind it). Under steady
+        load that never copies the whole log (the writer commits meanwhile), and SQLite
+        starts the log afresh only at a write that finds it all copied: the file would
+        grow without end, and appending past a file's end costs each COMMIT's sync a
+        journal commit of the file system (a group's COMMIT took 1.6 ms overwriting a
+        log and 1.9-4.9 ms growing one, more the larger the file). So the next group
+        handed over after a passive checkpoint asks the writer to copy, once it has
+        answered that group, the little written meanwhile: then its next write starts
+        the log from the beginning, overwriting the same file. Only if the file still
+        grows past WAL_CHECKPOINT_BYTES (a reader held the old log at each chance, say)
+        does a TRUNCATE checkpoint hold the writer while it copies what is left."""
         while True:
             await trio.sleep(CHECKPOINT_EVERY)
             try:
                 await self.node.db(self.store.checkpoint, "PASSIVE")
+                self._wal_copied = True
                 if self.store.checkpoint_due():
                     await self.node.db(self.store.checkpoint)
             except sqlite3.Error as exc:

@@ -427,7 +427,10 @@ def _portable(answer: dict) -> dict:
 
 def serve(inp, out, writer: GroupWriter) -> None:
     """Answer groups read from ``inp`` on ``out`` until ``inp`` ends (the daemon closed
-    it, or died)."""
+    it, or died). Each frame is ``(requests, finish_checkpoint)``: with the latter, once
+    the group is answered, the WAL's pages not yet copied into the database are (the
+    daemon's passive checkpoint copied the rest), so that the next write can start the
+    log afresh (Gateway._checkpoints)."""
     while True:
         head = _read_exact(inp, 4)
         if head is None:
@@ -435,7 +438,7 @@ def serve(inp, out, writer: GroupWriter) -> None:
         body = _read_exact(inp, int.from_bytes(head, "big"))
         if body is None:
             return
-        reqs = pickle.loads(body)
+        reqs, finish_checkpoint = pickle.loads(body)
         try:
             answer = {"answers": [_portable(a) for a in writer.apply(reqs)]}
         except Exception as exc:  # the transaction failed: nothing of the group is stored
@@ -447,6 +450,11 @@ def serve(inp, out, writer: GroupWriter) -> None:
             out.flush()
         except BrokenPipeError:  # the daemon is gone (its group is stored or not, as it went)
             return
+        if finish_checkpoint:
+            try:
+                writer.store.checkpoint("PASSIVE")
+            except sqlite3.Error as exc:  # the daemon's next checkpoint copies it
+                log.warning("checkpoint after a group failed: %s", exc)
 
 
 def main(argv: list[str]) -> int:
