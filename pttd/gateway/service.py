@@ -890,7 +890,10 @@ class Gateway:
         return await self._submit(WriteRequest(user, op, args))
 
     async def _submit(self, req: WriteRequest):
-        await self._send.send(req)
+        try:  # queued at once while there is room: an awaited send costs a scheduler round
+            self._send.send_nowait(req)
+        except trio.WouldBlock:
+            await self._send.send(req)
         await req.done.wait()
         if req.error is not None:
             raise req.error
