@@ -180,6 +180,25 @@ def _insert_blocks(db: sqlite3.Connection, rows: list[tuple[bytes, bytes]]) -> N
         db.execute(_insert_sql(len(part)), [x for row in part for x in row])
 
 
+class Checkpointer:
+    """A connection of its own for WAL checkpoints of a store, so that copying the log
+    into the database file does not hold the store's connection (and every read queued
+    behind it: 12-86 ms each under a gateway's load). Its calls may run in any thread,
+    one at a time."""
+
+    def __init__(self, path: str, busy_timeout: float = 30.0):
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout)
+        self._lock = threading.Lock()
+
+    def checkpoint(self, mode: str = "PASSIVE") -> None:
+        with self._lock:
+            self._db.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
 class InsertFailed(Exception):
     """A background block insert failed other than in SQLite (its cause chained)."""
 

@@ -52,6 +52,7 @@ from ..errors import (
     Unauthorized,
 )
 from ..repo import Repository
+from ..store import Checkpointer
 from . import account, chat, writes
 from .chat import GOSSIP, BadInput, ChatUser
 from .keys import GatewayKey
@@ -316,6 +317,7 @@ class Gateway:
         in_process = self.cfg.writer == "process" and node.mode == "gateway"
         self._writes = ProcessWrites(self) if in_process else ThreadWrites(self)
         self._wal_copied = False  # a passive checkpoint ran: the writer finishes it after its next group
+        self._checkpointer: Checkpointer | None = None  # with a writer process: opened by _checkpoints
         node.others_write = in_process
         self.topic_index = chat.TopicIndex()  # GET /topics/:id reads a page, not the topic
         self.groups = 0  # transactions the writer made (for the bench and status)
@@ -332,6 +334,8 @@ class Gateway:
         finally:
             with trio.CancelScope(shield=True):
                 await self._writes.aclose()
+                if self._checkpointer is not None:
+                    await trio.to_thread.run_sync(self._checkpointer.close)
 
     async def _serve(self, task_status) -> None:
         async with trio.open_nursery() as nursery:
@@ -945,8 +949,8 @@ class Gateway:
         """With a writer process: the WAL it grows is copied into the database file here.
 
         Every CHECKPOINT_EVERY seconds a passive checkpoint copies what the writer has
-        committed, beside it: the writer does not wait for it (this process's store
-        thread does, a few ms per 10 MB of WAL: reads queue behind it). Under steady
+        committed, beside it, on a connection and a thread of its own: neither the
+        writer nor this process's reads wait for it (a few ms per 10 MB of WAL). Under steady
         load that never copies the whole log (the writer commits meanwhile), and SQLite
         starts the log afresh only at a write that finds it all copied: the file would
         grow without end, and appending past a file's end costs each COMMIT's sync a
@@ -957,13 +961,16 @@ class Gateway:
         the log from the beginning, overwriting the same file. Only if the file still
         grows past WAL_CHECKPOINT_BYTES (a reader held the old log at each chance, say)
         does a TRUNCATE checkpoint hold the writer while it copies what is left."""
+        limiter = trio.CapacityLimiter(1)
         while True:
             await trio.sleep(CHECKPOINT_EVERY)
             try:
-                await self.node.db(self.store.checkpoint, "PASSIVE")
+                if self._checkpointer is None:
+                    self._checkpointer = await trio.to_thread.run_sync(Checkpointer, self.store.path)
+                await trio.to_thread.run_sync(self._checkpointer.checkpoint, "PASSIVE", limiter=limiter)
                 self._wal_copied = True
                 if self.store.checkpoint_due():
-                    await self.node.db(self.store.checkpoint)
+                    await trio.to_thread.run_sync(self._checkpointer.checkpoint, "TRUNCATE", limiter=limiter)
             except sqlite3.Error as exc:
                 log.warning("checkpoint failed (tried again in %g s): %s", CHECKPOINT_EVERY, exc)
 
