@@ -37,7 +37,7 @@ log = logging.getLogger("pttd.store")
 
 # 2: follows, partial (issue 3); 3: gateway tables (issue 4); 4: hub joins; 5: pins;
 # 6: login sessions; 7: exported users; 8: users' hub joins
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 # 64 KiB: chunks of 4-32 KiB left 16 KiB pages about 64% full (104 MB of pages for a
 # 64 MiB value); 64 KiB pages fill about 90%, which took storing a large value from
 # ~110-170 to ~210-260 MB/s here, with small writes no slower.
@@ -126,6 +126,7 @@ CREATE TABLE IF NOT EXISTS gw_dms(
     path TEXT NOT NULL,
     peer BLOB NOT NULL,
     date INTEGER NOT NULL,
+    members BLOB,
     PRIMARY KEY(user, sender, path)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS gw_friends(friend BLOB NOT NULL, user BLOB NOT NULL, PRIMARY KEY(friend, user)) WITHOUT ROWID;
@@ -331,6 +332,7 @@ class Store:
         if row is None:
             self._db.execute("INSERT INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
         elif int(row[0]) < SCHEMA_VERSION:  # the new tables were created above
+            self._add_columns()
             log.info("store %s upgraded from schema %s to %d", path, row[0], SCHEMA_VERSION)
             self._db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
         elif int(row[0]) > SCHEMA_VERSION:
@@ -352,6 +354,14 @@ class Store:
         self.known_complete: set[bytes] = set()
         self._writer: Writer | None = None
         self.blocks_read = 0
+
+    def _add_columns(self) -> None:
+        """Columns that a table of an older store lacks (its new tables were created
+        with the schema). Schema 9: gw_dms.members, the channel members of a direct
+        message (its rows from before are NULL: not known without opening them)."""
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(gw_dms)").fetchall()}
+        if "members" not in cols:
+            self._db.execute("ALTER TABLE gw_dms ADD COLUMN members BLOB")
 
     @contextmanager
     def idle(self) -> Iterator[bool]:

@@ -297,6 +297,41 @@ async def test_direct_messages_between_two_users_on_one_gateway(tmp_path):
         )
 
 
+async def test_listing_one_key_opens_only_the_envelopes_of_its_conversations(tmp_path, monkeypatch):
+    """GET /dm?key= opens the direct messages with that key and those of channels it is
+    a member of, not the user's other conversations (a page used to cost the user's
+    whole history); rows from before the members column are opened to see."""
+    async with gateway(tmp_path) as g:
+        http = g.web
+        alice, ha = await login(http, "alice")
+        bob, hb = await login(http, "bob")
+        carol, _ = await login(http, "carol")
+        dave, _ = await login(http, "dave")
+        for i in range(10):
+            result(await http.post("/dm", json={"data": {"key": alice, "message": f"b{i}"}}, headers=hb))
+        trio_ = {"members": [carol, dave], "message": "the three of us", "name": "trio"}
+        result(await http.post("/dms", json={"data": trio_}, headers=ha))
+        result(await http.post("/dm", json={"data": {"key": dave, "message": "just dave"}}, headers=ha))
+        opened = []
+        real_open = chat.open_envelope
+
+        def counting_open(*args):
+            opened.append(args)
+            return real_open(*args)
+
+        monkeypatch.setattr(chat, "open_envelope", counting_open)
+        for key, want in ((carol, [["the three of us"]]), (dave, [["just dave"], ["the three of us"]])):
+            opened.clear()
+            convs = result(await http.get(f"/dm?key={key}", headers=ha))
+            assert [[m["message"]["value"] for m in c["messages"]] for c in convs] == want
+            assert len(opened) == sum(len(w) for w in want)  # none of bob's ten
+        # rows written before the members column: opened, and still found
+        await g.node.db(g.node.store.execute, "UPDATE gw_dms SET members = NULL")
+        opened.clear()
+        convs = result(await http.get(f"/dm?key={carol}", headers=ha))
+        assert [c["channel"]["name"] for c in convs] == ["trio"] and len(opened) == 12
+
+
 async def test_event_stream_resumes_from_last_event_id(tmp_path):
     async with gateway(tmp_path) as g:
         http = g.web

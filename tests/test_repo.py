@@ -1,5 +1,6 @@
 """The repository API over the SQLite store: writes, versions, diff, gc, tamper checks."""
 
+import logging
 import os
 import sqlite3
 import tempfile
@@ -329,6 +330,24 @@ def test_store_from_a_newer_pttd_is_refused(tmp_path):
     dd.close()
     with pytest.raises(PttError, match="newer than this pttd understands"):
         DataDir.open(str(tmp_path / "d"))
+
+
+def test_a_store_of_schema_8_gets_the_direct_messages_members_column(tmp_path, caplog):
+    dd = DataDir.init(str(tmp_path / "d"))
+    dd.store.execute(
+        "INSERT INTO gw_dms(user, sender, path, peer, date) VALUES (?, ?, ?, ?, ?)", (b"u", b"s", "/p", b"o", 1)
+    )
+    dd.store.execute("ALTER TABLE gw_dms DROP COLUMN members")  # as schema 8 made it
+    dd.store.set_meta("schema", "8")
+    dd.close()
+    with caplog.at_level(logging.INFO, logger="pttd.store"):
+        dd = DataDir.open(str(tmp_path / "d"))
+    try:
+        assert "upgraded from schema 8 to 9" in caplog.text
+        assert dd.store.get_meta("schema") == "9"
+        assert dd.store.query("SELECT user, path, members FROM gw_dms") == [(b"u", "/p", None)]
+    finally:
+        dd.close()
 
 
 def test_a_file_that_is_not_a_store_is_a_clear_error(tmp_path):

@@ -37,6 +37,7 @@ from ..repo import Batch, Repository
 ID_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}"
 _ID = re.compile(ID_PATTERN)
 _TYPE = re.compile(r"[a-z][a-z0-9_\-]{0,31}")
+_KEY_HEX = re.compile(r"[0-9a-f]{64}")
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f]")  # all below space but tab and newline
 GOSSIP = "__gossiping"
 # names inside a topic that are folders, not messages
@@ -272,6 +273,19 @@ def _well_formed_dm(plain, sender: str, recipient: str) -> bool:
         return False
     # a channel message names its members, the sender and this recipient among them
     return len(set(members)) == len(members) and sender in members and recipient in members
+
+
+def members_blob(plain: dict) -> bytes | None:
+    """What ``gw_dms.members`` holds for an opened message: its channel's member keys
+    end to end (32 bytes each), b"" for a message to one key, None when its channel's
+    members are not a list of keys (then a listing by key opens it to see)."""
+    ch = plain.get("channel")
+    if ch is None:
+        return b""
+    members = ch.get("members") if isinstance(ch, dict) else None
+    if not isinstance(members, list) or not all(isinstance(m, str) and _KEY_HEX.fullmatch(m) for m in members):
+        return None
+    return b"".join(bytes.fromhex(m) for m in members)
 
 
 def conversation_key(plain: dict, other: bytes) -> str:

@@ -632,8 +632,9 @@ class Gateway:
                         plain = chat.open_envelope(u.repo._key, f, raw, u.key, f)
                         if plain is not None:
                             self.store.execute(
-                                "INSERT OR IGNORE INTO gw_dms(user, sender, path, peer, date) VALUES (?, ?, ?, ?, ?)",
-                                (u.key, u.key, k.decode(), f, plain["date"]),
+                                "INSERT OR IGNORE INTO gw_dms(user, sender, path, peer, date, members) "
+                                "VALUES (?, ?, ?, ?, ?, ?)",
+                                (u.key, u.key, k.decode(), f, plain["date"], chat.members_blob(plain)),
                             )
                             break
 
@@ -1087,9 +1088,15 @@ class Gateway:
         only those with that key: the direct one and channels it is a member of), of
         the messages with ``since <= date <= before``, the newest ``limit``. Envelopes
         are opened newest first and only until ``limit`` are found: a page costs its
-        own size, not the user's whole history."""
+        own size, not the user's whole history. With ``peer``, only the envelopes that
+        can be of its conversations are opened: its direct messages, and those of
+        channels it is a member of (``members``; NULL in rows older than that column,
+        which are opened to see)."""
         q = "SELECT sender, path, peer, date FROM gw_dms WHERE user=?"
         params: list = [u.key]
+        if peer is not None:
+            q += " AND (peer=? OR members IS NULL OR instr(members, ?) > 0)"
+            params += [peer, peer]
         if since is not None:
             q += " AND date>=?"
             params.append(since)

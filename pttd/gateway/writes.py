@@ -181,15 +181,16 @@ def op_add_friend(w: GroupWriter, u: Author, b: Batch, tx: Tx, data, max_friends
 def op_send_dm(w: GroupWriter, u: Author, b: Batch, tx: Tx, recipients: list[bytes], msg: dict, channel):
     sent = chat.send_envelopes(b, u.sk, recipients, msg, channel)
     for i, (r, path, plain) in enumerate(sent):
+        members = chat.members_blob(plain)
         if i == 0:  # the sender's own index: one entry per message, not per recipient
             tx.sql(
-                "INSERT OR IGNORE INTO gw_dms(user, sender, path, peer, date) VALUES (?, ?, ?, ?, ?)",
-                (u.key, u.key, path, r, plain["date"]),
+                "INSERT OR IGNORE INTO gw_dms(user, sender, path, peer, date, members) VALUES (?, ?, ?, ?, ?, ?)",
+                (u.key, u.key, path, r, plain["date"], members),
             )
         if w.is_hosted(r) or r == w.node_id:
             tx.sql(
-                "INSERT OR IGNORE INTO gw_dms(user, sender, path, peer, date) VALUES (?, ?, ?, ?, ?)",
-                (r, u.key, path, u.key, plain["date"]),
+                "INSERT OR IGNORE INTO gw_dms(user, sender, path, peer, date, members) VALUES (?, ?, ?, ?, ?, ?)",
+                (r, u.key, path, u.key, plain["date"], members),
             )
             tx.event("dm", None, r, {"sender": u.hex, "path": path}, plain)
     return [p for _r, _path, p in sent]
@@ -205,8 +206,8 @@ def op_deliver_dms(w: GroupWriter, u: None, b: None, tx: Tx, found: list[tuple])
             continue
         w.delivered.add((user, sender, path))
         tx.sql(
-            "INSERT INTO gw_dms(user, sender, path, peer, date) VALUES (?, ?, ?, ?, ?)",
-            (user, sender, path, sender, date),
+            "INSERT INTO gw_dms(user, sender, path, peer, date, members) VALUES (?, ?, ?, ?, ?, ?)",
+            (user, sender, path, sender, date, chat.members_blob(plain)),
         )
         tx.event("dm", None, user, {"sender": sender.hex(), "path": path}, plain)
 
