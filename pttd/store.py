@@ -36,7 +36,7 @@ from .errors import CorruptBlock, DataDirError, ForkDetected, MissingBlock, NotF
 log = logging.getLogger("pttd.store")
 
 # 2: follows, partial (issue 3); 3: gateway tables (issue 4); 4: hub joins; 5: pins;
-# 6: login sessions; 7: exported users; 8: users' hub joins
+# 6: login sessions; 7: exported users; 8: users' hub joins; 9: gw_dms.members
 SCHEMA_VERSION = 9
 # 64 KiB: chunks of 4-32 KiB left 16 KiB pages about 64% full (104 MB of pages for a
 # 64 MiB value); 64 KiB pages fill about 90%, which took storing a large value from
@@ -332,7 +332,10 @@ class Store:
         if row is None:
             self._db.execute("INSERT INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
         elif int(row[0]) < SCHEMA_VERSION:  # the new tables were created above
-            self._add_columns()
+            try:
+                self._add_columns()
+            except sqlite3.DatabaseError as exc:
+                raise DataDirError(f"store {path} cannot be upgraded: {exc}") from None
             log.info("store %s upgraded from schema %s to %d", path, row[0], SCHEMA_VERSION)
             self._db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
         elif int(row[0]) > SCHEMA_VERSION:
@@ -361,7 +364,11 @@ class Store:
         message (its rows from before are NULL: not known without opening them)."""
         cols = {r[1] for r in self._db.execute("PRAGMA table_info(gw_dms)").fetchall()}
         if "members" not in cols:
-            self._db.execute("ALTER TABLE gw_dms ADD COLUMN members BLOB")
+            try:
+                self._db.execute("ALTER TABLE gw_dms ADD COLUMN members BLOB")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):  # another process added it just now
+                    raise
 
     @contextmanager
     def idle(self) -> Iterator[bool]:
