@@ -14,7 +14,7 @@ from protocol.errors import PathError, SignatureError
 from pttd.datadir import DataDir
 from pttd.errors import CorruptBlock, ForkDetected, NotFound, PttError, RollbackRefused
 from pttd.repo import collect_garbage, verify_store
-from pttd.store import Store
+from pttd.store import InsertFailed, Store, _Connection
 
 paths_st = st.sampled_from([f"/p/{i}" for i in range(12)] + ["/profile.json", "/topics/a/1", "/topics/a/2"])
 values_st = st.one_of(st.binary(max_size=80), st.binary(min_size=100, max_size=400))
@@ -330,6 +330,24 @@ def test_store_from_a_newer_pttd_is_refused(tmp_path):
     dd.close()
     with pytest.raises(PttError, match="newer than this pttd understands"):
         DataDir.open(str(tmp_path / "d"))
+
+
+@pytest.mark.parametrize("failure", [sqlite3.OperationalError("disk I/O error"), TypeError("a bug")])
+def test_a_failed_background_insert_is_raised_by_the_next_use_as_the_stores_failure(failure):
+    """SQLite's own error as it is; any other as InsertFailed, so that the write that
+    meets it (a gateway's next request, say) does not take it for an error of its own."""
+
+    class FailingDb:
+        def execute(self, sql, params=()):
+            raise failure
+
+    conn = _Connection(FailingDb())
+    conn.insert_blocks([(b"h" * 32, b"block")], background=True)
+    expected = type(failure) if isinstance(failure, sqlite3.Error) else InsertFailed
+    with pytest.raises(expected) as raised:
+        conn.execute("SELECT 1")
+    assert raised.value is failure or raised.value.__cause__ is failure
+    conn.wait()  # raised once: the connection is usable again
 
 
 def test_a_store_of_schema_8_gets_the_direct_messages_members_column(tmp_path, caplog):
