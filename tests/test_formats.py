@@ -161,3 +161,31 @@ def test_chunk_tree_sizes_are_checked_on_read():
     blocks[h] = b
     with pytest.raises(FormatError, match="holds"):
         list(iter_chunk_addrs(h, load, size + 1))
+
+
+def test_the_threads_packer_does_not_keep_a_large_buffer():
+    """pack_fast reuses one packer per thread; one that packed over 1 MiB (a big node
+    of a first commit, say) is let go, so that the thread does not hold that much for
+    its life. Its output is the same as a fresh packer's, before and after."""
+    import threading
+
+    from protocol import encoding
+
+    small = [0, [b"a" * 10], [b"b"]]
+    big = [0, [b"k%07d" % i for i in range(40_000)], [b"v" * 20] * 40_000]
+    out: dict = {}
+
+    def work() -> None:
+        out["small"] = encoding.pack_fast(small)
+        first = encoding._local.packer
+        out["big"] = encoding.pack_fast(big)
+        out["dropped"] = encoding._local.packer is None
+        out["again"] = encoding.pack_fast(small)
+        out["new"] = encoding._local.packer is not None and encoding._local.packer is not first
+
+    t = threading.Thread(target=work)  # a thread of its own: its own packer
+    t.start()
+    t.join(30)
+    assert len(out["big"]) > 1 << 20 and out["big"] == msgpack.packb(big, use_bin_type=True)
+    assert out["dropped"] and out["new"]
+    assert out["small"] == out["again"] == msgpack.packb(small, use_bin_type=True)
