@@ -37,17 +37,10 @@ import httpx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from daemon_proc import ROOT, Proc  # noqa: E402
 
+sys.path.insert(0, ROOT)
+from tests.chromium import ARGS, CHROMIUM  # noqa: E402
+
 WEBCLIENT = os.path.join(ROOT, "pttd", "gateway", "webclient")
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 GOAL_BYTES = 300 * 1024
 GOAL_MS = 1000
 

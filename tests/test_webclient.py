@@ -29,19 +29,10 @@ import httpx
 import pytest
 import trio
 
+from tests.chromium import ARGS, CHROMIUM
 from tests.gwutil import gateway, login, result
 from tests.netutil import start_daemon
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SHOTS = (
     os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "screenshots")
     if os.environ.get("PTTD_SCREENSHOTS") == "1"
