@@ -469,3 +469,54 @@ async def test_a_new_gateway_store_gets_small_pages_and_a_node_store_large_ones(
 
     assert page_size("gw") == 4096
     assert page_size("node") == 65536
+
+
+async def test_a_body_nested_too_deep_is_refused_and_the_gateway_goes_on(tmp_path):
+    """Nesting up to 64 levels goes through the writer process and back; deeper is 400
+    naming the limit. (Nesting of ~500 levels used to stop the daemon: pickling the
+    group for the writer ran out of recursion in the task that hands groups over.)"""
+    async with gateway(tmp_path) as g:
+        _k, h = await login(g.web, "alice")
+        post = result(await g.web.post("/topics/general", json={"data": "first"}, headers=h))
+
+        def nested(n: int):
+            v: object = "leaf"
+            for _ in range(n - 1):
+                v = [v]
+            return v
+
+        # the body and its data are two levels: 62 lists inside make 64
+        ok = result(await g.web.post("/topics/general", json={"data": {"type": "data", "value": nested(63)}}, headers=h))
+        assert ok["message"]["value"] == nested(63)
+        for n in (64, 500, 2000):
+            deep = b'{"data": {"type": "data", "value": ' + b"[" * (n - 1) + b'"leaf"' + b"]" * (n - 1) + b"}}"
+            err = result(await g.web.post("/topics/general", content=deep, headers=h), 400)
+            assert err == "body: is JSON with arrays and objects nested deeper than 64 levels"
+        stored = result(await g.web.get("/topics/general", headers=h))
+        assert [m["id"] for m in stored] == [post["id"], ok["id"]] and stored[1] == ok
+        result(await g.web.post("/topics/general", json={"data": "after"}, headers=h))
+
+
+async def test_a_write_that_cannot_go_to_the_writer_is_refused_alone(tmp_path):
+    """A request that does not pickle (none a client can send: this is the guard behind
+    the body's checks) gets a 500 of its own; the writes of the same group are stored."""
+    async with gateway(tmp_path) as g:
+        gw = g.gateway
+        users = [await gw.add_user(f"user{i}", "password-123456", None) for i in range(4)]
+        out: dict[int, object] = {}
+
+        async def write(i: int) -> None:
+            data = (lambda: None) if i == 2 else f"message {i}"  # a function does not pickle
+            try:
+                out[i] = await gw.write(users[i], "post", "general", data)
+            except Exception as exc:
+                out[i] = exc
+
+        async with trio.open_nursery() as nursery:  # queued together: one group
+            for i in range(4):
+                nursery.start_soon(write, i)
+        assert isinstance(out[2], service.ServerError) and "cannot be handed to the writer" in str(out[2])
+        for i in (0, 1, 3):
+            assert out[i]["message"]["value"] == f"message {i}"
+        # the writer task is alive: the next write is answered
+        assert (await gw.post(users[2], "general", "again"))["message"]["value"] == "again"

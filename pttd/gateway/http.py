@@ -764,6 +764,8 @@ async def _read_body(request: Request, limit: int):
         raise BadInput("body", 'is empty: send {"data": ...}')
     try:
         body = chat.parse_json(raw)
+    except jsonvalue.TooDeep as exc:
+        raise BadInput("body", f"is JSON with {exc}") from None
     except (ValueError, UnicodeDecodeError):
         raise BadInput("body", "is not JSON") from None
     if not isinstance(body, dict) or "data" not in body:

@@ -142,6 +142,11 @@ class Stream:
             pass
 
 
+class Unsendable(Exception):
+    """A group that cannot be handed to the writer process as it is (a request in it
+    does not pickle); nothing of it was sent."""
+
+
 class ThreadWrites:
     """The GroupWriter on the daemon's store thread (``[gateway] writer = "thread"``)."""
 
@@ -215,7 +220,10 @@ class ProcessWrites:
         """Hand a group to the writer process (its answers come from ``receive``, in
         the order the groups were sent); with ``finish_checkpoint``, once it has
         answered the group it copies the rest of the WAL (see Gateway._checkpoints)."""
-        data = pickle.dumps((reqs, finish_checkpoint), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            data = pickle.dumps((reqs, finish_checkpoint), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # a request that does not pickle (Gateway._hand_over finds it)
+            raise Unsendable(exc) from exc
         if len(data) >= 1 << 32:
             self._sent.append((None, ServerError("a group of writes too large to hand to the writer")))
             return
@@ -930,12 +938,12 @@ class Gateway:
                     # so that it builds the second while the first one's answers go
                     # out and their clients' next requests come in.
                     half = len(reqs) // 2
-                    await self._hand_over(reqs[:half], sent_send)
+                    await self._hand_over(reqs[:half], sent_send, slots)
                     await slots.acquire()
                     reqs = reqs[half:]
-                await self._hand_over(reqs, sent_send)
+                await self._hand_over(reqs, sent_send, slots)
 
-    async def _hand_over(self, reqs: list[WriteRequest], sent_send: trio.MemorySendChannel) -> None:
+    async def _hand_over(self, reqs: list[WriteRequest], sent_send: trio.MemorySendChannel, slots) -> None:
         plain = [
             writes.request(r.op, r.args, r.user.key, r.user.repo.row.id, r.user.name, bytes(r.user.repo._key))
             if r.user is not None
@@ -943,7 +951,27 @@ class Gateway:
             for r in reqs
         ]
         finish, self._wal_copied = self._wal_copied, False
-        await self._writes.send(plain, finish)
+        try:
+            await self._writes.send(plain, finish)
+        except Unsendable:
+            # Refuse the requests that do not pickle, alone (the others of the group
+            # must not pay for them), and hand over the rest.
+            keep = []
+            for r, p in zip(reqs, plain):
+                try:
+                    pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL)
+                except Exception as exc:
+                    log.error("a write (%s) cannot be handed to the writer process: %r", r.op, exc)
+                    r.error = ServerError(f"this write cannot be handed to the writer: {exc.__class__.__name__}")
+                    r.done.set()
+                else:
+                    keep.append((r, p))
+            if not keep:
+                self._wal_copied = self._wal_copied or finish
+                slots.release()
+                return
+            reqs = [r for r, _p in keep]
+            await self._writes.send([p for _r, p in keep], finish)
         await sent_send.send(reqs)
 
     async def _checkpoints(self) -> None:

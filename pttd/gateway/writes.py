@@ -426,6 +426,17 @@ def _portable(answer: dict) -> dict:
     return answer
 
 
+def _sendable(answer: dict) -> dict:
+    """``answer``, or an error in its place if it does not pickle (its write is stored:
+    the daemon answers 500, "may or may not be stored")."""
+    try:
+        pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
+        return answer
+    except Exception as exc:
+        log.error("an answer cannot be sent back to the daemon: %r", exc)
+        return {"error": ServerError(f"the answer of this write could not be sent back: {exc.__class__.__name__}")}
+
+
 def serve(inp, out, writer: GroupWriter) -> None:
     """Answer groups read from ``inp`` on ``out`` until ``inp`` ends (the daemon closed
     it, or died). Each frame is ``(requests, finish_checkpoint)``: with the latter, once
@@ -445,7 +456,11 @@ def serve(inp, out, writer: GroupWriter) -> None:
         except Exception as exc:  # the transaction failed: nothing of the group is stored
             log.error("a group of %d writes failed, nothing of it stored: %r", len(reqs), exc)
             answer = {"failed": f"{exc.__class__.__name__}: {exc}"}
-        data = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            data = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # an answer that does not pickle: that request alone gets an error
+            answer = {"answers": [_sendable(a) for a in answer["answers"]]}
+            data = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
         try:
             out.write(len(data).to_bytes(4, "big") + data)
             out.flush()
