@@ -8,6 +8,7 @@ must not be silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 
@@ -247,7 +248,7 @@ def validate(cfg: Config, where: str = "settings") -> None:
         raise ConfigError(f"{where}: mode {cfg.mode!r} is not one of {', '.join(MODES)}")
     parse_address(cfg.wire.listen)
     for p in cfg.peers + cfg.hubs:
-        parse_address(p)
+        parse_address(p, dial=True)
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"{where}: log_level {cfg.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")
     if cfg.page_size not in (0, 4096, 8192, 16384, 32768, 65536):
@@ -299,7 +300,7 @@ def validate(cfg: Config, where: str = "settings") -> None:
             if len(k) != 64 or any(c not in "0123456789abcdef" for c in k):
                 raise ConfigError(f"{where}: [replicator] {name}: {k!r} is not a key (64 lowercase hex digits)")
     for a in cfg.gateway.replicators:
-        parse_address(a)
+        parse_address(a, dial=True)
     names = [p.name for p in cfg.oidc]
     for p in cfg.oidc:
         p.check(where)
@@ -316,17 +317,33 @@ def validate(cfg: Config, where: str = "settings") -> None:
                 raise ConfigError(f"{where}: [hub] {name}: {k!r} is not a repository key (64 lowercase hex digits)")
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port)."""
+def parse_address(text: str, dial: bool = False) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port). The host is an IP address
+    or a name that can be looked up (IDNA: labels of 1-63 characters); the port ASCII
+    digits, 0-65535, and not 0 for an address to ``dial`` (0 is for listening: any free
+    port)."""
     host, sep, port = text.rpartition(":")
     if not sep or not host:
         raise ConfigError(f"address {text!r} is not HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        n = int(port)
-    except ValueError:
-        raise ConfigError(f"address {text!r}: port {port!r} is not a number") from None
-    if not 0 <= n <= 65535:
+    if host.startswith("[") or host.endswith("]"):
+        try:
+            host = str(ipaddress.IPv6Address(host[1:-1])) if host.startswith("[") and host.endswith("]") else ""
+        except ValueError:
+            host = ""
+        if not host:
+            raise ConfigError(f"address {text!r}: {host or 'the part in brackets'} is not an IPv6 address")
+    else:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            try:  # what the resolver would be asked: refused here, not when dialing
+                if not host.encode("idna") or any(c.isspace() or ord(c) < 32 for c in host):
+                    raise UnicodeError
+            except UnicodeError:
+                raise ConfigError(f"address {text!r}: {host!r} is not a host name or IP address") from None
+    if not (port.isascii() and port.isdigit()):
+        raise ConfigError(f"address {text!r}: port {port!r} is not a number")
+    n = int(port)
+    if not (1 if dial else 0) <= n <= 65535:
         raise ConfigError(f"address {text!r}: port {n} is out of range")
     return host, n

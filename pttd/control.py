@@ -225,7 +225,7 @@ class ControlServer:
             hub = args.get("hub")
             if not isinstance(hub, str):
                 raise PttError("join: the hub's wire address (HOST:PORT) is needed")
-            parse_address(hub)
+            parse_address(hub, dial=True)
             key = _hex_key(args.get("repo")) or own
             message = await node.join_hub(hub, key, args.get("token") or "", float(args.get("timeout") or 30))
             return {"hub": hub, "repository": key.hex(), "joined": True, "message": message}

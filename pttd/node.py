@@ -297,7 +297,7 @@ class Node:
         if addr in self._dialers or self._nursery is None:
             return
         try:
-            parse_address(addr)
+            parse_address(addr, dial=True)
         except PttError as exc:  # e.g. an address a hub told us: never fatal
             log.warning("not dialing %r: %s", addr, exc)
             return
@@ -329,6 +329,8 @@ class Node:
                         stream = await trio.open_tcp_stream(host, port)
                 except (OSError, trio.TooSlowError) as exc:
                     log.debug("cannot reach %s: %s", addr, exc)
+                except Exception as exc:  # a name the resolver refuses, say: never fatal to the daemon
+                    log.warning("cannot dial %s: %r", addr, exc)
                 else:
                     again = await self._session(stream, addr, outbound=True, dialed=addr)
                     if not again:
@@ -531,7 +533,7 @@ class Node:
         for p in prefixes:
             validate_path(p.rstrip("/") or "/") if p != "/" else None
         for a in peers:
-            parse_address(a)
+            parse_address(a, dial=True)
         if key == self.id:
             raise PttError("this is the daemon's own repository")
         f = self.follows.get(key)

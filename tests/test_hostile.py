@@ -277,3 +277,39 @@ async def test_connection_limits_and_idle_timeout(tmp_path, caplog):
         third = await raw_connection(a.address)
         await wait_for(lambda: len(a.node.peers) == 1)
         await third.aclose()
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["a..b:1", "x" * 64 + ".example:1", "[::1:5", "::1]:5", "host:\u0661\u0662", "host:0", "a b:1", "\ud800:1", ""],
+)
+def test_an_address_that_cannot_be_dialed_is_refused_when_given(address):
+    """Hosts the resolver would refuse (empty or over-long labels, spaces, lone
+    surrogates), unbalanced brackets, non-ASCII digits and port 0 are refused where an
+    address to dial is given (config, a hub's join, a hub's answer), not when dialed."""
+    from pttd.config import parse_address
+    from pttd.errors import PttError
+
+    with pytest.raises(PttError):
+        parse_address(address, dial=True)
+
+
+async def test_a_dial_that_fails_other_than_by_the_network_does_not_stop_the_daemon(tmp_path, monkeypatch, caplog):
+    """Any error of a dial (here the resolver's UnicodeError, which is no OSError) is
+    logged and the dial tried again later; it used to end the daemon (and a hub saved
+    the address of a join, so it ended again at every start)."""
+    import pttd.node
+
+    tried = trio.Event()
+
+    async def refusing(host, port, **kw):
+        tried.set()
+        raise UnicodeError("encoding with 'idna' codec failed (UnicodeError: label empty or too long)")
+
+    monkeypatch.setattr(pttd.node.trio, "open_tcp_stream", refusing)
+    async with daemons(tmp_path, 1) as (d,):
+        d.node.ensure_dial("unreachable.example:9987")
+        with trio.fail_after(10):
+            await tried.wait()
+        await wait_for(lambda: any("cannot dial unreachable.example:9987" in m for m in caplog.messages))
+        assert (await d.call("status"))["node"] == d.id  # still serving

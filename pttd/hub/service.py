@@ -401,7 +401,7 @@ def _addresses(value) -> list[str]:
         if not isinstance(a, str) or len(a) > 255:
             raise HubBadInput(f"addresses[{i}]", "must be HOST:PORT")
         try:
-            parse_address(a)
+            parse_address(a, dial=True)
         except PttError as exc:
             raise HubBadInput(f"addresses[{i}]", str(exc)) from None
         out.append(a)
