@@ -486,7 +486,9 @@ async def test_a_body_nested_too_deep_is_refused_and_the_gateway_goes_on(tmp_pat
             return v
 
         # the body and its data are two levels: 62 lists inside make 64
-        ok = result(await g.web.post("/topics/general", json={"data": {"type": "data", "value": nested(63)}}, headers=h))
+        ok = result(
+            await g.web.post("/topics/general", json={"data": {"type": "data", "value": nested(63)}}, headers=h)
+        )
         assert ok["message"]["value"] == nested(63)
         for n in (64, 500, 2000):
             deep = b'{"data": {"type": "data", "value": ' + b"[" * (n - 1) + b'"leaf"' + b"]" * (n - 1) + b"}}"
