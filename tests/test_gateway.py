@@ -737,6 +737,27 @@ async def test_bring_your_own_key_login(tmp_path, monkeypatch):
             # writes are refused with a clear error: the gateway holds no secret key
             err = result(await http.post("/topics/mine", json={"data": "via the gateway"}, headers=h), 403)
             assert "your own node" in err
+            # a hosted user writes to them: what only their key opens is refused as
+            # such (it was a 500 once a message had come), and their live stream
+            # passes over the message it cannot open (it broke off there, at every resume)
+            _bob, hb = await login(http, "bob")
+            result(await http.post("/dm", json={"data": {"key": key, "message": "hello"}}, headers=hb))
+            for path in ("/dm", "/friends", "/pchannels"):
+                assert "your own node" in result(await http.get(path, headers=h), 403)
+            dms = {"data": {"members": [_bob], "message": "hi"}}
+            assert "your own node" in result(await http.post("/dms", json=dms, headers=h), 403)
+            from pttd.gateway import http as gw_http
+
+            monkeypatch.setattr(gw_http, "KEEPALIVE", 0.1)
+            with trio.fail_after(10):
+                async with http.stream("GET", "/events", headers={**h, "Last-Event-ID": "0"}) as stream:
+                    lines = stream.aiter_lines()
+                    seen = []
+                    async for line in lines:
+                        seen.append(line)
+                        if line == ": keepalive":
+                            break
+            assert "event: dm" not in seen and seen[:2] == ["retry: 1000", "id: 0"]
         own.daemon.stop()
 
 

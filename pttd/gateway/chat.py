@@ -208,7 +208,9 @@ def seal_to_self(sk: SigningKey, obj) -> dict:
     return {"cipher": base64.b64encode(cipher).decode()}
 
 
-def open_sealed(sk: SigningKey, stored: bytes, what: str):
+def open_sealed(sk: SigningKey | None, stored: bytes, what: str):
+    if sk is None:
+        raise PttError(f"{what} cannot be opened here: this gateway does not hold the repository's key")
     try:
         env = loads(stored, what)
         cipher = base64.b64decode(env["cipher"], validate=True)
@@ -232,10 +234,13 @@ def make_envelope(sk: SigningKey, recipient: bytes, plain: dict) -> dict:
     }
 
 
-def open_envelope(sk: SigningKey, other: bytes, raw: bytes, sender: bytes, recipient: bytes) -> dict | None:
+def open_envelope(sk: SigningKey | None, other: bytes, raw: bytes, sender: bytes, recipient: bytes) -> dict | None:
     """The plaintext of an envelope between the holder of ``sk`` and ``other`` (either
     direction), or None when it was not made for that pair or does not say truthfully
-    who sent it to whom (``sender``: whose repository holds it; ``recipient``)."""
+    who sent it to whom (``sender``: whose repository holds it; ``recipient``). None
+    too without ``sk`` (a user who logged in with their own key)."""
+    if sk is None:
+        return None
     try:
         env = parse_json(raw)
         nonce = base64.b64decode(env["nonce"], validate=True)

@@ -462,6 +462,7 @@ _folder_routes(
 
 @route("GET", "/friends", "The user's friends (stored sealed to the user's key)", _list(FRIEND))
 async def list_friends(gw: Gateway, request: Request, data, user: ChatUser):
+    _own_key(user, "friends")
     return await gw.read(chat.sealed_list, user, "/friends/")
 
 
@@ -506,6 +507,7 @@ async def send_dm(gw: Gateway, request: Request, data, user: ChatUser):
     + PAGE_QUERY,
 )
 async def list_dms(gw: Gateway, request: Request, data, user: ChatUser):
+    _own_key(user, "direct messages")
     peer = request.query_params.get("key")
     key = chat.check_key(peer, "key") if peer is not None else None
     return await gw.read(gw.dm_channels, user, key, *_page(request))
@@ -526,7 +528,7 @@ DMS_IN = {
 @route("POST", "/dms", "Send an encrypted message to several keys (a private channel)", _list(DM), body=DMS_IN)
 async def send_dms(gw: Gateway, request: Request, data, user: ChatUser):
     data = chat.data_object(data)
-    members = chat.check_members(data.get("members"), "data.members", user.repo._key)
+    members = chat.check_members(data.get("members"), "data.members", _own_key(user, "direct messages"))
     if "message" not in data:
         raise BadInput("data.message", "is missing")
     msg = chat.check_message(data["message"], "data.message")
@@ -538,6 +540,7 @@ async def send_dms(gw: Gateway, request: Request, data, user: ChatUser):
 
 @route("GET", "/pchannels", "The user's private channels (stored sealed to the user's key)", _list(PCHANNEL))
 async def list_pchannels(gw: Gateway, request: Request, data, user: ChatUser):
+    _own_key(user, "private channels")
     return await gw.read(chat.sealed_list, user, "/pchannels/")
 
 
@@ -771,6 +774,17 @@ async def _read_body(request: Request, limit: int):
     if not isinstance(body, dict) or "data" not in body:
         raise BadInput("body", 'must be an object {"data": ...}')
     return body["data"]
+
+
+def _own_key(user: ChatUser, what: str):
+    """The user's secret key, held by this gateway; Forbidden for a user who logged in
+    with their own key (their sealed records and envelopes open only where it is)."""
+    if user.repo._key is None:
+        raise Forbidden(
+            f"this gateway does not hold your repository's key (you logged in with your own key): "
+            f"your {what} open only with it, on your own node"
+        )
+    return user.repo._key
 
 
 def _token(request: Request) -> str | None:

@@ -1167,6 +1167,8 @@ class Gateway:
             return None
         if raw is None:
             return None
+        if u.repo._key is None:  # logged in with their own key: it opens only where that is
+            return None
         recipient = other if sender == u.key else u.key
         return chat.open_envelope(u.repo._key, other, raw, sender, recipient)
 
