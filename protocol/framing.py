@@ -48,23 +48,31 @@ class FrameDecoder:
                     self._tail.clear()
             self._size += len(data)
         frames: list[bytes] = []
+        if self._size < HEADER or (self._need >= 0 and self._size < HEADER + self._need):
+            return frames  # nothing complete: a large frame stays in pieces until it is
+        # Walk the buffered bytes once; what follows the last complete frame is kept
+        # once (copying the rest after each frame made many small frames quadratic).
+        buf = self._joined()
+        pos, size = 0, len(buf)
         while True:
             if self._need < 0:
-                if self._size < HEADER:
-                    return frames
-                n = int.from_bytes(self._joined()[:HEADER], "big")
+                if size - pos < HEADER:
+                    break
+                n = int.from_bytes(buf[pos : pos + HEADER], "big")
                 if n > self.max_frame:
                     raise FrameTooLarge(f"peer announced a frame of {n} bytes, over the {self.max_frame}-byte limit")
                 self._need = n
-            if self._size < HEADER + self._need:
-                return frames
-            buf = self._joined()
-            end = HEADER + self._need
-            frames.append(buf[HEADER:end])
-            rest = buf[end:]
+            end = pos + HEADER + self._need
+            if end > size:
+                break
+            frames.append(buf[pos + HEADER : end])
+            pos = end
+            self._need = -1
+        if pos:
+            rest = buf[pos:]
             self._pieces = [rest] if rest else []
             self._size = len(rest)
-            self._need = -1
+        return frames
 
     def _joined(self) -> bytes:
         """Everything buffered as one bytes object (kept as the only piece)."""

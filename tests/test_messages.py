@@ -111,6 +111,18 @@ def test_frames_reassemble_however_the_bytes_are_split(payloads, cuts):
     assert out == payloads and dec.buffered == 0
 
 
+def test_many_frames_in_one_read_all_come_out_and_the_partial_one_after_them_waits():
+    """65,536 empty frames and the start of another in one read (256 KiB of zeros from a
+    peer before its handshake, say): every frame comes out of one feed, read in one
+    pass (the rest of the buffer was copied after each frame: quadratic), and the
+    partial frame completes with the next read."""
+    dec = FrameDecoder()
+    last = encode_frame(b"payload")
+    frames = dec.feed(b"\0" * (256 << 10) + last[:6])
+    assert frames == [b""] * 65536 and dec.buffered == 6
+    assert dec.feed(last[6:]) == [b"payload"] and dec.buffered == 0
+
+
 @given(st.binary(max_size=400))
 def test_frame_decoder_on_garbage(data):
     dec = FrameDecoder(max_frame=1000)
