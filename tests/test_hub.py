@@ -268,3 +268,55 @@ async def test_a_repository_announced_to_a_hub_is_found_without_a_join(tmp_path)
         for r in (hub.running, seeker):
             r.daemon.stop()
         await hub.web.aclose()
+
+
+async def test_joins_arriving_together_keep_to_the_limit_and_a_leave_waits_for_a_join(tmp_path):
+    """Joins and leaves are taken one at a time: thirty joins at once fill a hub of two
+    and no more (all passed the check before any was counted), and a leave that comes
+    while a join is under way removes it after, instead of the join re-following and
+    re-viewing a repository that has left."""
+    keys = [SigningKey.generate().verify_key.encode().hex() for _ in range(31)]
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, tmp_path, join_token="sesame", max_repos=2)
+        statuses: list[int] = []
+
+        async def join(k: str) -> None:
+            r = await hub.web.post("/join", json={"public_key": k, "token": "sesame"})
+            statuses.append(r.status_code)
+
+        async with trio.open_nursery() as joins:
+            for k in keys[:30]:
+                joins.start_soon(join, k)
+        assert sorted(statuses) == [200, 200] + [403] * 28
+        assert result(await hub.web.get("/hub.json"))["joined"] == 2
+        for k in list(hub.running.daemon.hub.joined):
+            result(await hub.web.post("/leave", json={"public_key": k, "token": "sesame"}))
+
+        svc = hub.running.daemon.hub
+        entered, release = trio.Event(), trio.Event()
+        real_follow = svc._follow
+
+        async def slow_follow(k, addresses):
+            entered.set()
+            await release.wait()
+            await real_follow(k, addresses)
+
+        svc._follow = slow_follow
+        last = keys[30]
+        with trio.fail_after(10):
+            async with trio.open_nursery() as both:
+                both.start_soon(join, last)
+                await entered.wait()
+                left = []
+
+                async def leave() -> None:
+                    left.append(await hub.web.post("/leave", json={"public_key": last, "token": "sesame"}))
+
+                both.start_soon(leave)
+                await trio.testing.wait_all_tasks_blocked(0.05)
+                release.set()
+        assert statuses[-1] == 200 and left[0].status_code == 200
+        assert last not in svc.joined and bytes.fromhex(last) not in svc.node.follows
+        assert result(await hub.web.get("/hub.json"))["joined"] == 0
+        await hub.web.aclose()
+        hub.running.daemon.stop()

@@ -78,6 +78,7 @@ class Hub:
         c = self.cfg
         self.view = View(set(c.moderators), Limits(c.max_topics_per_repo, c.max_messages_per_repo, c.max_message_bytes))
         self.joined: dict[str, list[str]] = {}  # repository hex -> addresses
+        self._membership = trio.Lock()  # joins and leaves, one at a time
         self.epoch = os.urandom(4).hex()  # event ids are "<epoch>-<n>": a restart is noticed
         self.deltas: deque[Delta] = deque(maxlen=c.stream_history)
         self.next_id = 1
@@ -123,24 +124,25 @@ class Hub:
             raise HubError("that is the hub's own repository")
         addrs = _addresses(addresses)
         k = key.hex()
-        if k not in self.joined and len(self.joined) >= self.cfg.max_repos:
-            raise HubError(f"this hub is full ({self.cfg.max_repos} repositories)")
-        # the addresses given now first, then those known before
-        merged = list(dict.fromkeys(addrs + self.joined.get(k, [])))[:MAX_ADDRESSES]
-        await self.node.db(
-            self.store.execute,
-            # joined: when this membership began (ms; seconds in rows of earlier versions),
-            # kept by a join of a repository already in
-            "INSERT INTO hub_joins(repo, addresses, joined) VALUES (?, ?, ?) "
-            "ON CONFLICT(repo) DO UPDATE SET addresses=excluded.addresses",
-            (key, json.dumps(merged), int(time.time() * 1000)),
-        )
-        new = k not in self.joined
-        self.joined[k] = merged
-        await self._follow(k, merged)
-        if new:
-            log.info("hub: %s joined (addresses: %s)", k[:16], ", ".join(merged) or "none given")
-            self._publish(await self._load(k))
+        async with self._membership:  # joins and leaves one at a time: the limit holds
+            if k not in self.joined and len(self.joined) >= self.cfg.max_repos:
+                raise HubError(f"this hub is full ({self.cfg.max_repos} repositories)")
+            # the addresses given now first, then those known before
+            merged = list(dict.fromkeys(addrs + self.joined.get(k, [])))[:MAX_ADDRESSES]
+            await self.node.db(
+                self.store.execute,
+                # joined: when this membership began (ms; seconds in rows of earlier versions),
+                # kept by a join of a repository already in
+                "INSERT INTO hub_joins(repo, addresses, joined) VALUES (?, ?, ?) "
+                "ON CONFLICT(repo) DO UPDATE SET addresses=excluded.addresses",
+                (key, json.dumps(merged), int(time.time() * 1000)),
+            )
+            new = k not in self.joined
+            self.joined[k] = merged
+            await self._follow(k, merged)
+            if new:
+                log.info("hub: %s joined (addresses: %s)", k[:16], ", ".join(merged) or "none given")
+                self._publish(await self._load(k))
         return {"public_key": k, "addresses": merged, "joined": True}
 
     def leave_message(self, key: bytes, when_ms: int) -> bytes:
@@ -171,15 +173,16 @@ class Hub:
                     f"this leave was signed at a time more than {LEAVE_WINDOW} s ago or {LEAVE_AHEAD} s ahead: "
                     "sign it again"
                 )
-        if k not in self.joined:
-            raise NotFound(f"{k} has not joined this hub")
-        if not by_operator:
-            rows = await self.node.db(self.store.query, "SELECT joined FROM hub_joins WHERE repo=?", (key,))
-            joined = rows[0][0] if rows else 0
-            joined_ms = joined if joined > 10**11 else joined * 1000  # seconds in rows before ms
-            if when_ms <= joined_ms:
-                raise HubError("this leave was signed before the repository's latest join (a replay?)")
-        await self._forget(k)
+        async with self._membership:  # not in the middle of its join
+            if k not in self.joined:
+                raise NotFound(f"{k} has not joined this hub")
+            if not by_operator:
+                rows = await self.node.db(self.store.query, "SELECT joined FROM hub_joins WHERE repo=?", (key,))
+                joined = rows[0][0] if rows else 0
+                joined_ms = joined if joined > 10**11 else joined * 1000  # seconds in rows before ms
+                if when_ms <= joined_ms:
+                    raise HubError("this leave was signed before the repository's latest join (a replay?)")
+            await self._forget(k)
         log.info("hub: %s left", k[:16])
         return {"public_key": k, "joined": False}
 
