@@ -593,9 +593,16 @@ async def events(gw: Gateway, request: Request, data, user: ChatUser):
         if not 0 <= after <= MAX_INT:
             raise BadInput("Last-Event-ID", f"must be an integer between 0 and {MAX_INT}")
     stream = await gw.open_stream(user)
+    ahead = False
     try:
+        newest = await gw.read(gw.last_event_id)
         if after is None:
-            after = await gw.read(gw.last_event_id)
+            after = newest
+        elif after > newest:
+            # an id this gateway never gave, or gave before its events were lost (a
+            # store restored from a backup): events would be skipped until the ids
+            # caught up with it. Start from the newest, and tell the client to reload.
+            after, ahead = newest, True
         backlog, lost = await gw.read(gw.backlog, user, after)
     except BaseException:
         gw.close_stream(stream)
@@ -609,6 +616,8 @@ async def events(gw: Gateway, request: Request, data, user: ChatUser):
             yield f"retry: 1000\nid: {after}\n\n"
             if lost:
                 yield _sse(None, "reset", {"reason": "events after your Last-Event-ID were dropped: reload"})
+            if ahead:
+                yield _sse(None, "reset", {"reason": "your Last-Event-ID is ahead of this gateway's events: reload"})
             last = after
             page = backlog
             while True:
