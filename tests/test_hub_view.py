@@ -67,3 +67,17 @@ def test_many_reactions_are_shown_in_part_with_their_total():
         v.apply(B, f"/topics/t/reactions/r{i:03d}", json.dumps({"msgID": "m", "emoji": "+", "date": i}).encode())
     shown = v.render("t", A, "m")
     assert len(shown["reactions"]) == 200 and shown["reactions_total"] == 250
+
+
+def test_an_author_cannot_claim_a_reaction_count_or_a_topic_the_api_cannot_serve():
+    v = View()
+    claimed = json.loads(post("m", 1))
+    claimed["reactions_total"] = 5000
+    v.apply(A, "/topics/t/m", json.dumps(claimed).encode())
+    shown = v.render("t", A, "m")
+    assert "reactions_total" not in shown and shown["reactions"] == []
+    # topics that GET /topics/{topic} would refuse are not in the view at all
+    for bad in ("has space", ".hidden", "x" * 65, "caf\u00e9"):
+        v.apply(A, f"/topics/{bad}/m", post("m", 2))
+    assert sorted(v.topics) == ["t"]
+    assert "/topics/caf\u00e9/m" in v.skipped[A]  # the last one, logged

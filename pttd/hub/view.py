@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from ..gateway.chat import BadInput, check_id
 from ..jsonvalue import parse_json
 
 log = logging.getLogger("pttd.hub")
@@ -108,6 +109,11 @@ class View:
         if len(parts) < 4 or parts[1] != "topics" or parts[2] == GOSSIP:
             return ch
         topic = parts[2]
+        try:  # a topic the API could not serve (GET /topics/{topic} checks the same)
+            check_id(topic, "topic", topic=True)
+        except BadInput as exc:
+            self._skip(author, f"{path}: {exc}")
+            return ch
         if len(parts) == 4:
             self._message(ch, repo, author, topic, parts[3], path, value)
         elif len(parts) == 5 and parts[3] in FOLDERS:
@@ -247,6 +253,7 @@ class View:
         if post is None:
             return None
         out = dict(post)
+        out.pop("reactions_total", None)  # the hub's to count, not the author's to claim
         out["id"], out["topic"] = mid, topic  # as its path says, whatever the record claims
         out["author"] = author
         out["name"] = self.name(author)
