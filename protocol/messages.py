@@ -225,7 +225,9 @@ FIELDS: dict[str, tuple[frozenset[str], Any]] = {
 
 
 def decode(payload: bytes) -> dict[str, Any]:
-    """Decode and check one message; unknown fields are ignored (forward compatibility)."""
+    """Decode and check one message. Unknown fields are ignored (forward compatibility)
+    and not kept: a request queued for its answer holds only what it needs, not a
+    peer's padding."""
     try:
         msg = msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True, max_bin_len=len(payload))
     except Exception as exc:  # msgpack raises several unrelated types
@@ -241,7 +243,7 @@ def decode(payload: bytes) -> dict[str, Any]:
     if missing:
         raise ProtocolError(f"{t}: missing field {sorted(missing)[0]!r}")
     check(msg)
-    return msg
+    return {"t": t, **{k: msg[k] for k in fields}}
 
 
 def negotiate(ours: tuple[int, ...], theirs: list[int]) -> int | None:

@@ -44,6 +44,7 @@ from .wire import Connection, WireError
 log = logging.getLogger("pttd.node")
 
 MAX_PUSHED_BLOCKS = 64
+MAX_SUBS = 65_536  # repositories one peer may follow live from us in one session
 MAX_FOUND = 16  # addresses a follow dials on the hubs' word
 QUICK_ROWS = 64  # a write of at most this many blocks may be made in place (db_quick)
 QUICK_BYTES = 256 << 10  # ... and of at most this many bytes
@@ -400,7 +401,8 @@ class Node:
         t = msg["t"]
         try:
             if t == "want":
-                blocks, missing = await self.db(self.store.get_blocks, msg["hashes"])
+                # each hash read once, however often it is named
+                blocks, missing = await self.db(self.store.get_blocks, list(dict.fromkeys(msg["hashes"])))
                 return {"t": "blocks", "id": msg["id"], "blocks": _fit(blocks, missing), "missing": missing}
             if t == "get":
                 blocks, missing = await self.db_quick(self._path_blocks, msg["root"], msg["path"])
@@ -409,11 +411,14 @@ class Node:
                 return {"t": "pong", "id": msg["id"]}
             if t == "sub":
                 if msg["live"]:
-                    peer.subs[msg["repo"]] = msg["prefixes"]
+                    if msg["repo"] not in peer.subs and len(peer.subs) >= MAX_SUBS:
+                        peer.close(f"more than {MAX_SUBS} live subscriptions")
+                        raise PeerGone(peer.name)
+                    peer.subs.add(msg["repo"])
                 head = await self.db_quick(self._head_message, msg["repo"], False)
                 return head or {"t": "head", "repo": msg["repo"], "commit": None, "sig": None, "blocks": []}
             if t == "unsub":
-                peer.subs.pop(msg["repo"], None)
+                peer.subs.discard(msg["repo"])
             if t == "join":
                 if self.rendezvous is None:
                     return {"t": "joined", "id": msg["id"], "ok": False, "message": "this daemon is not a hub"}
@@ -431,6 +436,8 @@ class Node:
                 found = self.rendezvous.lookup(msg["repo"]) if self.rendezvous is not None else []
                 return {"t": "found", "id": msg["id"], "addresses": found[:16]}
             return None
+        except PeerGone:
+            raise
         except Exception:  # a bug of ours
             log.exception("internal error answering %s from %s", t, peer.name)
             peer.close(f"internal error answering {t}")

@@ -48,7 +48,7 @@ class Peer:
         self.conn = conn
         self.outbound = outbound
         self.dialed = dialed  # the address we dialed, if we did
-        self.subs: dict[bytes, list[str]] = {}  # repositories the peer follows live from us
+        self.subs: set[bytes] = set()  # repositories the peer follows live from us (at most MAX_SUBS)
         self._ids = itertools.count(1)
         self._pending: dict[int, list] = {}  # id -> [event, answer]
         self._pushes: dict[bytes, dict] = {}

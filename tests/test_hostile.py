@@ -313,3 +313,40 @@ async def test_a_dial_that_fails_other_than_by_the_network_does_not_stop_the_dae
             await tried.wait()
         await wait_for(lambda: any("cannot dial unreachable.example:9987" in m for m in caplog.messages))
         assert (await d.call("status"))["node"] == d.id  # still serving
+
+
+async def test_a_peer_cannot_make_a_session_hold_more_than_it_needs(trio_and_three, caplog, monkeypatch):
+    """What a peer sends is kept only as far as it is needed: a request's unknown fields
+    are dropped when it is decoded (not queued with it), a hash named many times in one
+    want is read and sent once, and live subscriptions beyond MAX_SUBS end the session
+    (each kept a list of prefixes that the serving side never used)."""
+    import pttd.node
+    from protocol import messages
+
+    a, b, c = trio_and_three
+    padded = messages.decode(messages.encode({"t": "ping", "id": 7, "padding": b"x" * 100_000}))
+    assert padded == {"t": "ping", "id": 7}
+
+    big = os.urandom(3000)
+    await _write(a, {"/dup": big})
+    await wait_for(lambda: b.node.follows[a.node.id].local_seq == 2)
+    from blake3 import blake3
+
+    addr = blake3(b"\x01" + big).digest()
+    conn = await raw_connection(b.address)
+    await conn.send({"t": "want", "id": 1, "hashes": [addr] * 4096})
+    with trio.fail_after(10):
+        while (answer := await conn.receive())["t"] != "blocks":
+            pass  # b subscribes to what it follows on every session
+    assert answer["t"] == "blocks" and answer["blocks"] == [b"\x01" + big] and answer["missing"] == []
+
+    monkeypatch.setattr(pttd.node, "MAX_SUBS", 3)
+    for _ in range(3):
+        key = SigningKey.generate().verify_key.encode()
+        await conn.send({"t": "sub", "repo": key, "prefixes": ["/" + "p" * 1000] * 64, "live": True})
+    await wait_for(lambda: any(len(p.subs) == 3 for p in b.node.peers))
+    assert all(isinstance(p.subs, set) for p in b.node.peers)
+    await conn.send({"t": "sub", "repo": SigningKey.generate().verify_key.encode(), "prefixes": ["/"], "live": True})
+    await wait_for(lambda: _logged(caplog, "more than 3 live subscriptions"))
+    await conn.aclose()
+    await _honest_live_update_still_works(a, b)
