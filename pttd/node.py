@@ -358,7 +358,7 @@ class Node:
         self.peers.add(peer)
         self.peer_joined.set()  # wakes whoever waits for a session (peer_for)
         self.peer_joined = trio.Event()
-        log.info("peer %s connected (%s, %s)", peer.name, "out" if outbound else "in", conn.peer_mode)
+        log.info("peer %s connected (%s, %r)", peer.name, "out" if outbound else "in", conn.peer_mode)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._subscribe_all, peer)

@@ -179,7 +179,8 @@ class Peer:
                     raise Misbehaved(f"more than {SUB_QUEUE} subscriptions waiting") from None
             elif t == "error":
                 self._peer_said_error = True
-                raise Misbehaved(f"peer closed with error {msg['code']}: {msg['message']}")
+                # quoted: the peer's words must not pass for lines of our log
+                raise Misbehaved(f"peer closed with error {msg['code']!r}: {msg['message']!r}")
             else:
                 raise Misbehaved(f"unexpected {t} message")
 

@@ -350,3 +350,16 @@ async def test_a_peer_cannot_make_a_session_hold_more_than_it_needs(trio_and_thr
     await wait_for(lambda: _logged(caplog, "more than 3 live subscriptions"))
     await conn.aclose()
     await _honest_live_update_still_works(a, b)
+
+
+async def test_a_peers_words_are_quoted_in_the_log(trio_and_three, caplog):
+    """What a peer says (its error message, its mode) is logged quoted: a newline in it
+    cannot start a line that passes for one of ours."""
+    a, b, c = trio_and_three
+    conn = await raw_connection(b.address)
+    forged = "bye\n2026-11-26 12:00:00,000 WARNING pttd.node: peer 10.0.0.1:9987: forged line"
+    await conn.send({"t": "error", "code": "closing", "message": forged})
+    await wait_for(lambda: _logged(caplog, "peer closed with error 'closing'"))
+    assert not any("\n" in r.getMessage() for r in caplog.records if r.name.startswith("pttd"))
+    assert _logged(caplog, "'bye\\n2026-11-26")
+    await conn.aclose()
