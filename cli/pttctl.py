@@ -70,11 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sync", help="fetch a repository's newest version now and wait for it")
     s.add_argument("key")
     s.add_argument("--peer", action="append", default=[], metavar="HOST:PORT")
-    s.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
+    s.add_argument("--timeout", type=_seconds, default=60.0, help="seconds (default 60)")
     s = sub.add_parser("wait", help="wait until a followed repository holds a version (for scripts)")
     s.add_argument("key")
     s.add_argument("version", type=_version)
-    s.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
+    s.add_argument("--timeout", type=_seconds, default=60.0, help="seconds (default 60)")
     s = sub.add_parser("user", help="hosted users of a gateway")
     us = s.add_subparsers(dest="user_command", required=True)
     ua = us.add_parser("add", help="add a user (asks for a password; --password-stdin for scripts)")
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--peer", action="append", default=[], help="HOST:PORT serving the repository (its old gateway); repeatable"
     )
     ui.add_argument("--passphrase-env", help="read the passphrase from this environment variable (else asked)")
-    ui.add_argument("--timeout", type=float, default=60.0, help="seconds to sync the repository (default 60)")
+    ui.add_argument("--timeout", type=_seconds, default=60.0, help="seconds to sync the repository (default 60)")
     us.add_parser(
         "rotate-token-key", help="a new login-token signing key (tokens signed before work until they expire)"
     )
@@ -161,13 +161,22 @@ DAEMON_COMMANDS = (
 
 
 def _version(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {n}")
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"not a number from 0 up: {text!r}")
+    n = int(text)
+    if n >= 2**63:  # what the store and the daemon's messages hold
+        raise argparse.ArgumentTypeError(f"too large: {text}")
     return n
+
+
+def _seconds(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        s = -1.0
+    if not 0 <= s <= 7 * 86400:  # NaN and infinity fail this too
+        raise argparse.ArgumentTypeError(f"not a number of seconds from 0 to 604800: {text!r}")
+    return s
 
 
 def _human(command: str, res: commands.Result, out) -> None:

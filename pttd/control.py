@@ -44,6 +44,22 @@ def _pack(obj) -> bytes:
     return encode_frame(msgpack.packb(obj, use_bin_type=True), MAX_CONTROL_FRAME)
 
 
+MAX_WAIT = 7 * 86400.0  # seconds a wait or a sync may be given, at most
+
+
+def _seconds(value, default: float = 60.0) -> float:
+    """A timeout from a client: a finite number of seconds, 0 to MAX_WAIT."""
+    if value is None:
+        return default
+    try:
+        s = float(value)
+    except (TypeError, ValueError):
+        s = -1.0
+    if not 0 <= s <= MAX_WAIT:  # NaN fails this too
+        raise PttError(f"timeout must be a number of seconds from 0 to {MAX_WAIT:g}, not {value!r}")
+    return s
+
+
 def _hex_key(text: str | None) -> bytes | None:
     if text is None:
         return None
@@ -183,7 +199,7 @@ class ControlServer:
             return {"repository": key.hex(), "unfollowed": True}
         if cmd == "wait":
             key = _hex_key(args["repo"])
-            f = await node.wait_version(key, int(args["version"]), float(args.get("timeout") or 60))
+            f = await node.wait_version(key, int(args["version"]), _seconds(args.get("timeout")))
             return f.info()
         if cmd == "sync":
             key = _hex_key(args["repo"])
@@ -197,6 +213,8 @@ class ControlServer:
                     pending.append(f.info())
 
             pending: list[dict] = []
+            timeout = _seconds(args.get("timeout"))
+            outcome: list = []
             async with trio.open_nursery() as nursery:
 
                 async def pump() -> None:
@@ -206,8 +224,14 @@ class ControlServer:
                         await trio.sleep(0.1)
 
                 nursery.start_soon(pump)
-                f = await node.sync_once(key, args.get("peers") or [], float(args.get("timeout") or 60), progress)
+                try:  # its error is raised outside the nursery: a user's error, not a group
+                    outcome.append(await node.sync_once(key, args.get("peers") or [], timeout, progress))
+                except USER_ERRORS as exc:
+                    outcome.append(exc)
                 nursery.cancel_scope.cancel()
+            if isinstance(outcome[0], BaseException):
+                raise outcome[0]
+            f = outcome[0]
             info = f.info()
             info["seconds"] = round(trio.current_time() - started, 3)
             if f.local_seq is None:

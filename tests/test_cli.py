@@ -108,6 +108,21 @@ def test_usage_errors_exit_2(home, capsysbinary):
     with pytest.raises(SystemExit) as exc:
         main(["log", "-n", "-3"])
     assert exc.value.code == 2
+    # numbers no message or store holds, and timeouts that are not a time, are usage
+    # errors too (they were tracebacks and "internal error")
+    key = "ab" * 32
+    for args in (
+        ["log", "-n", "99999999999999999999999"],
+        ["get", "/x", "--version", "9223372036854775808"],
+        ["diff", "1", "\u0661"],
+        ["wait", key, "1", "--timeout", "nan"],
+        ["sync", key, "--timeout", "-1"],
+        ["wait", key, "1", "--timeout", "inf"],
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        assert exc.value.code == 2, args
+        assert b"Traceback" not in capsysbinary.readouterr().err
 
 
 def test_verify_reports_corruption_with_exit_1(home, capsysbinary):

@@ -152,6 +152,7 @@ def test_pttctl_follow_sync_and_read_between_two_daemons(tmp_path):
         wait_ready(b)
         a_info = json.loads((a_dir / "run.json").read_text())
         key, addr = a_info["node_id"], a_info["listen"][0]
+        b_info = json.loads((b_dir / "run.json").read_text())
         for i in range(3):
             assert pttctl(a_dir, "put", f"/a/{i}", input=f"value {i}".encode() * 20).returncode == 0
         assert pttctl(a_dir, "put", "/b/secret", input=b"elsewhere" * 20).returncode == 0
@@ -176,6 +177,10 @@ def test_pttctl_follow_sync_and_read_between_two_daemons(tmp_path):
         assert res.returncode == 1 and b"not following" in res.stderr
         res = pttctl(b_dir, "follow", "nothex")
         assert res.returncode == 1 and b"not a repository key" in res.stderr
+        # a sync that fails says why in one line (it said "internal error: ExceptionGroup")
+        res = pttctl(b_dir, "sync", b_info["node_id"], "--timeout", "1")
+        assert res.returncode == 1 and b"ExceptionGroup" not in res.stderr, res.stderr
+        assert res.stderr.decode().count("\n") == 1 and b"own repository" in res.stderr, res.stderr
     finally:
         for p in (a, b):
             p.terminate()
