@@ -240,7 +240,8 @@ def _human_daemon(command: str, d: dict, out) -> None:
                     if f.get("last_sync")
                     else "never"
                 )
-                print(f"  {f['repository']}  version {f.get('version')}  lag {f.get('lag')}  synced {when}", file=out)
+                version, lag = (f.get(k) if f.get(k) is not None else "-" for k in ("version", "lag"))
+                print(f"  {f['repository']}  version {version}  lag {lag}  synced {when}", file=out)
     elif command == "peers":
         for p in d["peers"]:
             print(f"{p['id'][:16]}  {p['address']:<22} {p['direction']:>3}  {p['mode']}", file=out)

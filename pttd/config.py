@@ -299,6 +299,8 @@ def validate(cfg: Config, where: str = "settings") -> None:
         for k in getattr(r, name):
             if len(k) != 64 or any(c not in "0123456789abcdef" for c in k):
                 raise ConfigError(f"{where}: [replicator] {name}: {k!r} is not a key (64 lowercase hex digits)")
+            if not _ed25519_point(bytes.fromhex(k)):
+                raise ConfigError(f"{where}: [replicator] {name}: {k} is not a valid Ed25519 public key")
     for a in cfg.gateway.replicators:
         parse_address(a, dial=True)
     names = [p.name for p in cfg.oidc]
@@ -315,6 +317,16 @@ def validate(cfg: Config, where: str = "settings") -> None:
         for k in getattr(h, name):
             if len(k) != 64 or any(c not in "0123456789abcdef" for c in k):
                 raise ConfigError(f"{where}: [hub] {name}: {k!r} is not a repository key (64 lowercase hex digits)")
+
+
+def _ed25519_point(key: bytes) -> bool:
+    from nacl.signing import VerifyKey
+
+    try:
+        VerifyKey(key).to_curve25519_public_key()  # refuses what is not a point of the curve
+    except Exception:
+        return False
+    return True
 
 
 def parse_address(text: str, dial: bool = False) -> tuple[str, int]:

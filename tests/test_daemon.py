@@ -142,6 +142,11 @@ def test_port_in_use_and_bad_settings_are_one_line_errors(tmp_path):
     proc = start(tmp_path / "d", "--config", str(cfg))
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 2 and "log_level 'LOUD'" in err and "Traceback" not in err
+    # a pin that is 64 hex digits but no key: named with its setting, exit 2, not at the pin
+    cfg.write_text('[replicator]\npins = ["' + "ab" * 32 + '"]\n')
+    proc = start(tmp_path / "d", "--config", str(cfg), "--mode", "replicator")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and "[replicator] pins: " + "ab" * 32 + " is not a valid Ed25519 public key" in err
 
 
 def test_pttctl_follow_sync_and_read_between_two_daemons(tmp_path):
