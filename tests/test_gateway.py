@@ -736,6 +736,14 @@ async def test_bring_your_own_key_login(tmp_path, monkeypatch):
             assert "signature" in result(
                 await http.post("/login", json={"data": signed(c2, SigningKey.generate())}), 401
             )
+            # challenges are not stored: asking for many more than MAX_CHALLENGES fills
+            # nothing, and a nonce altered (its expiry, say) is refused
+            monkeypatch.setattr(service, "MAX_CHALLENGES", 5)
+            many = [await challenge() for _ in range(20)]
+            forged = dict(many[0], nonce=many[0]["nonce"][:32] + "ff" * 8 + many[0]["nonce"][48:])
+            forged["sign"] = g.gateway.challenge_message(bytes.fromhex(key), forged["nonce"]).hex()
+            assert "challenge" in result(await http.post("/login", json={"data": signed(forged)}), 401)
+            assert result(await http.post("/login", json={"data": signed(many[-1])}))["key"] == key
             monkeypatch.setattr(service, "CHALLENGE_TTL", -1)
             c3 = await challenge()
             assert "expired" in result(await http.post("/login", json={"data": signed(c3)}), 401)

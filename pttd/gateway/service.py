@@ -15,6 +15,7 @@ exactly what was committed. After the commit they are handed to the open streams
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import pickle
@@ -306,7 +307,11 @@ class Gateway:
         self._by_topic: dict[str, set[Stream]] = {}
         self._hash_limiter = trio.CapacityLimiter(2)  # Argon2id: 64 MiB and ~0.1 s each
         self._dummy_hash: bytes | None = None
-        self._challenges: dict[str, tuple[bytes, float]] = {}  # nonce -> (key, expiry)
+        # Key-login challenges are not stored: each carries its expiry and a MAC with a
+        # secret of this process, so that no number of requests fills a table; only
+        # the nonces used (with a valid signature) are kept until they expire.
+        self._challenge_secret = os.urandom(32)
+        self._used_challenges: dict[str, float] = {}  # nonce -> expiry (monotonic)
         self._failed_accounts = Failures(self.cfg.login_window, self.cfg.login_failures_per_account)
         self._failed_addresses = Failures(self.cfg.login_window, self.cfg.login_failures_per_address)
         self._nursery: trio.Nursery | None = None
@@ -694,16 +699,39 @@ class Gateway:
     # --- bring your own key --------------------------------------------------------------
 
     def challenge(self, key_hex) -> dict:
-        """A fresh single-use nonce for a key login, valid for CHALLENGE_TTL seconds."""
+        """A fresh single-use nonce for a key login, valid for CHALLENGE_TTL seconds: 16
+        random bytes, the expiry (ms of this process's monotonic clock, 8 bytes) and a
+        16-byte MAC of the key and both, so that nothing is stored until it is used."""
         key = chat.check_key(key_hex, "key")
-        now = time.monotonic()
-        for n in [n for n, (_k, exp) in self._challenges.items() if exp < now]:
-            del self._challenges[n]
-        if len(self._challenges) >= MAX_CHALLENGES:
-            raise TooMany("too many key logins under way: try again shortly", 5)
-        nonce = os.urandom(32).hex()
-        self._challenges[nonce] = (key, now + CHALLENGE_TTL)
+        expires = max(0, int((time.monotonic() + CHALLENGE_TTL) * 1000))
+        body = os.urandom(16) + expires.to_bytes(8, "big")
+        nonce = (body + self._challenge_mac(key, body)).hex()
         return {"nonce": nonce, "sign": self.challenge_message(key, nonce).hex(), "expires_in": CHALLENGE_TTL}
+
+    def _challenge_mac(self, key: bytes, body: bytes) -> bytes:
+        return blake3(key + body, key=self._challenge_secret).digest(16)
+
+    def _take_challenge(self, key: bytes, nonce) -> str | None:
+        """The nonce, if this process made it for ``key``, unexpired and not yet used."""
+        try:
+            raw = bytes.fromhex(nonce) if isinstance(nonce, str) and len(nonce) == 80 else b""
+        except ValueError:
+            raw = b""
+        if len(raw) != 40 or not hmac.compare_digest(raw[24:], self._challenge_mac(key, raw[:24])):
+            return None
+        now = time.monotonic()
+        if int.from_bytes(raw[16:24], "big") < now * 1000 or nonce in self._used_challenges:
+            return None
+        return nonce
+
+    def _spend_challenge(self, nonce: str) -> None:
+        now = time.monotonic()
+        if len(self._used_challenges) >= MAX_CHALLENGES:
+            for n in [n for n, exp in self._used_challenges.items() if exp < now]:
+                del self._used_challenges[n]
+            if len(self._used_challenges) >= MAX_CHALLENGES:
+                raise TooMany("too many key logins under way: try again shortly", 5)
+        self._used_challenges[nonce] = int.from_bytes(bytes.fromhex(nonce)[16:24], "big") / 1000
 
     def challenge_message(self, key: bytes, nonce: str) -> bytes:
         """What the key signs: it names this gateway and the key, so it serves nowhere else."""
@@ -711,13 +739,13 @@ class Gateway:
 
     async def key_login(self, key_hex, nonce, signature) -> ChatUser:
         key = chat.check_key(key_hex, "data.key")
-        entry = self._challenges.pop(nonce, None) if isinstance(nonce, str) else None
-        if entry is None or entry[0] != key or entry[1] < time.monotonic():
+        if self._take_challenge(key, nonce) is None:
             raise Unauthorized("unknown, used or expired challenge: ask GET /login/challenge again")
         try:
             VerifyKey(key).verify(self.challenge_message(key, nonce), bytes.fromhex(signature))
         except (BadSignatureError, ValueError, TypeError):
             raise Unauthorized("the signature does not match the key and the challenge") from None
+        self._spend_challenge(nonce)  # no await since it was checked: used once only
         u = await self.user(key)
         if u is not None:
             return u
