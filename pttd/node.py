@@ -193,6 +193,7 @@ class Node:
         self._dialers: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self._per_address: dict[str, int] = {}
+        self._incoming = 0  # connections accepted and open, in their handshake or session
         # called after a followed repository's new version is stored: (key, old root or None, new root)
         self.synced_hooks: list = []
         self.rendezvous = None  # a hub: answers join and lookup, hears announce
@@ -278,8 +279,10 @@ class Node:
             return
         remote = f"{host}:{port}"
         w = self.cfg.wire
-        if len(self.peers) >= w.max_connections:
-            log.warning("refused connection from %s: %d connections already (max_connections)", remote, len(self.peers))
+        # counted from the accept: a flood of handshakes that never finish fills it too
+        open_now = self._incoming + sum(1 for p in self.peers if p.outbound)
+        if open_now >= w.max_connections:
+            log.warning("refused connection from %s: %d connections already (max_connections)", remote, open_now)
             await stream.aclose()
             return
         if self._per_address.get(host, 0) >= w.max_connections_per_address:
@@ -287,9 +290,11 @@ class Node:
             await stream.aclose()
             return
         self._per_address[host] = self._per_address.get(host, 0) + 1
+        self._incoming += 1
         try:
             await self._session(stream, remote, outbound=False)
         finally:
+            self._incoming -= 1
             self._per_address[host] -= 1
             if not self._per_address[host]:
                 del self._per_address[host]

@@ -279,6 +279,23 @@ async def test_connection_limits_and_idle_timeout(tmp_path, caplog):
         await third.aclose()
 
 
+async def test_connections_in_their_handshake_count_toward_max_connections(tmp_path, caplog):
+    """max_connections counts an incoming connection from its accept: connections that
+    never finish their handshake cannot push the daemon past its limit."""
+    async with daemons(tmp_path, 1, max_connections=2, handshake_timeout=30.0) as (a,):
+        silent = [await trio.open_tcp_stream(*_addr(a.address)) for _ in range(2)]  # no handshake
+        await wait_for(lambda: a.node._incoming == 2)
+        stream = await trio.open_tcp_stream(*_addr(a.address))
+        await wait_for(lambda: _logged(caplog, "refused connection from 127.0.0.1", "2 connections already"))
+        assert await stream.receive_some(100) == b""  # closed at once
+        for s_ in silent + [stream]:
+            await s_.aclose()
+        await wait_for(lambda: a.node._incoming == 0)
+        conn = await raw_connection(a.address)  # slots are free again
+        await wait_for(lambda: len(a.node.peers) == 1)
+        await conn.aclose()
+
+
 @pytest.mark.parametrize(
     "address",
     ["a..b:1", "x" * 64 + ".example:1", "[::1:5", "::1]:5", "host:\u0661\u0662", "host:0", "a b:1", "\ud800:1", ""],
