@@ -81,3 +81,17 @@ def test_an_author_cannot_claim_a_reaction_count_or_a_topic_the_api_cannot_serve
         v.apply(A, f"/topics/{bad}/m", post("m", 2))
     assert sorted(v.topics) == ["t"]
     assert "/topics/caf\u00e9/m" in v.skipped[A]  # the last one, logged
+
+
+def test_a_reaction_needs_a_short_text_emoji_and_an_integer_date():
+    v = View()
+    v.apply(A, "/topics/t/m", post("m", 1))
+    for rid, rec in {
+        "ok": {"msgID": "m", "emoji": "+", "date": 1},
+        "object": {"msgID": "m", "emoji": {"big": "x" * 1000}, "date": 2},
+        "long": {"msgID": "m", "emoji": "x" * 65, "date": 3},
+        "none": {"msgID": "m", "date": 4},
+        "date": {"msgID": "m", "emoji": "+", "date": "soon"},
+    }.items():
+        v.apply(B, f"/topics/t/reactions/{rid}", json.dumps(rec).encode())
+    assert v.render("t", A, "m")["reactions"] == [{"id": "ok", "author": B, "emoji": "+"}]

@@ -178,6 +178,11 @@ class View:
         if isinstance(rec, dict) and kind != "curators" and type(rec.get("date", 0)) is not int:
             self._skip(author, f"{path}: its date is not an integer")  # records are ordered by date
             rec = None
+        if isinstance(rec, dict) and kind == "reactions":
+            emoji = rec.get("emoji")
+            if not (isinstance(emoji, str) and 0 < len(emoji) <= 64):  # as a gateway takes it
+                self._skip(author, f"{path}: its emoji is not a text of 1-64 characters")
+                rec = None
         if value is not None and not (
             isinstance(rec, dict) and (kind == "curators" or isinstance(rec.get("msgID"), str))
         ):
