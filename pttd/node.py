@@ -129,6 +129,9 @@ def _store_then(store, rows, partial, then):
     return then() if then is not None else None
 
 
+ALONE_TIMEOUT = 120.0  # seconds gc waits for the syncs under way to end
+
+
 class SyncGate:
     """Syncs run together; garbage collection runs alone (it would delete the blocks of
     a sync whose commit is not accepted yet)."""
@@ -153,13 +156,23 @@ class SyncGate:
                     self._cond.notify_all()
 
     @asynccontextmanager
-    async def alone(self):
+    async def alone(self, timeout: float = ALONE_TIMEOUT):
+        """Wait until no sync runs (new ones wait meanwhile), for at most ``timeout``
+        seconds: a sync a slow peer keeps alive must not hold gc, and every other sync
+        behind it, for ever. PttError if they did not end in time (nothing held)."""
         async with self._cond:
-            while self.exclusive:
-                await self._cond.wait()
-            self.exclusive = True
-            while self.active:
-                await self._cond.wait()
+            mine = False
+            with trio.move_on_after(timeout):
+                while self.exclusive:
+                    await self._cond.wait()
+                self.exclusive = mine = True
+                while self.active:
+                    await self._cond.wait()
+            if not mine or self.active:
+                if mine:
+                    self.exclusive = False
+                    self._cond.notify_all()
+                raise PttError(f"syncs under way did not end within {timeout:g} s: not run; try again later")
         try:
             yield
         finally:

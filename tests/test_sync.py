@@ -295,3 +295,38 @@ async def test_on_demand_read_of_a_value_in_several_pieces(tmp_path):
         await b.node.fetched_stored()
         stored = await trio.to_thread.run_sync(lambda: b.node.dd.repository(a.id).get("/elsewhere/v"))
         assert stored == value
+
+
+async def test_gc_gives_up_waiting_for_a_sync_that_does_not_end_and_syncs_go_on():
+    """gc waits for the syncs under way (new ones wait behind it), but not for ever: a
+    sync that a slow peer keeps alive made gc, and every sync after it, wait without
+    end. After ALONE_TIMEOUT gc fails with a clear error and the waiting syncs start."""
+    import trio.testing
+
+    from pttd.node import SyncGate
+
+    gate = SyncGate()
+    release = trio.Event()
+    started = []
+
+    async def slow_sync() -> None:
+        async with gate.sync():
+            await release.wait()
+
+    async def later_sync() -> None:
+        async with gate.sync():
+            started.append(True)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(slow_sync)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(5):
+            with pytest.raises(PttError, match="did not end within 0.2 s"):
+                async with gate.alone(timeout=0.2):
+                    raise AssertionError("gc ran beside a sync")
+            nursery.start_soon(later_sync)
+            await trio.testing.wait_all_tasks_blocked()
+            assert started == [True] and not gate.exclusive
+        release.set()
+    async with gate.alone(timeout=0.2):  # nothing under way: at once
+        assert gate.exclusive
