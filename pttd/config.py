@@ -65,6 +65,7 @@ class GatewayConfig:
     login_window: float = 300.0  # seconds over which failed logins are counted
     login_failures_per_account: int = 5  # more within the window: 429 for that account
     login_failures_per_address: int = 20  # more within the window: 429 for that client address
+    key_accounts_per_address: int = 10  # new key-login users from one address within login_window
 
 
 @dataclass
@@ -288,6 +289,7 @@ def validate(cfg: Config, where: str = "settings") -> None:
         "event_retention",
         "login_failures_per_account",
         "login_failures_per_address",
+        "key_accounts_per_address",
     ):
         if getattr(g, name) < 1:
             raise ConfigError(f"{where}: [gateway] {name} must be at least 1")

@@ -778,6 +778,30 @@ async def test_bring_your_own_key_login(tmp_path, monkeypatch):
         own.daemon.stop()
 
 
+async def test_new_users_by_key_login_are_limited_per_client_address(tmp_path):
+    """Each key login by a new key makes a user and a repository the gateway follows: at
+    most key_accounts_per_address of them from one address within login_window (anyone
+    could make thousands a minute); a key already hosted logs in as before."""
+    from nacl.signing import SigningKey
+
+    async with gateway(tmp_path, key_accounts_per_address=2) as g:
+
+        async def key_login(sk: SigningKey):
+            key = sk.verify_key.encode().hex()
+            c = result(await g.web.get("/login/challenge", params={"key": key}))
+            sig = sk.sign(bytes.fromhex(c["sign"])).signature.hex()
+            return await g.web.post("/login", json={"data": {"key": key, "nonce": c["nonce"], "signature": sig}})
+
+        keys = [SigningKey.generate() for _ in range(3)]
+        assert [(await key_login(k)).status_code for k in keys[:2]] == [200, 200]
+        third = await key_login(keys[2])
+        assert third.status_code == 429 and int(third.headers["Retry-After"]) > 0
+        assert "too many new users by key login for this address" in third.json()["error"]
+        assert (await key_login(keys[0])).status_code == 200  # known: not a new user
+        users = [u["name"] for u in await g.gateway.list_users()]
+        assert f"key:{keys[2].verify_key.encode().hex()}" not in users and len(users) == 2
+
+
 async def test_login_sessions_refresh_and_logout(tmp_path):
     async with gateway(tmp_path) as g:
         http = g.web

@@ -221,7 +221,7 @@ async def login(gw: Gateway, request: Request, data, user):
         u = await gw.oidc_login(token, client)
         return await _logged_in(gw, u, data)
     if "signature" in data:  # bring your own key
-        u = await gw.key_login(data.get("key"), data.get("nonce"), data.get("signature"))
+        u = await gw.key_login(data.get("key"), data.get("nonce"), data.get("signature"), client)
         return await _logged_in(gw, u, data)
     u = await gw.login(data.get("username"), data.get("password"), client)
     return await _logged_in(gw, u, data)

@@ -86,8 +86,8 @@ STREAM_BUFFER = 1024  # events queued for one slow stream before it is closed (i
 class Failures:
     """Failed attempts per key (an account, a client address) within a sliding window."""
 
-    def __init__(self, window: float, limit: int, cap: int = 100_000):
-        self.window, self.limit, self.cap = window, limit, cap
+    def __init__(self, window: float, limit: int, cap: int = 100_000, counted: str = "failed logins"):
+        self.window, self.limit, self.cap, self.counted = window, limit, cap, counted
         self._seen: dict[str, deque[float]] = {}
 
     def check(self, key: str, what: str) -> None:
@@ -99,7 +99,7 @@ class Failures:
             times.popleft()
         if len(times) >= self.limit:
             retry = int(times[0] + self.window - now) + 1
-            raise TooMany(f"too many failed logins for this {what}: try again in {retry} s", retry)
+            raise TooMany(f"too many {self.counted} for this {what}: try again in {retry} s", retry)
 
     def add(self, key: str) -> None:
         if len(self._seen) >= self.cap:  # a flood of keys: the oldest counts go first
@@ -314,6 +314,9 @@ class Gateway:
         self._used_challenges: dict[str, float] = {}  # nonce -> expiry (monotonic)
         self._failed_accounts = Failures(self.cfg.login_window, self.cfg.login_failures_per_account)
         self._failed_addresses = Failures(self.cfg.login_window, self.cfg.login_failures_per_address)
+        self._new_key_users = Failures(
+            self.cfg.login_window, self.cfg.key_accounts_per_address, counted="new users by key login"
+        )
         self._nursery: trio.Nursery | None = None
         self._tokens: dict[str, tuple] = {}  # verified token -> (user, expiry, session id)
         self._revoked: set[str] = set()  # sessions logged out (or revoked) and not yet expired
@@ -737,7 +740,7 @@ class Gateway:
         """What the key signs: it names this gateway and the key, so it serves nowhere else."""
         return b"pttd gateway login\n" + self.node.id + key + bytes.fromhex(nonce)
 
-    async def key_login(self, key_hex, nonce, signature) -> ChatUser:
+    async def key_login(self, key_hex, nonce, signature, client: str | None = None) -> ChatUser:
         key = chat.check_key(key_hex, "data.key")
         if self._take_challenge(key, nonce) is None:
             raise Unauthorized("unknown, used or expired challenge: ask GET /login/challenge again")
@@ -750,6 +753,9 @@ class Gateway:
         if u is not None:
             return u
         self._require_key()
+        if client is not None:  # each new one is a user and a repository followed: not without end
+            self._new_key_users.check(client, "address")
+            self._new_key_users.add(client)
         name = f"key:{key.hex()}"
         await self.node.db(
             self.store.execute,
