@@ -837,6 +837,29 @@ async def test_login_sessions_refresh_and_logout(tmp_path):
         del h
 
 
+async def test_ended_login_sessions_are_removed_while_the_gateway_runs(tmp_path, monkeypatch):
+    """Sessions whose tokens have all expired leave the store, and the revoked ones the
+    memory, every SESSION_PRUNE_EVERY (both grew with each login and logout until a
+    restart); a live session, and a logged-out one not yet ended, stay."""
+    from pttd.gateway import service
+
+    monkeypatch.setattr(service, "SESSION_PRUNE_EVERY", 0.05)
+    async with gateway(tmp_path) as g:
+        gw, store = g.gateway, g.node.store
+        creds = {"data": {"username": "cy", "password": "long enough"}}
+        old = result(await g.web.post("/register", json=creds))
+        live = result(await g.web.post("/login", json=creds))
+        for s_ in (old, live):
+            assert result(await g.web.post("/logout", headers={"Authorization": f"Bearer {s_['token']}"})) is True
+        sid_old, sid_live = (s_["refresh_token"].split(".")[0] for s_ in (old, live))
+        assert {sid_old, sid_live} <= gw._revoked
+        ended = int(time.time() - gw.cfg.token_ttl) - 10  # its last token expired too
+        await g.node.db(store.execute, "UPDATE gw_sessions SET expires=? WHERE id=?", (ended, sid_old))
+        await wait_for(lambda: sid_old not in gw._revoked)
+        rows = await g.node.db(store.query, "SELECT id FROM gw_sessions")
+        assert [r[0] for r in rows] == [sid_live] and sid_live in gw._revoked
+
+
 async def test_a_refresh_retried_after_the_grace_period_revokes_the_session(tmp_path, monkeypatch):
     from pttd.gateway import service
 

@@ -77,6 +77,7 @@ REMOTE_FILE_READS = 8  # files of repositories not held fetched at once (more wa
 ON_DEMAND_FOLLOWS = 64  # repositories followed only to read their files: the least recently used go
 FILE_REFRESH_TIMEOUT = 5.0  # seconds to ask peers for a newer head when a file is not in the one held
 CHECKPOINT_EVERY = 2.0  # seconds between looks at the WAL's size, with a writer process
+SESSION_PRUNE_EVERY = 3600.0  # seconds between removals of ended login sessions
 WRITE_GROUPS_IN_FLIGHT = 2  # groups handed to the writer and not yet answered, at most
 SPLIT_MIN = 16  # writes that find the writer idle, from which on they go as two groups
 WRITER_EXIT_TIMEOUT = 30.0  # seconds the writer process gets to finish its group on the way out
@@ -359,6 +360,8 @@ class Gateway:
             nursery.start_soon(self._writer)
             if isinstance(self._writes, ProcessWrites):
                 nursery.start_soon(self._checkpoints)
+            if self.key is not None:
+                nursery.start_soon(self._prune_sessions)
             if self.cfg.replicators and self.key is not None:
                 # every start: a pin asked before may have failed, or the replicator is new
                 rows = await self.node.db(
@@ -873,9 +876,28 @@ class Gateway:
             del self._tokens[t]
 
     def _load_revoked(self) -> set[str]:
-        now = int(time.time())
-        self.store.execute("DELETE FROM gw_sessions WHERE expires < ?", (now,))
+        self._drop_ended_sessions()
         return {r[0] for r in self.store.query("SELECT id FROM gw_sessions WHERE revoked=1")}
+
+    def _drop_ended_sessions(self) -> set[str]:
+        """Delete the sessions whose every token has expired (an access token made at a
+        session's last refresh lives token_ttl past it); their ids."""
+        ended = int(time.time() - self.cfg.token_ttl)
+        with self.store.write():
+            gone = {r[0] for r in self.store.query("SELECT id FROM gw_sessions WHERE expires < ?", (ended,))}
+            self.store.execute("DELETE FROM gw_sessions WHERE expires < ?", (ended,))
+        return gone
+
+    async def _prune_sessions(self) -> None:
+        """Every SESSION_PRUNE_EVERY seconds: the ended sessions go from the store, and
+        from the revoked ones held in memory (both grew with every login and logout
+        until a restart)."""
+        while True:
+            await trio.sleep(SESSION_PRUNE_EVERY)
+            try:
+                self._revoked -= await self.node.db(self._drop_ended_sessions)
+            except sqlite3.Error as exc:
+                log.warning("removing ended login sessions failed (tried again later): %s", exc)
 
     async def authenticate(self, token: str | None) -> ChatUser:
         if not token:
