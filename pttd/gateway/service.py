@@ -1027,7 +1027,16 @@ class Gateway:
                 slots.release()
                 return
             reqs = [r for r, _p in keep]
-            await self._writes.send([p for _r, p in keep], finish)
+            try:
+                await self._writes.send([p for _r, p in keep], finish)
+            except Unsendable as exc:  # each pickles alone, not together: none goes
+                log.error("a group of %d writes cannot be handed to the writer process: %r", len(reqs), exc)
+                for r in reqs:
+                    r.error = ServerError("this write cannot be handed to the writer")
+                    r.done.set()
+                self._wal_copied = self._wal_copied or finish
+                slots.release()
+                return
         await sent_send.send(reqs)
 
     async def _checkpoints(self) -> None:
