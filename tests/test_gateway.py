@@ -919,3 +919,14 @@ async def test_rotating_the_token_key_logs_nobody_out_at_once(tmp_path):
         assert "not valid" in result(await http.get("/me", headers=old), 401)
         fresh = result(await http.post("/refresh", json={"data": {"refresh_token": before["refresh_token"]}}))
         assert result(await http.get("/me", headers={"Authorization": f"Bearer {fresh['token']}"})) == before["key"]
+
+
+def test_a_direct_message_dated_beyond_what_a_browser_holds_is_not_shown():
+    """An envelope's message dated past 8.64e15 ms (2**53 passed before) made the
+    reader's drawing of the conversation throw: it is not opened."""
+    from pttd.gateway import chat
+
+    s, r = "a" * 64, "b" * 64
+    dm = {"from": s, "to": r, "id": "x1", "message": "hi"}
+    assert chat._well_formed_dm({**dm, "date": 8_640_000_000_000_000}, s, r)
+    assert not chat._well_formed_dm({**dm, "date": 9_000_000_000_000_000}, s, r)

@@ -95,3 +95,15 @@ def test_a_reaction_needs_a_short_text_emoji_and_an_integer_date():
     }.items():
         v.apply(B, f"/topics/t/reactions/{rid}", json.dumps(rec).encode())
     assert v.render("t", A, "m")["reactions"] == [{"id": "ok", "author": B, "emoji": "+"}]
+
+
+def test_dates_a_browser_cannot_draw_keep_a_message_out_of_the_view():
+    """A date past 8.64e15 ms (the last a browser's Date holds), or an edited mark that
+    is no such date, made every reader's drawing of the topic throw: such messages are
+    not in the view."""
+    v = View()
+    good = json.loads(post("ok", 5))
+    v.apply(A, "/topics/t/ok", json.dumps({**good, "edited": 6}).encode())
+    for mid, extra in {"far": {"date": 9_000_000_000_000_000}, "soon": {"edited": "soon"}, "neg": {"date": -1}}.items():
+        v.apply(A, f"/topics/t/{mid}", json.dumps({**json.loads(post(mid, 7)), **extra}).encode())
+    assert [m["id"] for m in v.messages("t")] == ["ok"] and v.messages("t")[0]["edited"] == 6

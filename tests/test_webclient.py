@@ -639,6 +639,12 @@ def oidc_login(gw: str) -> list[str]:
             page.fill("#login-pass", "battery staple")
             page.get_by_role("button", name="Log in", exact=True).click()
             expect(page.locator(".me-name")).to_have_text("erin")
+            # a crafted link with a provider's "error" (no login started in this tab):
+            # nothing of it is shown, and the user stays logged in
+            page.goto(gw + "/?again=1#error=access_denied&error_description=Log%20in%20at%20evil.example")
+            expect(page.locator(".me-name")).to_have_text("erin")
+            expect(page.get_by_text("evil.example")).to_have_count(0)
+            assert "error=" not in page.url
             return b.errors
         finally:
             b.close()

@@ -299,12 +299,20 @@ class View:
         return {a: dict(self.repos[a].profile) for a in keys if a in self.repos}
 
 
+MAX_DATE = 8_640_000_000_000_000  # ms: the last date a browser's Date can hold
+
+
+def _date(value) -> bool:
+    return type(value) is int and 0 <= value <= MAX_DATE
+
+
 def _valid_post(post, topic: str, mid: str) -> bool:
     if not isinstance(post, dict):
         return False
     msg = post.get("message")
     return (
-        type(post.get("date")) is int
+        _date(post.get("date"))
+        and ("edited" not in post or _date(post["edited"]))  # a reader draws both as dates
         and isinstance(msg, dict)
         and isinstance(msg.get("type"), str)
         and "value" in msg

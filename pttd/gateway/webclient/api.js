@@ -273,7 +273,9 @@ const blobs = new Map();
 /** A file of any repository as an object URL (fetched once with the token in a header;
  * a sealed file's secret goes in a header too, never in a URL). */
 export function fileURL(key, id, secret) {
-  const k = `${key}/${id}`;
+  // the secret is part of what was fetched: the same id asked without it (a public
+  // message naming a sealed file) must not put the sealed bytes in its place
+  const k = `${key}/${id}/${secret || ''}`;
   const headers = () => (secret ? { ...authHeaders(), 'X-File-Secret': secret } : authHeaders());
   let p = blobs.get(k);
   if (!p) {

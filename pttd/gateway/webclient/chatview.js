@@ -5,7 +5,7 @@
 // the keyboard focus; arrow keys walk the messages.
 
 import { fileURL } from './api.js';
-import { dayKey, fmtDay, fmtFull, fmtSize, fmtTime, h, icon, linkify } from './dom.js';
+import { dayKey, fmtDay, fmtFull, fmtSize, fmtTime, h, icon, linkify, validDate } from './dom.js';
 import { flushNow, msgKey, nameOf, state } from './store.js';
 import { errorToast, toast } from './ui.js';
 
@@ -294,7 +294,11 @@ export class ChatView {
       dataset: { key },
       'aria-label': `${name}, ${fmtFull(m.date)}`,
     });
-    const time = h('time', { datetime: new Date(m.date).toISOString(), title: fmtFull(m.date) }, fmtTime(m.date));
+    const time = h(
+      'time',
+      { datetime: validDate(m.date) ? new Date(m.date).toISOString() : '', title: fmtFull(m.date) },
+      fmtTime(m.date),
+    );
     if (type === 'action') {
       li.append(h('div', { class: 'body' }, h('span', { class: 'author' }, name), ' ', this.actionText(m), ' · ', time));
       return li;

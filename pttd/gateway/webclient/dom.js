@@ -44,11 +44,16 @@ const timeFmt = new Intl.DateTimeFormat(undefined, { hour: '2-digit', minute: '2
 const fullFmt = new Intl.DateTimeFormat(undefined, { dateStyle: 'full', timeStyle: 'medium' });
 const dayFmt = new Intl.DateTimeFormat(undefined, { weekday: 'long', day: 'numeric', month: 'long', year: 'numeric' });
 
+/** A date a Date can hold (ms, integer, |ms| <= 8.64e15): the formats throw on others. */
+export function validDate(ms) {
+  return Number.isInteger(ms) && Math.abs(ms) <= 8.64e15;
+}
+
 export function fmtTime(ms) {
-  return timeFmt.format(ms);
+  return validDate(ms) ? timeFmt.format(ms) : '';
 }
 export function fmtFull(ms) {
-  return fullFmt.format(ms);
+  return validDate(ms) ? fullFmt.format(ms) : '';
 }
 
 /** The local calendar day of a date, as YYYY-MM-DD (day separators). */
@@ -58,6 +63,7 @@ export function dayKey(ms) {
 }
 
 export function fmtDay(ms, now = Date.now()) {
+  if (!validDate(ms)) return '';
   const k = dayKey(ms);
   if (k === dayKey(now)) return 'Today';
   if (k === dayKey(now - 86400000)) return 'Yesterday';

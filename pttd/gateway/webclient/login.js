@@ -99,9 +99,12 @@ export function oidcReturn() {
     saved = null;
   }
   sessionStorage.removeItem(OIDC_KEY);
+  // no login was started in this tab: a crafted link, not an answer (nothing is shown
+  // of it, and a logged-in user stays where they are)
+  if (!saved) return null;
   return (async () => {
+    if (q.get('state') !== saved.state) throw new Error('this login answer was not asked for here: try again');
     if (q.get('error')) throw new Error(`the provider refused: ${q.get('error_description') || q.get('error')}`);
-    if (!saved || q.get('state') !== saved.state) throw new Error('this login answer was not asked for here: try again');
     const token = q.get('id_token');
     let claims = null;
     try {

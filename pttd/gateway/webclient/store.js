@@ -2,6 +2,8 @@
 // conversations of direct messages, profiles, friends, channels, and read marks. Views
 // subscribe with on(); changes are announced once per animation frame.
 
+import { validDate } from './dom.js';
+
 export const KEEP = 200; // messages per topic kept from a snapshot; older ones are paged in
 export const PAGE = 100; // messages per page of history
 
@@ -110,7 +112,8 @@ function validMessage(m) {
     typeof m === 'object' &&
     typeof m.id === 'string' &&
     typeof m.author === 'string' &&
-    Number.isFinite(m.date) &&
+    validDate(m.date) &&
+    (m.edited === undefined || m.edited === null || validDate(m.edited)) &&
     m.message &&
     typeof m.message === 'object' &&
     typeof m.message.type === 'string'
@@ -267,7 +270,7 @@ function validDM(d) {
     typeof d.id === 'string' &&
     typeof d.from === 'string' &&
     typeof d.to === 'string' &&
-    Number.isFinite(d.date) &&
+    validDate(d.date) &&
     d.message &&
     typeof d.message.type === 'string'
   );
@@ -332,6 +335,10 @@ function loadMarks() {
   if (!m || typeof m !== 'object' || typeof m.base !== 'number') {
     // first time on this browser: what was written before counts as read
     m = { base: Date.now(), topics: {}, convs: {} };
+  }
+  // tables without a prototype: a topic named __proto__ is a key like any other
+  for (const t of ['topics', 'convs']) {
+    m[t] = Object.assign(Object.create(null), m[t] && typeof m[t] === 'object' ? m[t] : {});
   }
   m.user = state.me;
   marks = m;
