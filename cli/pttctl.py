@@ -8,6 +8,7 @@ import base64
 import getpass
 import json
 import os
+import sqlite3
 import sys
 import tempfile
 import time
@@ -560,6 +561,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except OSError as exc:
         msg = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
+        if args.json:
+            print(json.dumps({"error": msg}))
+        print(f"pttctl: {msg}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:  # the store itself failed (a full disk, say): nothing was written
+        msg = f"the store failed: {exc}"
         if args.json:
             print(json.dumps({"error": msg}))
         print(f"pttctl: {msg}", file=sys.stderr)

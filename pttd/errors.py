@@ -1,5 +1,7 @@
 """Errors the daemon reports to its users: each message is one line naming the problem."""
 
+import sqlite3
+
 from protocol.errors import FormatError, PathError, SignatureError
 
 
@@ -69,6 +71,11 @@ class TooMany(PttError):
 
 class ServerError(PttError):
     """A failure of the daemon, not of the request (HTTP 500)."""
+
+
+class StoreBusy(ServerError, sqlite3.OperationalError):
+    """The store's write lock stayed with another process past the busy timeout. Still
+    an sqlite3 error, so that whatever fails a group of writes on a store failure does."""
 
 
 USER_ERRORS = (PttError, FormatError, PathError, SignatureError)

@@ -31,7 +31,7 @@ from protocol.errors import FormatError, SignatureError
 from protocol.hashing import KIND_CHUNK, KIND_CHUNK_NODE, KIND_NODE, KIND_VALUE
 from protocol.tree import Node, decode_node
 
-from .errors import CorruptBlock, DataDirError, ForkDetected, MissingBlock, NotFound, RollbackRefused
+from .errors import CorruptBlock, DataDirError, ForkDetected, MissingBlock, NotFound, RollbackRefused, StoreBusy
 
 log = logging.getLogger("pttd.store")
 
@@ -387,8 +387,11 @@ class Store:
     def close(self) -> None:
         with self._lock:
             if self.checkpoints:
-                try:
-                    self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                try:  # not waiting for another process's lock: its own close copies the log
+                    self._db.execute("PRAGMA busy_timeout=0")
+                    busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                    if busy:
+                        log.info("checkpoint on close skipped: another process is using the store")
                 except sqlite3.OperationalError as exc:  # another process is reading: fine
                     log.info("checkpoint on close skipped: %s", exc)
             self._db.close()
@@ -470,7 +473,15 @@ class Store:
     @contextmanager
     def _transaction(self) -> Iterator[Writer]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    raise StoreBusy(
+                        f"the store {self.path} is being written by another process (a pttd daemon or pttctl) "
+                        "and stayed locked past the busy timeout: try again"
+                    ) from None
+                raise
             writer = self._writer = Writer(self._db)
             try:
                 yield writer
@@ -481,7 +492,8 @@ class Store:
                     self._db.wait()
                 except Exception as exc:
                     log.error("a block insert failed in a write that is rolled back: %s", exc)
-                self._db.execute("ROLLBACK")
+                if self._db.db.in_transaction:  # SQLite rolled back itself (a full disk, say)
+                    self._db.execute("ROLLBACK")
                 raise
             finally:
                 self._writer = None

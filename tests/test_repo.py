@@ -391,3 +391,53 @@ def test_bad_store_settings_and_paths_are_clear_errors(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(PttError, match="not a directory"):
         DataDir.init(str(tmp_path / "file"))
+
+
+def test_a_store_locked_by_another_process_is_a_one_line_error_and_close_does_not_wait(tmp_path):
+    """Another process holding the write lock past the busy timeout: the write fails with
+    a StoreBusy naming the store (a PttError: one line from pttctl; still an sqlite3
+    error for whatever fails a group of writes on it), and closing the store does not
+    wait out the busy timeout for its checkpoint (a read-only pttctl ls took 31 s)."""
+    import threading
+
+    from pttd.errors import StoreBusy
+
+    path = str(tmp_path / "s.sqlite3")
+    Store(path, create=True).close()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        store = Store(path, busy_timeout=0.2)
+        with pytest.raises(StoreBusy, match="being written by another process") as exc:
+            with store.write():
+                pass
+        assert isinstance(exc.value, PttError) and isinstance(exc.value, sqlite3.Error)
+        store._db.execute("PRAGMA busy_timeout=30000")  # as long as a real one
+        closing = threading.Thread(target=store.close)
+        closing.start()
+        closing.join(10)
+        assert not closing.is_alive()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
+def test_a_full_disk_is_reported_as_such_and_the_store_stays_usable(tmp_path):
+    """SQLite rolls back by itself when the disk is full; the ROLLBACK after it used to
+    fail and hide the error under 'cannot rollback - no transaction is active'."""
+    dd = DataDir.init(str(tmp_path / "d"))
+    try:
+        repo = dd.repository()
+        repo.put("/small", b"fits")
+        pages = dd.store.query("PRAGMA page_count")[0][0]
+        dd.store._db.execute(f"PRAGMA max_page_count={pages + 2}")
+        with pytest.raises(sqlite3.OperationalError, match="full"):
+            repo.put("/big", os.urandom(4 << 20))
+        dd.store._db.execute("PRAGMA max_page_count=1073741823")
+        assert repo.get("/small") == b"fits"
+        with pytest.raises(NotFound):
+            repo.get("/big")
+        repo.put("/after", b"ok")
+        assert repo.get("/after") == b"ok"
+    finally:
+        dd.close()
