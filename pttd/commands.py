@@ -64,8 +64,9 @@ def put(dd: DataDir, path: str, *, value: bytes | None = None, filename: str | N
 
 def get(dd: DataDir, path: str, *, version: int | None = None, repo: str | None = None) -> Result:
     r = dd.repository(repo)
-    info = r.info(path, version)
-    return Result({"path": path, "size": info.size, "version": r.commit_at(version).seq}, stream=r.read(path, version))
+    seq = r.commit_at(version).seq  # one version for the size and the bytes, whatever is written meanwhile
+    info = r.info(path, seq)
+    return Result({"path": path, "size": info.size, "version": seq}, stream=r.read(path, seq))
 
 
 def rm(dd: DataDir, path: str) -> Result:

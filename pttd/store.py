@@ -172,7 +172,13 @@ ROWS_PER_INSERT = 4000 if sqlite3.sqlite_version_info >= (3, 32, 0) else 499
 
 @functools.lru_cache(maxsize=8)
 def _insert_sql(rows: int) -> str:
-    return "INSERT OR IGNORE INTO blocks(hash, data) VALUES " + ",".join(["(?,?)"] * rows)
+    # A block stored already is left as it is, unless its stored bytes differ (damaged on
+    # the disk): the new ones match the address, so a write of the same content repairs it.
+    return (
+        "INSERT INTO blocks(hash, data) VALUES "
+        + ",".join(["(?,?)"] * rows)
+        + " ON CONFLICT(hash) DO UPDATE SET data=excluded.data WHERE blocks.data IS NOT excluded.data"
+    )
 
 
 def _insert_blocks(db: sqlite3.Connection, rows: list[tuple[bytes, bytes]]) -> None:

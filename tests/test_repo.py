@@ -441,3 +441,22 @@ def test_a_full_disk_is_reported_as_such_and_the_store_stays_usable(tmp_path):
         assert repo.get("/after") == b"ok"
     finally:
         dd.close()
+
+
+def test_writing_the_same_content_again_repairs_a_damaged_block(tmp_path):
+    """A block damaged on the disk is replaced when the same bytes are written again (it
+    was kept as it was: the acknowledged write stayed unreadable)."""
+    dd = DataDir.init(str(tmp_path / "d"))
+    try:
+        repo = dd.repository()
+        value = os.urandom(5000)
+        repo.put("/a", value)
+        addr = bytes.fromhex(repo.info("/a").address)
+        dd.store._db.execute("UPDATE blocks SET data=? WHERE hash=?", (b"\x01" + b"x" * 5000, addr))
+        dd.store.drop_cache()
+        with pytest.raises(CorruptBlock):
+            repo.get("/a")
+        repo.put("/b", value)  # the same content, at another path
+        assert repo.get("/a") == value and repo.get("/b") == value
+    finally:
+        dd.close()
