@@ -103,7 +103,14 @@ class Batch:
         key = validate_path(path)
         size = os.path.getsize(filename)
         if size > CHUNKING_THRESHOLD:
-            root, total = chunk_file(filename, self._writer.emit)
+            try:
+                root, total = chunk_file(filename, self._writer.emit)
+            except ValueError:  # nothing left to chunk: it was emptied meanwhile
+                total = 0
+            if total <= CHUNKING_THRESHOLD:
+                # It shrank while being read: a value this small must not be chunked (a
+                # leaf holding such a reference is refused by every reader).
+                raise PttError(f"{filename} changed while it was being stored: nothing stored, try again")
             self._changes[key] = tree.chunked_ref(root, total)
         else:
             with open(filename, "rb") as f:

@@ -460,3 +460,35 @@ def test_writing_the_same_content_again_repairs_a_damaged_block(tmp_path):
         assert repo.get("/a") == value and repo.get("/b") == value
     finally:
         dd.close()
+
+
+@pytest.mark.parametrize("left", [1000, 0])
+def test_a_file_that_shrinks_while_being_stored_is_refused_and_nothing_is_stored(tmp_path, monkeypatch, left):
+    """Chunking was decided from the file's size before reading it: a file cut to 32 KiB
+    or less meanwhile gave a chunked reference to a small value, which every reader
+    refuses, in a leaf that other paths share (the commit was acknowledged, and those
+    paths unreadable from then on). An emptied file was a ValueError traceback."""
+    import pttd.repo
+
+    real = pttd.repo.chunk_file
+
+    def shrinking(filename, emit):
+        with open(filename, "r+b") as f:
+            f.truncate(left)  # cut by another process as we start reading
+        return real(filename, emit)
+
+    dd = DataDir.init(str(tmp_path / "d"))
+    try:
+        repo = dd.repository()
+        repo.put("/neighbour", b"n" * 100)
+        head = repo.head().commit.seq
+        f = tmp_path / "big"
+        f.write_bytes(os.urandom(200_000))
+        monkeypatch.setattr(pttd.repo, "chunk_file", shrinking)
+        with pytest.raises(PttError, match="changed while it was being stored"):
+            repo.put_file("/big", str(f))
+        assert repo.head().commit.seq == head and repo.get("/neighbour") == b"n" * 100
+        with pytest.raises(NotFound):
+            repo.get("/big")
+    finally:
+        dd.close()
