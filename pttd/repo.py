@@ -404,7 +404,10 @@ def collect_garbage(store: Store, keep: int | None = None, vacuum: bool = True) 
             for row in store.list_repos():
                 report.versions_pruned += store.prune_commits(row, keep)
         live: set[bytes] = set()
-        for repo, _seq, root in store.all_roots():
+        # Owned repositories first: a followed one's walk puts the blocks it never
+        # fetched into `live` too, and an owned one sharing such a block must still
+        # find it missing (and stop gc) rather than skip it as seen.
+        for repo, _seq, root in sorted(store.all_roots(), key=lambda r: not r[0].owned):
             _mark(store, root, live, tolerate_missing=not repo.owned)
         report.blocks_removed, report.bytes_removed = store.sweep(live)
         report.blocks_kept = len(live)
@@ -475,7 +478,9 @@ def verify_store(store: Store) -> VerifyReport:
         except FormatError:
             rep.errors.append(f"corrupt block {addr.hex()}: does not match its hash")
     seen: set[bytes] = set()
-    for row in store.list_repos():
+    # owned repositories first: see collect_garbage (a block a followed repository never
+    # fetched is in `seen` after its walk, and would be skipped unchecked after it)
+    for row in sorted(store.list_repos(), key=lambda r: not r.owned):
         rep.repositories += 1
         prev: SignedCommit | None = None
         for seq in store.commit_seqs(row):
@@ -514,9 +519,13 @@ def _verify_tree(store: Store, root: bytes, seen: set[bytes], rep: VerifyReport,
                     if k2 == KIND_CHUNK:
                         if _check_kind(store, a2, KIND_CHUNK, tolerate_missing):
                             rep.chunks += 1
+                        else:
+                            loader.missing += 1
             elif kind == KIND_VALUE:
                 if _check_kind(store, addr, KIND_VALUE, tolerate_missing):
                     rep.values += 1
+                else:
+                    loader.missing += 1
             else:
                 rep.nodes += 1
     except (CorruptBlock, MissingBlock) as exc:

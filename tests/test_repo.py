@@ -492,3 +492,57 @@ def test_a_file_that_shrinks_while_being_stored_is_refused_and_nothing_is_stored
             repo.get("/big")
     finally:
         dd.close()
+
+
+def test_a_block_missing_from_an_owned_repository_is_found_though_a_followed_one_lacks_it_too(tmp_path):
+    """A followed (sparse) repository's walk counts the blocks it never fetched, and
+    used to put them in the set of blocks seen: an owned repository sharing such a
+    block, walked after it, skipped it unchecked. verify said OK and gc swept, where
+    a missing block must be an error and stop gc before it deletes anything."""
+    from pttd.repo import Repository
+
+    other = DataDir.init(str(tmp_path / "other"))
+    dd = DataDir.init(str(tmp_path / "d"))
+    try:
+        orepo = other.repository()
+        value = b"shared " + b"x" * 300
+        orepo.put("/v", value)
+        head = orepo.head()
+        followed = dd.store.add_repo(orepo.key, owned=False)  # its root held, nothing under it
+        dd.store.accept_commit(
+            followed, head.block, head.signature, rows=[(head.commit.root, other.store.get_block(head.commit.root))]
+        )
+        alone = verify_store(dd.store)
+        assert alone.ok and alone.not_fetched == 1  # its value, never fetched: counted, no error
+        mine = Repository.create(dd.store, dd.keys)  # walked after the followed one, by id
+        mine.put("/photo", value)  # the same value block
+        vaddr = bytes.fromhex(mine.info("/photo").address)
+        dd.store._db.execute("DELETE FROM blocks WHERE hash=?", (vaddr,))
+        dd.store.drop_cache()
+        rep = verify_store(dd.store)
+        assert not rep.ok and any(vaddr.hex() in e for e in rep.errors)
+    finally:
+        dd.close()
+        other.close()
+    # gc: the same tree in an owned repository and in a followed one that fetched none of
+    # it; the shared root node lost: gc stops before deleting (it swept the tree's blocks)
+    other = DataDir.init(str(tmp_path / "other2"))
+    dd = DataDir.init(str(tmp_path / "d2"))
+    try:
+        orepo = other.repository()
+        orepo.put("/v", b"y" * 300)
+        head = orepo.head()
+        followed = dd.store.add_repo(orepo.key, owned=False)
+        dd.store.accept_commit(followed, head.block, head.signature)  # nothing fetched
+        mine = Repository.create(dd.store, dd.keys)
+        mine.put("/v", b"y" * 300)
+        assert mine.head().commit.root == head.commit.root
+        dd.store._db.execute("DELETE FROM blocks WHERE hash=?", (head.commit.root,))
+        dd.store.drop_cache()
+        before = dd.store.block_stats()[0]
+        with pytest.raises(PttError, match="missing block"):
+            collect_garbage(dd.store)
+        assert dd.store.block_stats()[0] == before
+    finally:
+        dd.close()
+        other.close()
