@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from protocol.commit import SignedCommit
 
 from .datadir import DataDir
-from .errors import PttError
+from .errors import NotFound, PttError
 from .repo import collect_garbage, verify_store
 
 
@@ -65,7 +65,12 @@ def put(dd: DataDir, path: str, *, value: bytes | None = None, filename: str | N
 def get(dd: DataDir, path: str, *, version: int | None = None, repo: str | None = None) -> Result:
     r = dd.repository(repo)
     seq = r.commit_at(version).seq  # one version for the size and the bytes, whatever is written meanwhile
-    info = r.info(path, seq)
+    try:
+        info = r.info(path, seq)
+    except NotFound:
+        if version is not None:
+            raise
+        raise NotFound(f"no such path: {path}") from None  # the newest version: not named
     return Result({"path": path, "size": info.size, "version": seq}, stream=r.read(path, seq))
 
 
