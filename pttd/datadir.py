@@ -28,6 +28,20 @@ def default_data_dir() -> str:
     return platformdirs.user_data_dir("pttd", appauthor=False)
 
 
+def _sync_dir(path: str) -> None:
+    """Make a rename in ``path`` durable (where directories can be synced)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class DataDir:
     def __init__(self, path: str, store: Store):
         self.path = path
@@ -47,10 +61,22 @@ class DataDir:
             os.makedirs(path, mode=0o700, exist_ok=True)
         except OSError as exc:
             raise DataDirError(f"cannot create data directory {path}: {exc.strerror}") from None
-        dd = cls(path, Store(db, synchronous=synchronous, create=True, page_size=page_size))
-        repo = Repository.create(dd.store, dd.keys)
-        dd.store.set_meta("default_repo", repo.id)
-        return dd
+        # Built under another name and renamed when complete: a failure or a kill halfway
+        # (a full disk, say) leaves no store that init refuses and nothing can use.
+        tmp = db + ".init"
+        for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        store = Store(tmp, synchronous=synchronous, create=True, page_size=page_size)
+        try:
+            repo = Repository.create(store, KeyStore(os.path.join(path, KEYS_DIR)))
+            store.set_meta("default_repo", repo.id)
+            store.execute("PRAGMA journal_mode=DELETE")  # all in the one file, to be renamed
+        finally:
+            store.close()
+        os.replace(tmp, db)
+        _sync_dir(path)
+        return cls(path, Store(db, synchronous=synchronous))
 
     @classmethod
     def open(cls, path: str, synchronous: str = "FULL") -> DataDir:

@@ -546,3 +546,28 @@ def test_a_block_missing_from_an_owned_repository_is_found_though_a_followed_one
     finally:
         dd.close()
         other.close()
+
+
+def test_an_init_that_fails_halfway_leaves_nothing_that_blocks_the_next(tmp_path, monkeypatch):
+    """The store is built under another name and renamed once its repository exists: a
+    failure between (a full disk, a key directory not writable) used to leave a store
+    that init refused ('already a pttd data directory') and nothing could use ('has no
+    repository of its own')."""
+    import pttd.datadir
+
+    real = pttd.datadir.Repository.create
+
+    def failing(store, keys):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pttd.datadir.Repository, "create", failing)
+    with pytest.raises(OSError):
+        DataDir.init(str(tmp_path / "d"))
+    assert not os.path.exists(tmp_path / "d" / "pttd.sqlite3")
+    monkeypatch.setattr(pttd.datadir.Repository, "create", real)
+    dd = DataDir.init(str(tmp_path / "d"))
+    try:
+        assert dd.repository().head().commit.seq == 0
+        assert sorted(f for f in os.listdir(tmp_path / "d") if "init" in f) == []
+    finally:
+        dd.close()
