@@ -287,14 +287,21 @@ class ControlServer:
         if fetched is not None:
             res.data["fetched"] = fetched
         await send({"meta": res.data})
-        piece = first
-        while piece:
-            await send({"chunk": piece})
-            if not more:
-                break
-            if fetched is not None:  # the rest is read from the store: it must be there
-                await node.fetched_stored()
-            piece, more = await node.db(_next_piece, res.stream, STREAM_PIECE)
+        if not (first and more):
+            if first:
+                await send({"chunk": first})
+            return res.data
+        # gc waits while the rest is read (it deleted a pruned version's chunks under a
+        # slow reader's stream); past its wait it gives up, and the read goes on
+        async with node.gate.sync():
+            piece = first
+            while piece:
+                await send({"chunk": piece})
+                if not more:
+                    break
+                if fetched is not None:  # the rest is read from the store: it must be there
+                    await node.fetched_stored()
+                piece, more = await node.db(_next_piece, res.stream, STREAM_PIECE)
         return res.data
 
 

@@ -330,3 +330,45 @@ async def test_gc_gives_up_waiting_for_a_sync_that_does_not_end_and_syncs_go_on(
         release.set()
     async with gate.alone(timeout=0.2):  # nothing under way: at once
         assert gate.exclusive
+
+
+async def test_gc_waits_for_a_value_being_read_through_the_daemon(tmp_path):
+    """A value streamed piece by piece to a slow pttctl get lost its chunks to a gc that
+    pruned its version meanwhile: the reader got part of it, then 'missing block'. gc
+    now waits for the read (at most ALONE_TIMEOUT), and the reader gets it whole."""
+    import trio.testing
+
+    from pttd.control import ControlServer
+
+    async with daemons(tmp_path, 1) as (d,):
+        ctl = ControlServer(d.node, "", None)
+
+        def put(value: bytes) -> None:
+            d.node.dd.repository().put("/video", value)
+
+        old = os.urandom(3 << 20)
+        await d.node.db(put, old)
+        got: list[bytes] = []
+        first, release, gc_done = trio.Event(), trio.Event(), trio.Event()
+
+        async def send(msg: dict) -> None:  # a client that reads its first piece, then waits
+            if "chunk" in msg:
+                got.append(msg["chunk"])
+                if len(got) == 1:
+                    first.set()
+                    await release.wait()
+
+        async def gc() -> None:
+            await ctl.dispatch("gc", {"keep": 1}, send)
+            gc_done.set()
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ctl.dispatch, "get", {"path": "/video"}, send)
+                await first.wait()
+                await d.node.db(put, os.urandom(3 << 20))  # a new version: the old one pruned by gc
+                nursery.start_soon(gc)
+                await trio.testing.wait_all_tasks_blocked(0.2)
+                assert not gc_done.is_set()  # waiting for the read
+                release.set()
+        assert gc_done.is_set() and b"".join(got) == old
