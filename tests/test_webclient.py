@@ -645,6 +645,10 @@ def oidc_login(gw: str) -> list[str]:
             expect(page.locator(".me-name")).to_have_text("erin")
             expect(page.get_by_text("evil.example")).to_have_count(0)
             assert "error=" not in page.url
+            # a hash that is no percent-encoding: routed as no topic, no error thrown
+            page.goto(gw + "/?c=1#/topic/%E0")
+            expect(page.locator(".me-name")).to_have_text("erin")
+            expect(page).not_to_have_url(re.compile(r"%E0"))
             return b.errors
         finally:
             b.close()

@@ -470,13 +470,21 @@ function drawTitle() {
 
 // --- routes ---------------------------------------------------------------------------------
 
+function decoded(s) {
+  try {
+    return decodeURIComponent(s);
+  } catch {
+    return null; // not percent-encoding (#/topic/%E0): routed as no topic
+  }
+}
+
 function route() {
   if (!shell) return;
   const hash = location.hash;
   let m;
   let next;
-  if ((m = /^#\/topic\/(.+)$/.exec(hash))) next = { kind: 'topic', id: decodeURIComponent(m[1]) };
-  else if ((m = /^#\/dm\/(.+)$/.exec(hash))) next = { kind: 'conv', id: decodeURIComponent(m[1]) };
+  if ((m = /^#\/topic\/(.+)$/.exec(hash)) && decoded(m[1]) !== null) next = { kind: 'topic', id: decoded(m[1]) };
+  else if ((m = /^#\/dm\/(.+)$/.exec(hash)) && decoded(m[1]) !== null) next = { kind: 'conv', id: decoded(m[1]) };
   else if (hash === '#/people') next = { kind: 'people', id: '' };
   else {
     const names = topicNames();
