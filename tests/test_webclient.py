@@ -649,6 +649,20 @@ def oidc_login(gw: str) -> list[str]:
             page.goto(gw + "/?c=1#/topic/%E0")
             expect(page.locator(".me-name")).to_have_text("erin")
             expect(page).not_to_have_url(re.compile(r"%E0"))
+            # one view failing on a change does not keep the others from hearing of it
+            b.allowed.append(re.compile(r"a view that fails"))
+            ran = page.evaluate(
+                """async () => {
+                    const s = await import('./app/store.js');
+                    let ran = false;
+                    s.on('test-change', () => { throw new Error('a view that fails'); });
+                    s.on('test-change', () => { ran = true; });
+                    s.changed('test-change');
+                    s.flushNow();
+                    return ran;
+                }"""
+            )
+            assert ran is True
             return b.errors
         finally:
             b.close()

@@ -52,7 +52,14 @@ function flush() {
   const now = pending;
   pending = new Map();
   for (const [type, details] of now) {
-    for (const fn of subs.get(type) || []) fn(details);
+    for (const fn of subs.get(type) || []) {
+      try {
+        fn(details);
+      } catch (err) {
+        // one view's failure must not drop the changes the others are told of
+        console.error(err);
+      }
+    }
   }
 }
 
