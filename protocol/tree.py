@@ -44,6 +44,7 @@ from .paths import _SUSPECT, MAX_PATH_BYTES, validate_path
 
 INLINE_MAX = 64
 CHUNKING_THRESHOLD = 32 * 1024  # values longer than this are chunked (protocol.chunks)
+MAX_NODE_BYTES = 1 << 20  # a tree node written larger is refused: a peer must be able to receive it
 EXT_BLOCK = 1
 EXT_CHUNKED = 2
 FANOUT_BITS = 3  # fanout 8
@@ -123,7 +124,16 @@ def encode_node(level: int, keys: list[bytes], vals: list, cols: tuple | None = 
 
 
 def node_block(level: int, keys: list[bytes], vals: list, cols: tuple | None = None) -> tuple[bytes, bytes]:
-    return make_block(KIND_NODE, encode_node(level, keys, vals, cols))
+    h, b = make_block(KIND_NODE, encode_node(level, keys, vals, cols))
+    if len(b) > MAX_NODE_BYTES:
+        # Paths chosen so that no key is a cut make one node of them all; past this size
+        # no peer could receive it (one block per frame at most), and the repository
+        # could no longer be synced. Refused when written, not when read.
+        raise FormatError(
+            f"this write would make a tree node of {len(b)} bytes, over {MAX_NODE_BYTES}: "
+            f"{len(keys)} paths fall into one node (spread them over more path names)"
+        )
+    return h, b
 
 
 def _check_value_ref(v: object) -> None:

@@ -571,3 +571,34 @@ def test_an_init_that_fails_halfway_leaves_nothing_that_blocks_the_next(tmp_path
         assert sorted(f for f in os.listdir(tmp_path / "d") if "init" in f) == []
     finally:
         dd.close()
+
+
+def test_a_write_that_would_make_a_node_no_peer_can_receive_is_refused(tmp_path):
+    """Paths chosen so that none is a cut fall into one leaf without bound: past 1 MiB a
+    node could not go in any frame, and the repository could no longer be synced. Such a
+    write is refused (one line), and nothing is stored."""
+    from protocol import tree
+    from protocol.errors import FormatError
+
+    dd = DataDir.init(str(tmp_path / "d"))
+    try:
+        repo = dd.repository()
+        repo.put("/before", b"x")
+        head = repo.head().commit.seq
+        paths, i = [], 0
+        while len(paths) < 16_000:  # ~16,000 x (a short path and a 64-byte value) > 1 MiB
+            p = f"/k/{i:07d}"
+            if tree.key_level(p.encode()) == 0:
+                paths.append(p)
+            i += 1
+        with pytest.raises(FormatError, match="would make a tree node of .* over 1048576"):
+            with repo.batch() as b:
+                for p in paths:
+                    b.put(p, b"v" * 64)
+        assert repo.head().commit.seq == head and repo.get("/before") == b"x"
+        with repo.batch() as b:  # far fewer: fine
+            for p in paths[:2000]:
+                b.put(p, b"v" * 64)
+        assert repo.get(paths[0]) == b"v" * 64
+    finally:
+        dd.close()
