@@ -899,6 +899,12 @@ async def test_changing_a_password_ends_the_other_sessions(tmp_path):
         # an account without a password login cannot get one this way
         _, ht = await login(g.web, "tess")
         assert "without a password" in result(await g.web.post("/password", json=change, headers=ht), 403)
+        # nor one an operator added with --no-password (with a token an operator tool made):
+        # it was 403 "the current password is wrong", counted as a failed login
+        bot = await g.gateway.add_user("bot", None, None)
+        hbot = {"Authorization": f"Bearer {g.gateway.issue_token(bot)}"}
+        err = result(await g.web.post("/password", json=change, headers=hbot), 403)
+        assert "without a password" in err and "pttctl user passwd" in err
 
 
 async def test_rotating_the_token_key_logs_nobody_out_at_once(tmp_path):

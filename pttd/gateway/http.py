@@ -324,8 +324,11 @@ async def logout(gw: Gateway, request: Request, data, user: ChatUser):
 )
 async def change_password(gw: Gateway, request: Request, data, user: ChatUser):
     data = chat.data_object(data)
-    if not gw.has_password_login(user):
-        raise Forbidden("this account logs in without a password (a test, key or OpenID Connect login)")
+    if not await gw.has_password_login(user):
+        raise Forbidden(
+            "this account logs in without a password (a test, key or OpenID Connect login, or one added "
+            "with --no-password): an operator sets one with pttctl user passwd"
+        )
     gw.check_password(data.get("new_password"), "data.new_password")
     client = request.client.host if request.client else None
     try:  # checked as a login is (and counted with failed logins), but answered 403:

@@ -472,8 +472,13 @@ class Gateway:
         log.info("password of %s changed; %d of its login sessions ended", name, len(ended))
         return len(ended)
 
-    def has_password_login(self, u: ChatUser) -> bool:
-        return bool(_NAME.fullmatch(u.name))
+    async def has_password_login(self, u: ChatUser) -> bool:
+        """A local account with a password (not a test, key or OpenID Connect login, nor
+        one an operator added with --no-password)."""
+        if not _NAME.fullmatch(u.name):
+            return False
+        rows = await self.node.db(self.store.query, "SELECT password IS NOT NULL FROM gw_users WHERE name=?", (u.name,))
+        return bool(rows and rows[0][0])
 
     def _require_key(self) -> None:
         if self.key is None:
