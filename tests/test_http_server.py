@@ -145,6 +145,32 @@ async def test_expect_continue_streamed_answers_and_http_1_0(nursery):
     assert await s.closed()
 
 
+async def test_a_client_gone_before_its_100_continue_is_a_disconnect_not_an_error(nursery, monkeypatch, caplog):
+    """The 100 Continue that a request with Expect: 100-continue waits for could not be
+    sent (the client reset the connection): the app's receive() says http.disconnect, as
+    for any client gone; the send's error used to reach the app, logged as its failure."""
+    import logging
+
+    real = server._Connection._send
+
+    async def gone_at_continue(self, data):
+        if bytes(data).startswith(b"HTTP/1.1 100 Continue"):
+            raise trio.BrokenResourceError("connection reset by peer")
+        await real(self, data)
+
+    monkeypatch.setattr(server._Connection, "_send", gone_at_continue)
+    host, port = await connect(nursery)
+    s = Raw(await trio.open_tcp_stream(host, port))
+    with caplog.at_level(logging.ERROR):
+        await s.stream.send_all(b"POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+        with trio.fail_after(5):
+            assert await s.closed()
+        s = Raw(await trio.open_tcp_stream(host, port))  # the server goes on
+        await s.stream.send_all(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await s.read_answer())[2] == b"GET /next "
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 async def test_bad_requests_are_answered_and_closed(nursery):
     host, port = await connect(nursery)
     for raw, status in (

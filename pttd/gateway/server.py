@@ -264,7 +264,14 @@ class _Connection:
             if not body_done:
                 if not continue_sent:
                     continue_sent = True
-                    await self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    try:
+                        await self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, _Closed):
+                        # the client went away before sending its body: a disconnect,
+                        # not an error of the app's
+                        self.must_close = True
+                        disconnected.set()
+                        return {"type": "http.disconnect"}
                 try:
                     ev = await self._next_event(READ_TIMEOUT, self.body_deadline)
                 except _BadRequest as exc:  # answered by the server once the app gives up
