@@ -190,7 +190,13 @@ class ControlServer:
             return {"peers": node.status()["peers"]}
         if cmd == "follow":
             key = _hex_key(args["repo"])
-            f = await node.follow(key, args.get("prefixes") or [], args.get("peers") or [])
+            prefixes = args.get("prefixes") or []
+            if node.replicator is not None and key in node.replicator.pinned and prefixes not in ([], ["/"]):
+                raise PttError(
+                    f"{key.hex()} is pinned here, so it is replicated whole: "
+                    "unpin it first (pttctl unreplicate) to follow part of it"
+                )
+            f = await node.follow(key, prefixes, args.get("peers") or [])
             return f.info()
         if cmd == "unfollow":
             key = _hex_key(args["repo"])

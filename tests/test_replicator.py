@@ -116,6 +116,10 @@ async def test_a_replicator_restarted_mid_sync_resumes_and_limits_refuse_clearly
             assert r.status_code == 403 and "full" in r.json()["error"]
             assert "key" in result(await web.post("/load", json={"key": "nope"}), 400)
             assert [p["repository"] for p in result(await web.get("/pins"))] == [owner.id]
+        # a pin is replicated whole: a follow cannot narrow it to some prefixes
+        with pytest.raises(PttError, match="pinned here, so it is replicated whole"):
+            await rep.call("follow", repo=owner.id, prefixes=["/files/"])
+        assert (await rep.call("status"))["pins"][0]["prefixes"] == ["/"]
         assert (await rep.call("unreplicate", repo=owner.id))["pinned"] is False
         rep.daemon.stop()
         owner.daemon.stop()
