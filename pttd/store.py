@@ -310,6 +310,7 @@ class Store:
         checkpoints: bool = True,
     ):
         self.path = path
+        self._busy_ms = int(busy_timeout * 1000)
         if synchronous.upper() not in SYNC_MODES:
             raise DataDirError(f"store synchronous mode must be one of {', '.join(SYNC_MODES)}, not {synchronous!r}")
         if not create and not os.path.exists(path):
@@ -419,6 +420,19 @@ class Store:
         with self._lock:
             self._db.execute(f"PRAGMA wal_checkpoint({mode})")
 
+    def _checkpoint_now(self) -> None:
+        """A TRUNCATE checkpoint that does not wait: with another process reading, it
+        would wait for it (the busy timeout, 30 s) holding the store's lock, and every
+        call of this process behind it. Skipped then; the next write tries again."""
+        with self._lock:
+            self._db.execute("PRAGMA busy_timeout=0")
+            try:
+                busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            finally:
+                self._db.execute(f"PRAGMA busy_timeout={self._busy_ms}")
+            if busy:
+                log.info("checkpoint after a write skipped: another process is reading (retried after the next write)")
+
     # --- meta -------------------------------------------------------------------------
 
     def get_meta(self, key: str) -> str | None:
@@ -505,7 +519,7 @@ class Store:
                 self._writer = None
             if self.checkpoints and not self.defer_checkpoints and self.wal_bytes() > WAL_CHECKPOINT_BYTES:
                 try:  # the transaction is durable already: a failed checkpoint is retried later
-                    self.checkpoint()
+                    self._checkpoint_now()
                 except sqlite3.Error as exc:
                     log.warning("checkpoint after a write failed (retried after the next write): %s", exc)
 

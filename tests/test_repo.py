@@ -602,3 +602,32 @@ def test_a_write_that_would_make_a_node_no_peer_can_receive_is_refused(tmp_path)
         assert repo.get(paths[0]) == b"v" * 64
     finally:
         dd.close()
+
+
+def test_the_checkpoint_after_a_write_does_not_wait_for_another_processs_reader(tmp_path, monkeypatch):
+    """Past WAL_CHECKPOINT_BYTES a write is followed by a TRUNCATE checkpoint, which waits
+    for the readers of other connections: for the whole busy timeout, holding the store's
+    lock. It is skipped instead (the next write tries again), and the write returns."""
+    import threading
+
+    import pttd.store
+
+    monkeypatch.setattr(pttd.store, "WAL_CHECKPOINT_BYTES", 1)
+    dd = DataDir.init(str(tmp_path / "d"))
+    reader = sqlite3.connect(dd.store.path, isolation_level=None)
+    try:
+        repo = dd.repository()
+        repo.put("/a", b"1" * 100)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM blocks").fetchone()  # a read transaction held open
+        repo.put("/b", b"2" * 100)  # a snapshot newer than the reader's: TRUNCATE must wait
+        writing = threading.Thread(target=repo.put, args=("/c", b"3" * 100))
+        writing.start()
+        writing.join(10)
+        assert not writing.is_alive()  # it waited the 30 s busy timeout before
+        reader.execute("COMMIT")
+        repo.put("/d", b"4" * 100)  # no reader now: the log is emptied
+        assert dd.store.wal_bytes() == 0 and repo.get("/c") == b"3" * 100
+    finally:
+        reader.close()
+        dd.close()
