@@ -505,32 +505,59 @@ def verify_store(store: Store) -> VerifyReport:
     return rep
 
 
+class _Reporting:
+    """Loaders for an owned repository's tree in verify: a missing or corrupt block is
+    reported and read as empty, so that the walk goes on and reports the others (it
+    stopped at the first, and what lay under it, marked seen, was never checked)."""
+
+    def __init__(self, store: Store, rep: VerifyReport):
+        self.store, self.rep = store, rep
+
+    def node(self, addr: bytes) -> tree.Node:
+        try:
+            return self.store.load_node(addr)
+        except (CorruptBlock, MissingBlock) as exc:
+            self.rep.errors.append(str(exc))
+            return tree.Node(0, [], [])
+
+    def chunk_node(self, addr: bytes) -> ChunkNode:
+        try:
+            return self.store.load_chunk_node(addr)
+        except (CorruptBlock, MissingBlock) as exc:
+            self.rep.errors.append(str(exc))
+            return ChunkNode(0, [], [])
+
+
 def _verify_tree(store: Store, root: bytes, seen: set[bytes], rep: VerifyReport, tolerate_missing: bool) -> None:
     # A followed repository may hold only part of its tree (sparse follows, on-demand
     # reads): what was not fetched is counted, not reported as an error.
-    loader = _Tolerant(store) if tolerate_missing else None
-    load_node = loader.node if loader else store.load_node
-    load_chunk = loader.chunk_node if loader else store.load_chunk_node
+    loader = _Tolerant(store) if tolerate_missing else _Reporting(store, rep)
+    load_chunk = loader.chunk_node
+
+    def check(addr: bytes, kind: int) -> bool:
+        try:
+            if _check_kind(store, addr, kind, tolerate_missing):
+                return True
+            loader.missing += 1
+        except (CorruptBlock, MissingBlock) as exc:
+            rep.errors.append(str(exc))
+        return False
+
     try:
-        for kind, addr in tree.walk_refs(root, load_node, seen):
+        for kind, addr in tree.walk_refs(root, loader.node, seen):
             if kind == KIND_CHUNK_NODE:
                 load_chunk(addr)
                 for k2, a2 in walk_chunk_tree(addr, load_chunk, seen):
-                    if k2 == KIND_CHUNK:
-                        if _check_kind(store, a2, KIND_CHUNK, tolerate_missing):
-                            rep.chunks += 1
-                        else:
-                            loader.missing += 1
+                    if k2 == KIND_CHUNK and check(a2, KIND_CHUNK):
+                        rep.chunks += 1
             elif kind == KIND_VALUE:
-                if _check_kind(store, addr, KIND_VALUE, tolerate_missing):
+                if check(addr, KIND_VALUE):
                     rep.values += 1
-                else:
-                    loader.missing += 1
             else:
                 rep.nodes += 1
-    except (CorruptBlock, MissingBlock) as exc:
+    except (CorruptBlock, MissingBlock, FormatError) as exc:  # a node of the wrong shape
         rep.errors.append(str(exc))
-    if loader:
+    if tolerate_missing:
         rep.not_fetched += loader.missing
 
 

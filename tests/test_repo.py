@@ -631,3 +631,27 @@ def test_the_checkpoint_after_a_write_does_not_wait_for_another_processs_reader(
     finally:
         reader.close()
         dd.close()
+
+
+def test_verify_reports_every_missing_block_not_only_the_first(tmp_path):
+    """verify stopped a version's tree at its first missing or corrupt block; what lay
+    after it (and, marked seen, in every other version) went unchecked."""
+    dd = DataDir.init(str(tmp_path / "d"))
+    try:
+        repo = dd.repository()
+        with repo.batch() as b:
+            for i in range(5):
+                b.put(f"/v{i}", bytes([i]) * 500)
+        gone = [bytes.fromhex(repo.info(f"/v{i}").address) for i in (1, 3)]
+        for a in gone:
+            dd.store._db.execute("DELETE FROM blocks WHERE hash=?", (a,))
+        dd.store._db.execute(
+            "UPDATE blocks SET data=? WHERE hash=?", (b"\x01bad", bytes.fromhex(repo.info("/v4").address))
+        )
+        dd.store.drop_cache()
+        rep = verify_store(dd.store)
+        named = " ".join(rep.errors)
+        assert all(a.hex() in named for a in gone) and repo.info("/v4").address in named
+        assert rep.values == 2  # /v0 and /v2 checked and sound
+    finally:
+        dd.close()
