@@ -217,6 +217,12 @@ def _human(command: str, res: commands.Result, out) -> None:
             f"files {d['file_bytes_before']} -> {d['file_bytes_after']} bytes",
             file=out,
         )
+        if d.get("vacuum_error"):
+            print(
+                f"the deleted data is still in the file: rebuilding it failed ({d['vacuum_error']}); "
+                "run gc again once the cause is gone",
+                file=out,
+            )
 
 
 def _human_daemon(command: str, d: dict, out) -> None:

@@ -7,7 +7,9 @@ pruned and the blocks nothing references any more collected.
 
 from __future__ import annotations
 
+import logging
 import os
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +29,8 @@ from protocol.paths import key_to_path, validate_path, validate_prefix
 from .errors import CorruptBlock, MissingBlock, NotFound, PttError
 from .keys import KeyStore
 from .store import RepoRow, Store, Writer
+
+log = logging.getLogger("pttd.repo")
 
 
 @dataclass(frozen=True)
@@ -389,6 +393,7 @@ class GcReport:
     blocks_kept: int = 0
     file_bytes_before: int = 0
     file_bytes_after: int = 0
+    vacuum_error: str | None = None  # the blocks are deleted; the file was not rebuilt
 
 
 def collect_garbage(store: Store, keep: int | None = None, vacuum: bool = True) -> GcReport:
@@ -412,7 +417,11 @@ def collect_garbage(store: Store, keep: int | None = None, vacuum: bool = True) 
         report.blocks_removed, report.bytes_removed = store.sweep(live)
         report.blocks_kept = len(live)
     if vacuum:
-        store.vacuum()
+        try:
+            store.vacuum()
+        except sqlite3.Error as exc:  # the sweep is committed: say so, not only that it failed
+            log.warning("gc: blocks deleted, but the file could not be rebuilt (VACUUM): %s", exc)
+            report.vacuum_error = str(exc)
     report.file_bytes_after = store.file_size()
     return report
 
