@@ -13,6 +13,7 @@ import tomllib
 from dataclasses import dataclass, field
 
 from .errors import PttError
+from .keys import is_public_key
 
 DEFAULT_PORT = 9987
 DEFAULT_HTTP_PORT = 9988
@@ -301,7 +302,7 @@ def validate(cfg: Config, where: str = "settings") -> None:
         for k in getattr(r, name):
             if len(k) != 64 or any(c not in "0123456789abcdef" for c in k):
                 raise ConfigError(f"{where}: [replicator] {name}: {k!r} is not a key (64 lowercase hex digits)")
-            if not _ed25519_point(bytes.fromhex(k)):
+            if not is_public_key(bytes.fromhex(k)):
                 raise ConfigError(f"{where}: [replicator] {name}: {k} is not a valid Ed25519 public key")
     for a in cfg.gateway.replicators:
         parse_address(a, dial=True)
@@ -321,16 +322,6 @@ def validate(cfg: Config, where: str = "settings") -> None:
                 raise ConfigError(f"{where}: [hub] {name}: {k!r} is not a repository key (64 lowercase hex digits)")
 
 
-def _ed25519_point(key: bytes) -> bool:
-    from nacl.signing import VerifyKey
-
-    try:
-        VerifyKey(key).to_curve25519_public_key()  # refuses what is not a point of the curve
-    except Exception:
-        return False
-    return True
-
-
 def parse_address(text: str, dial: bool = False) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port). The host is an IP address
     or a name that can be looked up (IDNA: labels of 1-63 characters); the port ASCII
@@ -339,13 +330,13 @@ def parse_address(text: str, dial: bool = False) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host:
         raise ConfigError(f"address {text!r} is not HOST:PORT")
-    if host.startswith("[") or host.endswith("]"):
+    if host.startswith("[") or host.endswith("]"):  # both, around an IPv6 address
         try:
-            host = str(ipaddress.IPv6Address(host[1:-1])) if host.startswith("[") and host.endswith("]") else ""
+            if not (host.startswith("[") and host.endswith("]")):
+                raise ValueError
+            host = str(ipaddress.IPv6Address(host[1:-1]))
         except ValueError:
-            host = ""
-        if not host:
-            raise ConfigError(f"address {text!r}: {host or 'the part in brackets'} is not an IPv6 address")
+            raise ConfigError(f"address {text!r}: the part in brackets is not an IPv6 address") from None
     else:
         try:
             ipaddress.ip_address(host)

@@ -9,9 +9,19 @@ from __future__ import annotations
 import os
 import stat
 
-from nacl.signing import SigningKey
+from nacl.signing import SigningKey, VerifyKey
 
 from .errors import DataDirError
+
+
+def is_public_key(key: bytes) -> bool:
+    """Whether 32 bytes are an Ed25519 public key (a point of the curve): what can sign,
+    and what a direct message can be sealed to."""
+    try:
+        VerifyKey(key).to_curve25519_public_key()
+    except Exception:  # nacl's errors for a bad point are not all of one type
+        return False
+    return True
 
 
 class KeyStore:

@@ -32,6 +32,7 @@ from protocol import tree
 from .. import jsonvalue
 from ..errors import Conflict, MissingBlock, NotFound, PttError
 from ..jsonvalue import parse_json
+from ..keys import is_public_key
 from ..repo import Batch, Repository
 
 ID_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}"
@@ -137,10 +138,8 @@ def check_key(value, field: str) -> bytes:
         key = bytes.fromhex(value)
     except ValueError:
         raise BadInput(field, "must be a repository key: 64 hex digits") from None
-    try:
-        VerifyKey(key).to_curve25519_public_key()
-    except Exception:
-        raise BadInput(field, "is not a valid Ed25519 public key") from None
+    if not is_public_key(key):
+        raise BadInput(field, "is not a valid Ed25519 public key")
     return key
 
 

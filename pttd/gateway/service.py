@@ -1012,34 +1012,35 @@ class Gateway:
             for r in reqs
         ]
         finish, self._wal_copied = self._wal_copied, False
+
+        def refuse(refused: list[WriteRequest], exc: BaseException) -> None:
+            log.error("%d writes cannot be handed to the writer process: %r", len(refused), exc)
+            for r in refused:
+                r.error = ServerError(f"this write cannot be handed to the writer: {exc.__class__.__name__}")
+                r.done.set()
+
         try:
             await self._writes.send(plain, finish)
         except Unsendable:
             # Refuse the requests that do not pickle, alone (the others of the group
-            # must not pay for them), and hand over the rest.
+            # must not pay for them), and hand over the rest; if even they do not go
+            # together, none does.
             keep = []
             for r, p in zip(reqs, plain):
                 try:
                     pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL)
-                except Exception as exc:
-                    log.error("a write (%s) cannot be handed to the writer process: %r", r.op, exc)
-                    r.error = ServerError(f"this write cannot be handed to the writer: {exc.__class__.__name__}")
-                    r.done.set()
-                else:
                     keep.append((r, p))
-            if not keep:
-                self._wal_copied = self._wal_copied or finish
-                slots.release()
-                return
+                except Exception as exc:
+                    refuse([r], exc)
             reqs = [r for r, _p in keep]
-            try:
-                await self._writes.send([p for _r, p in keep], finish)
-            except Unsendable as exc:  # each pickles alone, not together: none goes
-                log.error("a group of %d writes cannot be handed to the writer process: %r", len(reqs), exc)
-                for r in reqs:
-                    r.error = ServerError("this write cannot be handed to the writer")
-                    r.done.set()
-                self._wal_copied = self._wal_copied or finish
+            if reqs:
+                try:
+                    await self._writes.send([p for _r, p in keep], finish)
+                except Unsendable as exc:
+                    refuse(reqs, exc)
+                    reqs = []
+            if not reqs:
+                self._wal_copied = self._wal_copied or finish  # the writer did not see it
                 slots.release()
                 return
         await sent_send.send(reqs)
@@ -1236,8 +1237,6 @@ class Gateway:
         except USER_ERRORS:
             return None
         if raw is None:
-            return None
-        if u.repo._key is None:  # logged in with their own key: it opens only where that is
             return None
         recipient = other if sender == u.key else u.key
         return chat.open_envelope(u.repo._key, other, raw, sender, recipient)
