@@ -702,6 +702,32 @@ async def test_failed_logins_are_rate_limited_per_account_and_per_address(tmp_pa
         assert r.status_code == 429 and "address" in r.json()["error"]
 
 
+async def test_failed_logins_sent_at_once_get_no_more_tries(tmp_path):
+    """Attempts all passed the limit while the first were being checked (40 guesses
+    sent at once were 40 answers of 401, none 429)."""
+    async with gateway(tmp_path, login_failures_per_address=100) as g:
+        good = {"data": {"username": "ann", "password": "the right one"}}
+        result(await g.web.post("/register", json=good))
+        statuses = []
+
+        async def guess(i: int) -> None:
+            r = await g.web.post("/login", json={"data": {"username": "ann", "password": f"guess number {i}"}})
+            statuses.append(r.status_code)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(guess, i)
+        assert sorted(statuses) == [401] * 5 + [429] * 15
+        assert (await g.web.post("/login", json=good)).status_code == 429
+        # a success uncounts its own attempt from the address: another account logs in
+        # after it as often as it likes
+        other = {"data": {"username": "bob", "password": "bob's password"}}
+        result(await g.web.post("/register", json=other))
+        for _ in range(3):
+            result(await g.web.post("/login", json=other))
+        assert len(g.gateway._failed_addresses._seen.get("127.0.0.1", ())) == 5
+
+
 async def test_bring_your_own_key_login(tmp_path, monkeypatch):
     from nacl.signing import SigningKey
 
@@ -921,10 +947,17 @@ async def test_rotating_the_token_key_logs_nobody_out_at_once(tmp_path):
         assert result(await http.get("/me", headers=old)) == before["key"]  # still good
         # once the old key's tokens have expired, it is refused; a refresh gives a new one
         g.gateway.key.old_until = 0
-        g.gateway._tokens.clear()
-        assert "not valid" in result(await http.get("/me", headers=old), 401)
+        assert "not valid" in result(await http.get("/me", headers=old), 401)  # remembered, yet refused
         fresh = result(await http.post("/refresh", json={"data": {"refresh_token": before["refresh_token"]}}))
-        assert result(await http.get("/me", headers={"Authorization": f"Bearer {fresh['token']}"})) == before["key"]
+        hf = {"Authorization": f"Bearer {fresh['token']}"}
+        assert result(await http.get("/me", headers=hf)) == before["key"]
+        # two rotations: a token of the key before the previous one is refused at once,
+        # though it was used (and remembered) just before; its logout is 401, not a 500
+        await g.call("token_rotate")
+        assert result(await http.get("/me", headers=hf)) == before["key"]
+        await g.call("token_rotate")
+        assert "not valid" in result(await http.get("/me", headers=hf), 401)
+        assert "not valid" in result(await http.post("/logout", headers=hf), 401)
 
 
 def test_a_direct_message_dated_beyond_what_a_browser_holds_is_not_shown():

@@ -13,6 +13,7 @@ import time
 
 import httpx
 import pytest
+from nacl.signing import SigningKey
 
 # A fixed seed keeps CI repeatable; PTTD_FUZZ_SEED=random (or a number) explores further.
 FUZZ_SEED = os.environ.get("PTTD_FUZZ_SEED", "20261126")
@@ -197,6 +198,13 @@ def test_rekey_reseals_every_key_and_keeps_users_logged_in(tmp_path):
         creds = {"data": {"username": "ann", "password": "ann's password"}}
         token = http.post("/register", json=creds).json()["result"]["token"]
         post = http.post("/topics/t", json={"data": "before the rotation"}, params={"token": token}).json()["result"]
+        # a user logged in with their own key: nothing of theirs is sealed here (rekey
+        # failed on their empty row, so the key could not be rotated once anyone had)
+        own = SigningKey.generate()
+        c = http.get("/login/challenge", params={"key": own.verify_key.encode().hex()}).json()["result"]
+        signed = {"key": own.verify_key.encode().hex(), "nonce": c["nonce"]}
+        signed["signature"] = own.sign(bytes.fromhex(c["sign"])).signature.hex()
+        assert http.post("/login", json={"data": signed}).status_code == 200
     old_key = (g.dir / "gateway.key").read_text()
     # refused while the daemon runs
     busy = subprocess.run(

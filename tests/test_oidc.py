@@ -172,6 +172,9 @@ async def test_oidc_logins_with_keys_from_a_jwks_file(tmp_path, caplog):
             "key id 'rsa-9'": rsa_key.token(kid="rsa-9"),
             "domain evil.org": rsa_key.token(sub="user-9", email="eve@evil.org"),
             "not verified": rsa_key.token(sub="user-9", email_verified=False),
+            # some providers send the string, some (Azure AD) no claim at all
+            "not verified ": rsa_key.token(sub="user-9", email_verified="false"),
+            " not verified": rsa_key.token(sub="user-9", email_verified=None),
             "has no sub claim": rsa_key.token(sub=None),
             "has no exp claim": rsa_key.token(exp=None),
             "not a JWT": "not.a.jwt",

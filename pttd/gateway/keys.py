@@ -151,6 +151,11 @@ class GatewayKey:
             return self.old_secret
         return None
 
+    def accepts(self, secret: bytes, now: float) -> bool:
+        """Whether tokens signed with ``secret`` (as returned by ``secret_for``) are still
+        accepted: it is the current secret, or the one before within its grace."""
+        return secret is self.token_secret or (secret is self.old_secret and now < self.old_until)
+
     def rotate_token_secret(self, store: Store, keep_old_for: float) -> str:
         """A new token-signing secret; the current one still accepted for ``keep_old_for``
         seconds (its tokens' lifetime), so nobody is logged out at once."""
@@ -198,7 +203,8 @@ def rekey(store: Store, old: GatewayKey, new_key_file: str | None, new_passphras
             log.info("created gateway key file %s", new_key_file)
         new_key = _read_key_file(new_key_file)
     new = GatewayKey(new_key)
-    rows = store.query("SELECT name, sealed_key FROM gw_users")
+    # users logged in with their own key have nothing sealed here (sealed_key is empty)
+    rows = store.query("SELECT name, sealed_key FROM gw_users WHERE length(sealed_key) > 0")
     resealed = [(new.seal(old.unseal(sealed)), name) for name, sealed in rows]  # all opened before any write
     with store.write():
         for sealed, name in resealed:

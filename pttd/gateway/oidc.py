@@ -200,7 +200,9 @@ class Verifier:
             email = claims.get("email")
             if not isinstance(email, str) or "@" not in email:
                 raise Refused("id_token has no email, and this gateway allows only some email domains")
-            if claims.get("email_verified") is False:
+            # verified only if the provider says so: some send "false" as a string, some
+            # (Azure AD) send no claim for addresses their users can edit
+            if claims.get("email_verified") not in (True, "true"):
                 raise Refused(f"the email {email} is not verified by {provider.name}")
             domain = email.rsplit("@", 1)[1].lower()
             if domain not in {d.lower() for d in provider.allowed_domains}:

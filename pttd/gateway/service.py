@@ -102,11 +102,23 @@ class Failures:
             retry = int(times[0] + self.window - now) + 1
             raise TooMany(f"too many {self.counted} for this {what}: try again in {retry} s", retry)
 
-    def add(self, key: str) -> None:
+    def add(self, key: str) -> float:
+        """Count an attempt; its stamp, for ``forget``."""
         if len(self._seen) >= self.cap:  # a flood of keys: the oldest counts go first
             for k in list(self._seen)[: self.cap // 4]:
                 del self._seen[k]
-        self._seen.setdefault(key, deque()).append(time.monotonic())
+        stamp = time.monotonic()
+        self._seen.setdefault(key, deque()).append(stamp)
+        return stamp
+
+    def forget(self, key: str, stamp: float) -> None:
+        """Uncount an attempt counted before it was known to fail (it did not)."""
+        times = self._seen.get(key)
+        if times:
+            try:
+                times.remove(stamp)
+            except ValueError:
+                pass
 
     def clear(self, key: str) -> None:
         self._seen.pop(key, None)
@@ -319,7 +331,7 @@ class Gateway:
             self.cfg.login_window, self.cfg.key_accounts_per_address, counted="new users by key login"
         )
         self._nursery: trio.Nursery | None = None
-        self._tokens: dict[str, tuple] = {}  # verified token -> (user, expiry, session id)
+        self._tokens: dict[str, tuple] = {}  # verified token -> (user, expiry, session id, its secret)
         self._revoked: set[str] = set()  # sessions logged out (or revoked) and not yet expired
         self._refresh_locks: dict[str, trio.Lock] = {}
         self._recent_refresh: dict[bytes, tuple] = {}  # spent refresh hash -> (until, answer, new hash)
@@ -492,15 +504,23 @@ class Gateway:
         self._failed_accounts.check(name, "account")
         if client:
             self._failed_addresses.check(client, "address")
+        # Counted as failed before the check, not after: attempts sent at once would all
+        # pass the limit while the first were still being checked.
+        stamp = self._failed_accounts.add(name)
+        at = self._failed_addresses.add(client) if client else None
         try:
             u = await self._login(name, pw)
         except Unauthorized:
-            self._failed_accounts.add(name)
-            if client:
-                self._failed_addresses.add(client)
             log.info("failed login for %r from %s", name, client or "?")
             raise
+        except BaseException:  # not a wrong password (cancelled, a store error)
+            self._failed_accounts.forget(name, stamp)
+            if client:
+                self._failed_addresses.forget(client, at)
+            raise
         self._failed_accounts.clear(name)
+        if client:
+            self._failed_addresses.forget(client, at)
         return u
 
     async def _login(self, name: str, pw: bytes) -> ChatUser:
@@ -675,15 +695,21 @@ class Gateway:
         repository, created at the first login with the token's ``name`` as profile name.
         A refused token is logged with its reason and counts as a failed login."""
         self._require_key()
-        if client:
+        at = None
+        if client:  # counted before the check, as in login()
             self._failed_addresses.check(client, "address")
+            at = self._failed_addresses.add(client)
         try:
             provider, claims = await self.oidc.verify(token)
         except Unauthorized as exc:
-            if client:
-                self._failed_addresses.add(client)
             log.warning("OpenID Connect login refused (from %s): %s", client or "?", exc)
             raise
+        except BaseException:  # not a refused token (cancelled, the provider unreachable)
+            if client:
+                self._failed_addresses.forget(client, at)
+            raise
+        if client:
+            self._failed_addresses.forget(client, at)
         profile_name = _display_name(claims)
         u, created = await self._user_named(f"oidc:{provider.issuer} {claims['sub']}", profile_name)
         if created:
@@ -909,13 +935,15 @@ class Gateway:
             raise Unauthorized("a login token is required (?token= or Authorization: Bearer)")
         if self.key is None:
             raise Unauthorized("this daemon hosts no users")
+        now = time.time()
         known = self._tokens.get(token)
-        if known is not None and known[1] > time.time() and known[2] not in self._revoked:
+        # (a rotation of the signing key ends what it signed, cached or not)
+        if known is not None and known[1] > now and known[2] not in self._revoked and self.key.accepts(known[3], now):
             u = await self.user(known[0])
             if u is not None:
                 return u
         try:
-            secret = self.key.secret_for(jwt.get_unverified_header(token).get("kid"), time.time())
+            secret = self.key.secret_for(jwt.get_unverified_header(token).get("kid"), now)
             if secret is None:
                 raise jwt.InvalidTokenError("signed with a key this gateway no longer accepts")
             claims = jwt.decode(token, secret, algorithms=["HS256"], options={"require": ["exp", "sub"]}, leeway=5)
@@ -933,14 +961,16 @@ class Gateway:
         # checked once: later calls with it cost a lookup (until it expires)
         if len(self._tokens) >= TOKEN_CACHE:
             self._tokens.clear()
-        self._tokens[token] = (key, claims["exp"], sid)
+        self._tokens[token] = (key, claims["exp"], sid, secret)
         return u
 
     def session_of(self, token: str | None) -> str | None:
         try:
             secret = self.key.secret_for(jwt.get_unverified_header(token).get("kid"), time.time())
-            claims = jwt.decode(token, secret or b"", algorithms=["HS256"], options={"verify_exp": False})
-        except (jwt.InvalidTokenError, TypeError):
+            if secret is None:  # signed with a key no longer accepted: of no session here
+                return None
+            claims = jwt.decode(token, secret, algorithms=["HS256"], options={"verify_exp": False})
+        except (jwt.PyJWTError, TypeError):
             return None
         sid = claims.get("sid")
         return sid if isinstance(sid, str) else None
