@@ -10,7 +10,7 @@ import trio
 from nacl.signing import SigningKey
 
 from tests.gwutil import SSE, gateway, login, result
-from tests.netutil import start_daemon
+from tests.netutil import start_daemon, wait_for
 
 
 class HubClient:
@@ -239,10 +239,12 @@ async def test_the_hub_stream_resumes_from_last_event_id_or_sends_a_new_snapshot
                     if ev["event"] == "update":
                         got += [m["id"] for m in ev["data"]["messages"]]
                 assert got == missed
-            # an id from another run of the hub (or too old): a new snapshot
-            async with hub.web.stream("GET", "/events", headers={"Last-Event-ID": "0000-1"}) as stream:
-                ev = await SSE(stream).next()
-                assert ev["event"] == "snapshot" and len(ev["data"]["topics"]["t"]) == 3
+            # an id from another run of the hub (or too old), or no id it made: a new snapshot
+            epoch = last.partition("-")[0]
+            for bad in ("0000-1", f"{epoch}-{'1' * 5000}"):  # the second was a 500 (int() of 5,000 digits)
+                async with hub.web.stream("GET", "/events", headers={"Last-Event-ID": bad}) as stream:
+                    ev = await SSE(stream).next()
+                    assert ev["event"] == "snapshot" and len(ev["data"]["topics"]["t"]) == 3
             hub.running.daemon.stop()
             await hub.web.aclose()
 
@@ -320,3 +322,53 @@ async def test_joins_arriving_together_keep_to_the_limit_and_a_leave_waits_for_a
         assert result(await hub.web.get("/hub.json"))["joined"] == 0
         await hub.web.aclose()
         hub.running.daemon.stop()
+
+
+async def test_the_hub_reads_only_what_its_view_takes_of_a_repository(tmp_path):
+    """A repository of one 20 KiB value at 3,000 paths the view ignores (stored once: a
+    few MB) made the hub hold 3,000 copies of it at every read (~1 GB for 20,000
+    paths); messages past the view's limit were read too. Now neither is read."""
+    import json
+
+    from pttd.hub.view import Oversized
+
+    def post(topic: str, i: int) -> bytes:
+        return json.dumps({"date": i, "message": {"type": "text", "value": f"m{i}"}, "topic": topic}).encode()
+
+    def fill(dd, start: int, drop: int = 0) -> None:
+        repo = dd.repository()
+        junk = os.urandom(20 * 1024)
+        with repo.batch() as b:
+            for i in range(start, start + 1500):
+                b.put(f"/topics/junk/x/{i:07}", junk)  # no path of the chat schema
+                b.put(f"/topics/junk/{i:07}", junk)  # a message, too large for the view
+            for i in range(start, start + 30):
+                b.put(f"/topics/t/{i:07}", post("t", i))
+            for i in range(drop):
+                b.delete(f"/topics/t/{i:07}")
+
+    async with trio.open_nursery() as nursery:
+        author = await start_daemon(nursery, str(tmp_path / "author"))
+        hub = await start_hub(nursery, tmp_path, max_messages_per_repo=20, max_message_bytes=1000)
+        hubd = hub.running.daemon
+        await author.daemon.node.db(fill, author.daemon.node.dd, 0)
+        await hub.join(author.id, author.address)
+        shown = await wait_view(hub, "t", lambda ms: len(ms) == 20, timeout=30)
+        assert [m["message"]["value"] for m in shown] == [f"m{i}" for i in range(20)]
+        assert await hub.view("junk") == []
+        entries, complete = await hubd.node.db(hubd.hub._read_repo, author.id)
+        assert complete and len(entries) == 20  # what the view keeps, nothing else
+        assert not any(isinstance(v, Oversized) for _, v in entries)
+        # a change larger than the view keeps of a repository is read as a first read is
+        version = (await author.call("log", limit=1))["versions"][0]["version"]
+        await author.daemon.node.db(fill, author.daemon.node.dd, 5000, 10)
+        await author.daemon.node.publish(bytes.fromhex(author.id))
+        after = (await author.call("log", limit=1))["versions"][0]["version"]
+        assert after == version + 1
+        f = hubd.node.follows[bytes.fromhex(author.id)]
+        await wait_for(lambda: f.local_seq is not None and f.local_seq >= after, timeout=30)
+        shown = await wait_view(hub, "t", lambda ms: ms and ms[0]["message"]["value"] == "m10", timeout=30)
+        assert [m["message"]["value"] for m in shown] == [f"m{i}" for i in range(10, 30)]
+        for r in (hub.running, author):
+            r.daemon.stop()
+        await hub.web.aclose()

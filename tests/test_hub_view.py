@@ -107,3 +107,34 @@ def test_dates_a_browser_cannot_draw_keep_a_message_out_of_the_view():
     for mid, extra in {"far": {"date": 9_000_000_000_000_000}, "soon": {"edited": "soon"}, "neg": {"date": -1}}.items():
         v.apply(A, f"/topics/t/{mid}", json.dumps({**json.loads(post(mid, 7)), **extra}).encode())
     assert [m["id"] for m in v.messages("t")] == ["ok"] and v.messages("t")[0]["edited"] == 6
+
+
+def test_curator_records_count_toward_the_limit_and_are_read_once_per_answer(monkeypatch):
+    """Curator records were unlimited, and a reader's whole set of them was built again
+    for every message of an answer: a repository of 2,000 hidden messages and 20,000
+    curator records held the hub's event loop 12 s per GET (even with limit=1)."""
+    v = View(limits=Limits(max_messages_per_repo=5))
+    for i in range(8):  # B, the reader, trusts curators c0..c7; only 5 records are taken
+        v.apply(B, f"/topics/t/curators/k{i}", json.dumps({"key": f"c{i}"}).encode())
+    for i in range(5):  # message i hidden by curator c(i+3)
+        v.apply(A, f"/topics/t/{i}", post(str(i), i))
+        v.apply(f"c{i + 3}", f"/topics/t/moderation/h{i}", json.dumps({"msgID": str(i), "date": i}).encode())
+    assert [m["id"] for m in v.messages("t")] == ["0", "1", "2", "3", "4"]  # no moderator of the hub
+    assert [m["id"] for m in v.messages("t", reader=B)] == ["2", "3", "4"]  # c3, c4 trusted; c5-c7 not taken
+    assert "more than 5" in v.skipped[B]
+    # a record removed frees its place
+    v.apply(B, "/topics/t/curators/k0", None)
+    v.apply(B, "/topics/t/curators/k6", json.dumps({"key": "c6"}).encode())
+    assert [m["id"] for m in v.messages("t", reader=B)] == ["2", "4"]
+    # one set of trusted keys per answer, and only the answered messages are drawn
+    calls = {"trusted": 0, "render": 0}
+    for name in calls:
+        real = getattr(View, name)
+
+        def counted(self, *a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(View, name, counted)
+    assert [m["id"] for m in v.messages("t", reader=B, limit=2)] == ["2", "4"]
+    assert calls == {"trusted": 1, "render": 2}

@@ -31,7 +31,7 @@ from ..config import parse_address
 from ..errors import USER_ERRORS, Forbidden, NotFound, PttError
 from ..gateway.chat import BadInput, check_key
 from ..repo import Repository
-from .view import Changes, Limits, View
+from .view import Changes, Limits, Oversized, View, entry_kind
 
 log = logging.getLogger("pttd.hub")
 
@@ -249,36 +249,71 @@ class Hub:
         repo = Repository(self.store, row, None)
         root = repo.head().commit.root
         complete = True
+        # Only what the view takes is read: paths it reads, and no more messages and
+        # records than it keeps of one repository (the rest could be any number of
+        # entries, each value stored once however many paths share it).
+        left = {"profile": 1, "message": self.cfg.max_messages_per_repo, "record": self.cfg.max_messages_per_repo}
+        unread = oversized = 0
         for prefix in _BPREFIXES:
             try:
                 for key, ref in tree.iterate(root, prefix, self.store.load_node):
-                    entries.append((key_to_path(key), self._value(repo, ref)))
+                    path = key_to_path(key)
+                    kind = entry_kind(path)
+                    if kind is None:
+                        continue
+                    if not left[kind]:
+                        unread += 1
+                        continue
+                    value = self._value(repo, ref)
+                    if isinstance(value, Oversized):  # skipped by the view: not even its path is kept
+                        oversized += 1
+                        continue
+                    left[kind] -= 1
+                    entries.append((path, value))
             except USER_ERRORS as exc:
                 log.info("hub: %s not complete yet: %s", author[:16], exc)
                 complete = False
+        if unread or oversized:
+            log.info(
+                "hub: skipped from %s: %d entries larger than %d bytes, %d past %d messages or records, unread",
+                author[:16],
+                oversized,
+                self.cfg.max_message_bytes,
+                unread,
+                self.cfg.max_messages_per_repo,
+            )
         return entries, complete
 
-    def _value(self, repo: Repository, ref) -> bytes | None:
+    def _value(self, repo: Repository, ref) -> bytes | Oversized | None:
         if ref is None or isinstance(ref, bytes):
             return ref
-        if tree.ref_size(ref) > self.cfg.max_message_bytes:
-            return b"x" * (self.cfg.max_message_bytes + 1)  # refused by size, unread
+        size = tree.ref_size(ref)
+        if size > self.cfg.max_message_bytes:
+            return Oversized(size)  # refused by size, unread
         try:
             return b"".join(repo._read_ref(ref))
         except USER_ERRORS:
             return None
 
-    def _diff_entries(self, author: str, old_root: bytes, new_root: bytes) -> tuple[list, bool]:
-        """On the store thread: the entries that changed under the prefixes."""
+    def _diff_entries(self, author: str, old_root: bytes, new_root: bytes) -> tuple[list, bool, bool]:
+        """On the store thread: the entries that changed under the prefixes, whether all
+        were read, and whether they are the repository whole instead (a change larger
+        than the view keeps of a repository is read as a first read is, within limits)."""
         entries: list[tuple[str, bytes | None]] = []
         repo = Repository(self.store, self.store.find_repo(bytes.fromhex(author)), None)
+        most = 2 * self.cfg.max_messages_per_repo + 1
         try:
             for key, _old, new in tree.diff(old_root, new_root, self.store.load_node, _BPREFIXES):
-                entries.append((key_to_path(key), self._value(repo, new)))
+                path = key_to_path(key)
+                if entry_kind(path) is None:
+                    continue
+                if len(entries) >= most:
+                    return (*self._read_repo(author), True)
+                entries.append((path, self._value(repo, new)))
         except USER_ERRORS as exc:
             log.info("hub: diff of %s stopped: %s", author[:16], exc)
-            return entries, False
-        return entries, True
+            return entries, False, False
+        return entries, True, False
 
     def _feed(self, author: str, entries, complete: bool, whole: bool) -> Changes:
         """On the event loop: the entries into the view (``whole``: they are all of the
@@ -306,8 +341,8 @@ class Hub:
             self._incomplete.discard(author)
             self._publish(await self._load(author))
             return
-        entries, complete = await self.node.db(self._diff_entries, author, old_root, new_root)
-        self._publish(self._feed(author, entries, complete, whole=False))
+        entries, complete, whole = await self.node.db(self._diff_entries, author, old_root, new_root)
+        self._publish(self._feed(author, entries, complete, whole=whole))
 
     # --- deltas and streams ---------------------------------------------------------
 
@@ -335,7 +370,7 @@ class Hub:
         if not event_id:
             return None
         epoch, _, n = event_id.partition("-")
-        if epoch != self.epoch or not (n.isascii() and n.isdigit()):
+        if epoch != self.epoch or not (n.isascii() and n.isdigit() and len(n) <= 19):  # int() takes 4300 digits
             return None
         n = int(n)
         if n >= self.next_id:
@@ -361,9 +396,10 @@ class Hub:
             profiles = self.view.profiles(d.data["authors"])
             return {"profiles": profiles, "removed": [a for a in d.data["authors"] if a not in profiles]}
         changed, removed = [], [{"author": a, "id": m} for a, m in d.data["removed"]]
+        trusted = self.view.trusted(d.topic, reader)
         for a, m in d.data["changed"]:
             msg = self.view.render(d.topic, a, m)
-            if msg is None or self.view.hidden(d.topic, a, m, reader):
+            if msg is None or self.view.hidden(d.topic, a, m, trusted=trusted):
                 removed.append({"author": a, "id": m})
             else:
                 changed.append(msg)

@@ -27,6 +27,34 @@ MAX_REACTIONS_SHOWN = 200  # per message; the total is given beside when there a
 FOLDERS = ("reactions", "moderation", "curators")
 
 
+def entry_kind(path: str) -> str | None:
+    """What an entry at ``path`` is to the view: ``profile``, ``message``, ``record``
+    (a reaction, moderation or curator record), or None (not read at all)."""
+    if path == "/profile.json":
+        return "profile"
+    parts = path.split("/")
+    if len(parts) < 4 or parts[1] != "topics" or parts[2] == GOSSIP:
+        return None
+    if len(parts) == 4:
+        return "message"
+    if len(parts) == 5 and parts[3] in FOLDERS:
+        return "record"
+    return None
+
+
+class Oversized:
+    """A stored value larger than the view takes, given by its size and left unread
+    (``apply`` skips it as it would the bytes, without holding them)."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
 @dataclass
 class Limits:
     max_topics_per_repo: int = 100
@@ -54,7 +82,7 @@ class _Repo:
     profile: dict = field(default_factory=dict)
     topics: dict[str, int] = field(default_factory=dict)  # topic -> messages taken from it
     messages: int = 0
-    records: int = 0  # reactions and moderation records taken
+    records: int = 0  # reactions, moderation and curator records taken
 
 
 class View:
@@ -96,27 +124,28 @@ class View:
             ch.profiles.add(author)
         return ch
 
-    def apply(self, author: str, path: str, value: bytes | None) -> Changes:
+    def apply(self, author: str, path: str, value: bytes | Oversized | None) -> Changes:
         """One entry of ``author``'s repository is now ``value`` (None: removed)."""
         ch = Changes()
         repo = self.repos.setdefault(author, _Repo())
-        if path == "/profile.json":
+        kind = entry_kind(path)
+        if kind == "profile":
             prof = self._json(author, path, value) if value is not None else {}
             repo.profile = prof if isinstance(prof, dict) else {}
             ch.profiles.add(author)
             return ch
-        parts = path.split("/")
-        if len(parts) < 4 or parts[1] != "topics" or parts[2] == GOSSIP:
+        if kind is None:
             return ch
+        parts = path.split("/")
         topic = parts[2]
         try:  # a topic the API could not serve (GET /topics/{topic} checks the same)
             check_id(topic, "topic", topic=True)
         except BadInput as exc:
             self._skip(author, f"{path}: {exc}")
             return ch
-        if len(parts) == 4:
+        if kind == "message":
             self._message(ch, repo, author, topic, parts[3], path, value)
-        elif len(parts) == 5 and parts[3] in FOLDERS:
+        else:
             self._record(ch, author, topic, parts[3], parts[4], path, value)
         return ch
 
@@ -189,18 +218,30 @@ class View:
             if rec is not None:
                 self._skip(author, f"{path}: not a {kind} record of the chat schema")
             rec = None
-        if kind == "curators":
+        repo = self.repos[author]
+        if kind == "curators":  # counted with the other records: each costs every reader's answer
             cur = self.curators.setdefault((topic, author), {})
             if rec is not None and isinstance(rec.get("key"), str):
+                if rid not in cur:
+                    if repo.records >= self.limits.max_messages_per_repo:
+                        self._skip(
+                            author,
+                            f"more than {self.limits.max_messages_per_repo} reactions, moderation and curator records",
+                        )
+                        return
+                    repo.records += 1
                 cur[rid] = rec["key"]
-            else:
-                cur.pop(rid, None)
+            elif cur.pop(rid, None) is not None:
+                repo.records -= 1
+            if not cur:
+                del self.curators[(topic, author)]
             return  # changes what a reader sees, not the view: streams recheck per reader
         index = self.reactions if kind == "reactions" else self.moderation
-        repo = self.repos[author]
         if rec is not None and (kind, topic, author, rid) not in self._targets:
             if repo.records >= self.limits.max_messages_per_repo:
-                self._skip(author, f"more than {self.limits.max_messages_per_repo} reactions and moderation records")
+                self._skip(
+                    author, f"more than {self.limits.max_messages_per_repo} reactions, moderation and curator records"
+                )
                 return
             repo.records += 1
         elif rec is None and (kind, topic, author, rid) in self._targets:
@@ -237,21 +278,31 @@ class View:
         name = repo.profile.get("name") if repo else None
         return name if isinstance(name, str) else None
 
-    def hidden(self, topic: str, author: str, mid: str, reader: str | None = None) -> bool:
+    def trusted(self, topic: str, reader: str | None) -> set[str]:
+        """Whose moderation ``reader`` sees in ``topic``: the hub's moderators, the reader,
+        and the curators the reader trusts there. Made once per answer, not per message
+        (a reader's curator records may be many)."""
+        if reader is None:
+            return self.moderators
+        return self.moderators | {reader} | set(self.curators.get((topic, reader), {}).values())
+
+    def hidden(self, topic: str, author: str, mid: str, reader: str | None = None, trusted: set | None = None) -> bool:
         """Hidden by the hub's moderators, or (for a known reader) by the reader or the
-        curators the reader trusts in this topic."""
+        curators the reader trusts in this topic (``trusted``, if already made)."""
         recs = self.moderation.get((topic, mid))
         if not recs:
             return False
-        trusted = self.moderators
-        if reader is not None:
-            trusted = trusted | {reader} | set(self.curators.get((topic, reader), {}).values())
-        state = None
-        # the newest record wins; ties broken the same way live and after a restart
-        for (mod, _rid), rec in sorted(recs.items(), key=lambda kv: (kv[1].get("date", 0), kv[0])):
-            if mod in trusted and rec.get("author", author) == author:
-                state = rec.get("type", "hide")
-        return state == "hide"
+        if trusted is None:
+            trusted = self.trusted(topic, reader)
+        # the newest trusted record wins; ties broken the same way live and after a
+        # restart (one pass: the records of untrusted repositories cost no sort)
+        newest = None
+        for key, rec in recs.items():
+            if key[0] in trusted and rec.get("author", author) == author:
+                order = (rec.get("date", 0), key)
+                if newest is None or order > newest[0]:
+                    newest = (order, rec)
+        return newest is not None and newest[1].get("type", "hide") == "hide"
 
     def render(self, topic: str, author: str, mid: str) -> dict | None:
         post = self.topics.get(topic, {}).get((author, mid))
@@ -275,16 +326,19 @@ class View:
     def messages(
         self, topic: str, reader: str | None = None, since=None, before=None, limit: int | None = None
     ) -> list[dict]:
-        out = []
+        trusted = self.trusted(topic, reader)
+        picked = []
         for (author, mid), post in self.topics.get(topic, {}).items():
             date = post["date"]
             if (since is not None and date < since) or (before is not None and date > before):
                 continue
-            if self.hidden(topic, author, mid, reader):
+            if self.hidden(topic, author, mid, trusted=trusted):
                 continue
-            out.append(self.render(topic, author, mid))
-        out.sort(key=lambda m: (m["date"], m["author"], m["id"]))
-        return out[-limit:] if limit is not None else out
+            picked.append((date, author, mid))
+        picked.sort()
+        if limit is not None:  # only the messages answered are drawn
+            picked = picked[-limit:] if limit > 0 else []
+        return [self.render(topic, author, mid) for _, author, mid in picked]
 
     def topic_list(self) -> list[dict]:
         out = []
