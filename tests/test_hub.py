@@ -372,3 +372,28 @@ async def test_the_hub_reads_only_what_its_view_takes_of_a_repository(tmp_path):
         for r in (hub.running, author):
             r.daemon.stop()
         await hub.web.aclose()
+
+
+async def test_a_strangers_join_cannot_push_the_owners_addresses_out(tmp_path):
+    """A join proves nothing of the key: 8 addresses in a stranger's join again came
+    first and cut the owner's off the list (kept across restarts), so the hub stopped
+    syncing the repository and sent everyone who looked it up to the stranger's."""
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, tmp_path)
+        owner = await start_daemon(nursery, str(tmp_path / "owner"))
+        hubd = hub.running.daemon
+        first = [f"127.0.0.1:{p}" for p in range(1, 9)]
+        assert result(await hub.web.post("/join", json={"public_key": owner.id, "addresses": first}))["joined"]
+        # the owner's own node joins over the wire: its handshake proves the key
+        await owner.call("join", hub=hub.running.address)
+        assert hubd.hub.joined[owner.id][0] == owner.address
+        again = [f"127.0.0.1:{p}" for p in range(11, 19)]
+        r = result(await hub.web.post("/join", json={"public_key": owner.id, "addresses": again}))
+        assert r["addresses"][0] == owner.address and len(r["addresses"]) == 8
+        assert owner.address in hubd.node.follows[bytes.fromhex(owner.id)].peers
+        assert hubd.hub.lookup(bytes.fromhex(owner.id))[0] == owner.address
+        await owner.call("chat_post", topic="general", text="still reached")
+        await wait_view(hub, "general", lambda ms: len(ms) == 1, timeout=20)
+        for r in (hub.running, owner):
+            r.daemon.stop()
+        await hub.web.aclose()

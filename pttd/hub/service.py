@@ -114,7 +114,9 @@ class Hub:
 
     # --- joins ----------------------------------------------------------------------
 
-    async def join(self, key_hex, addresses, token) -> dict:
+    async def join(self, key_hex, addresses, token, by_owner: bool = False) -> dict:
+        """A join, or a join again with addresses. ``by_owner``: made over the wire by the
+        repository's own node (its handshake proved the key)."""
         if self.cfg.join_token and token != self.cfg.join_token:
             raise HubError("this hub needs a join token")
         key = _key(key_hex, "public_key")
@@ -127,8 +129,13 @@ class Hub:
         async with self._membership:  # joins and leaves one at a time: the limit holds
             if k not in self.joined and len(self.joined) >= self.cfg.max_repos:
                 raise HubError(f"this hub is full ({self.cfg.max_repos} repositories)")
-            # the addresses given now first, then those known before
-            merged = list(dict.fromkeys(addrs + self.joined.get(k, [])))[:MAX_ADDRESSES]
+            # A join proves nothing of the key (anyone can send one): its addresses come
+            # after those recorded, so that a stranger's cannot push the owner's out of
+            # the list. The owner's own node, or the holder of the hub's join token, puts
+            # its addresses first (an address that changed).
+            known = self.joined.get(k, [])
+            proven = by_owner or bool(self.cfg.join_token)
+            merged = list(dict.fromkeys(addrs + known if proven else known + addrs))[:MAX_ADDRESSES]
             await self.node.db(
                 self.store.execute,
                 # joined: when this membership began (ms; seconds in rows of earlier versions),
@@ -215,7 +222,12 @@ class Hub:
         # the address the hub saw first: it is known to reach the joiner
         addrs = self._peer_addresses(peer, msg["ports"]) + list(msg["addresses"])
         try:
-            res = await self.join(msg["repo"].hex(), list(dict.fromkeys(addrs))[:MAX_ADDRESSES], msg["token"] or None)
+            res = await self.join(
+                msg["repo"].hex(),
+                list(dict.fromkeys(addrs))[:MAX_ADDRESSES],
+                msg["token"] or None,
+                peer.id == msg["repo"],
+            )
         except USER_ERRORS as exc:
             return False, str(exc)[:1000]
         return True, f"joined with addresses {', '.join(res['addresses'])}"[:1000]
