@@ -182,3 +182,35 @@ async def test_pttctl_user_passwd_sets_a_password(tmp_path, monkeypatch):
         assert json.loads(out) == {"name": "dee", "sessions_ended": 1}
         new = {"data": {"username": "dee", "password": "the new one"}}
         assert result(await g.web.post("/login", json=new))["token"]
+
+
+async def test_direct_messages_reach_the_old_homes_users_after_a_move(tmp_path):
+    """The old home kept the moved user's row and took her for a user of its own: it
+    never followed her envelopes, so what she sent from her new home to a friend on the
+    old one was never delivered (the other way worked)."""
+
+    def texts(convs) -> list[str]:
+        return sorted(m["message"]["value"] for c in convs for m in c["messages"])
+
+    async with gateway(tmp_path, "g1") as g1, gateway(tmp_path, "g2", peers=[g1.address]) as g2:
+        alice, ha = await login(g1.web, "alice")
+        carol, hc = await login(g1.web, "carol")
+        result(await g1.web.post("/friends", json={"data": {"key": alice, "name": "A"}}, headers=hc))
+        result(await g1.web.post("/friends", json={"data": {"key": carol, "name": "C"}}, headers=ha))
+        result(await g1.web.post("/dm", json={"data": {"key": carol, "message": "before the move"}}, headers=ha))
+        exported = await g1.call("user_export", name="test:alice", passphrase=PASSPHRASE)
+        await g2.call(
+            "user_import", account=exported["account"], passphrase=PASSPHRASE, peers=[g1.address], keep_name=True
+        )
+        again, ha2 = await login(g2.web, "alice")
+        assert again == alice
+        result(await g1.web.post("/dm", json={"data": {"key": alice, "message": "carol to alice"}}, headers=hc))
+        result(
+            await g2.web.post("/dm", json={"data": {"key": carol, "message": "alice, moved, to carol"}}, headers=ha2)
+        )
+        want = ["alice, moved, to carol", "before the move", "carol to alice"]
+        with trio.fail_after(20):
+            while texts(result(await g1.web.get("/dm", headers=hc))) != want:
+                await trio.sleep(0.05)
+            while texts(result(await g2.web.get("/dm", headers=ha2))) != want:
+                await trio.sleep(0.05)

@@ -378,7 +378,8 @@ class Gateway:
                 # every start: a pin asked before may have failed, or the replicator is new
                 rows = await self.node.db(
                     self.store.query,
-                    "SELECT DISTINCT friend FROM gw_friends WHERE friend NOT IN (SELECT repo FROM gw_users)",
+                    "SELECT DISTINCT friend FROM gw_friends WHERE friend NOT IN "
+                    "(SELECT repo FROM gw_users WHERE repo NOT IN (SELECT repo FROM gw_moved))",
                 )
                 friends = [f for (f,) in rows if f != self.node.id]
                 for rep in self.cfg.replicators:
@@ -583,6 +584,10 @@ class Gateway:
             raise
         if not keep:
             log.info("user %r exported: its writes here are refused from now on", name)
+            # no longer hosted: what it writes at its new home reaches its friends here
+            # as anyone's does, by following its direct-message envelopes
+            if await self.node.db(self.store.query, "SELECT 1 FROM gw_friends WHERE friend=? LIMIT 1", (repo,)):
+                await self._follow_gossip(repo)
         return doc
 
     def _head_seq(self, key: bytes) -> int | None:
@@ -1146,7 +1151,7 @@ class Gateway:
     # --- the chat calls ---------------------------------------------------------------
 
     def is_hosted(self, key: bytes) -> bool:
-        return bool(self.store.query("SELECT 1 FROM gw_users WHERE repo=?", (key,)))
+        return bool(self.store.query(writes.HOSTED_SQL, (key,)))
 
     async def post(self, u: ChatUser, topic: str, data):
         return await self.write(u, "post", topic, data)

@@ -37,6 +37,11 @@ from . import chat
 
 log = logging.getLogger("pttd.gateway.writes")
 
+# A user hosted here: a row of gw_users whose repository did not move to another home
+# (an exported user keeps the row, to log in and read; their repository is written
+# elsewhere now, and followed like any other for its direct messages).
+HOSTED_SQL = "SELECT 1 FROM gw_users WHERE repo=? AND repo NOT IN (SELECT repo FROM gw_moved)"
+
 TRIM_EVERY = 1024  # events written between two trims of the old ones
 IN_TOPIC_CACHE = 200_000
 HEADS_KEPT = 65_536  # newest commits of repositories kept by the writer (~0.5 KB each)
@@ -286,7 +291,7 @@ class GroupWriter:
         self.delivered: set[tuple] = set()  # direct messages delivered in this group
 
     def is_hosted(self, key: bytes) -> bool:
-        return bool(self.store.query("SELECT 1 FROM gw_users WHERE repo=?", (key,)))
+        return bool(self.store.query(HOSTED_SQL, (key,)))
 
     def _author(self, r: dict) -> Author:
         sk = self._keys.get(r["key"])
