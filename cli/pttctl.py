@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+from protocol.paths import validate_path
 from pttd import commands
 from pttd.control import MAX_INLINE_VALUE, ControlClient
 from pttd.datadir import DataDir, default_data_dir
@@ -361,6 +362,8 @@ def _remote(client: ControlClient, args: argparse.Namespace) -> commands.Result:
         a["repo"] = args.repo
     if c in ("ls", "get") and args.version is not None:
         a["version"] = args.version
+    if c in ("put", "get", "rm"):
+        validate_path(args.path)  # the error a store would give, before anything is sent
     if c == "put":
         a["path"] = args.path
         if args.file == "-":
@@ -371,7 +374,7 @@ def _remote(client: ControlClient, args: argparse.Namespace) -> commands.Result:
         else:
             if not os.path.isfile(args.file):
                 raise PttError(f"no such file: {args.file}")
-            a["filename"] = os.path.abspath(args.file)
+            a["filename"] = os.fsencode(os.path.abspath(args.file))  # any name the system takes
     elif c in ("get", "rm"):
         a["path"] = args.path
     elif c == "ls":
@@ -560,6 +563,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         res = run(args)
+    except BrokenPipeError:  # (an OSError: before those)
+        return _reader_gone()
     except USER_ERRORS as exc:
         if args.json:
             print(json.dumps({"error": str(exc)}))
@@ -579,13 +584,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    if args.json:
-        print(json.dumps(res.data))
-    elif args.command in DAEMON_COMMANDS:
-        _human_daemon(args.command, res.data, sys.stdout)
-    elif args.command != "get" or args.output is not None:
-        _human(args.command, res, sys.stdout)
+    try:
+        if args.json:
+            print(json.dumps(res.data))
+        elif args.command in DAEMON_COMMANDS:
+            _human_daemon(args.command, res.data, sys.stdout)
+        elif args.command != "get" or args.output is not None:
+            _human(args.command, res, sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _reader_gone()
     return 0 if res.ok else 1
+
+
+def _reader_gone() -> int:
+    """The output's reader went away (``pttctl ls | head``): no traceback, and none from
+    the flush at exit either."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 1
 
 
 if __name__ == "__main__":

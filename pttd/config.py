@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import tomllib
 from dataclasses import dataclass, field
 
@@ -243,14 +244,39 @@ def _providers(tables, path: str) -> list[OidcProvider]:
     return providers
 
 
+def _address(where: str, setting: str, text: str, dial: bool = False) -> None:
+    """``parse_address``, its error naming the setting."""
+    try:
+        parse_address(text, dial=dial)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {setting}: {exc}") from None
+
+
+def _finite(obj, where: str, section: str = "") -> None:
+    """Every number of the settings is finite: a NaN passes every ``<= 0`` check (and
+    then stops the daemon where it is used), infinity overflows where it is made an int."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _finite(value, where, f.name)
+        elif isinstance(value, float) and not math.isfinite(value):
+            name = f"[{section}] {f.name}" if section else f.name
+            raise ConfigError(f"{where}: {name} must be a finite number, not {value}")
+
+
 def validate(cfg: Config, where: str = "settings") -> None:
     from .daemon import MODES
 
+    _finite(cfg, where)
+    for p in cfg.oidc:
+        _finite(p, where, "[oidc]")
     if cfg.mode not in MODES:
         raise ConfigError(f"{where}: mode {cfg.mode!r} is not one of {', '.join(MODES)}")
-    parse_address(cfg.wire.listen)
-    for p in cfg.peers + cfg.hubs:
-        parse_address(p, dial=True)
+    _address(where, "[wire] listen", cfg.wire.listen)
+    for p in cfg.peers:
+        _address(where, "[peers] static", p, dial=True)
+    for p in cfg.hubs:
+        _address(where, "[peers] hubs", p, dial=True)
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"{where}: log_level {cfg.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")
     if cfg.page_size not in (0, 4096, 8192, 16384, 32768, 65536):
@@ -273,7 +299,7 @@ def validate(cfg: Config, where: str = "settings") -> None:
     if w.want_batch > 4096:
         raise ConfigError(f"{where}: [wire] want_batch must be at most 4096")
     g = cfg.gateway
-    parse_address(g.http)
+    _address(where, "[gateway] http", g.http)
     if g.token_ttl <= 0 or g.refresh_ttl < g.token_ttl:
         raise ConfigError(f"{where}: [gateway] token_ttl must be positive and refresh_ttl at least token_ttl")
     if g.login_window <= 0:
@@ -295,7 +321,7 @@ def validate(cfg: Config, where: str = "settings") -> None:
         if getattr(g, name) < 1:
             raise ConfigError(f"{where}: [gateway] {name} must be at least 1")
     r = cfg.replicator
-    parse_address(r.http)
+    _address(where, "[replicator] http", r.http)
     if r.max_repos < 1 or r.max_bytes < 0:
         raise ConfigError(f"{where}: [replicator] max_repos must be at least 1 and max_bytes not negative")
     for name in ("pins", "pinners"):
@@ -305,14 +331,14 @@ def validate(cfg: Config, where: str = "settings") -> None:
             if not is_public_key(bytes.fromhex(k)):
                 raise ConfigError(f"{where}: [replicator] {name}: {k} is not a valid Ed25519 public key")
     for a in cfg.gateway.replicators:
-        parse_address(a, dial=True)
+        _address(where, "[gateway] replicators", a, dial=True)
     names = [p.name for p in cfg.oidc]
     for p in cfg.oidc:
         p.check(where)
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: [[oidc]] provider names must differ")
     h = cfg.hub
-    parse_address(h.http)
+    _address(where, "[hub] http", h.http)
     for name in ("max_repos", "max_topics_per_repo", "max_messages_per_repo", "max_message_bytes", "stream_history"):
         if getattr(h, name) < 1:
             raise ConfigError(f"{where}: [hub] {name} must be at least 1")

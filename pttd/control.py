@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import stat
 from collections.abc import Callable
 
 import msgpack
@@ -83,17 +84,26 @@ class ControlServer:
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         try:
-            os.unlink(self.path)  # a leftover of a killed daemon (we hold the data-dir lock)
+            st = os.lstat(self.path)
         except FileNotFoundError:
             pass
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
+        else:
+            if not stat.S_ISSOCK(st.st_mode):  # a typo in --control must not cost a file
+                raise PttError(f"cannot create the control socket {self.path}: something else is there (not removed)")
+            os.unlink(self.path)  # a leftover of a killed daemon (we hold the data-dir lock)
+        plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # made 0600 (only this user connects): no await while it is set
         try:
-            await sock.bind(self.path)
+            plain.bind(self.path)
         except OSError as exc:
-            raise PttError(f"cannot create the control socket {self.path}: {exc.strerror}") from None
+            plain.close()
+            why = exc.strerror or str(exc)
+            if len(os.fsencode(self.path)) > 107:
+                why += " (a socket's path is at most 107 bytes: give a shorter one with --control)"
+            raise PttError(f"cannot create the control socket {self.path}: {why}") from None
         finally:
             os.umask(old)
+        sock = trio.socket.from_stdlib_socket(plain)
         sock.listen(64)
         listener = trio.SocketListener(sock)
         try:
@@ -435,9 +445,14 @@ class ControlClient:
         on_chunk: Callable[[bytes], None] | None = None,
         on_meta: Callable[[dict], None] | None = None,
     ) -> dict:
+        try:
+            request = _pack({"cmd": cmd, "args": args})
+        except UnicodeEncodeError as exc:  # a command-line argument the system gave undecoded
+            bad = exc.object[exc.start : exc.end] if isinstance(exc.object, str) else ""
+            raise PttError(f"an argument is not valid UTF-8 (near {bad!r})") from None
         s = self._connect()
         try:
-            s.sendall(_pack({"cmd": cmd, "args": args}))
+            s.sendall(request)
             decoder = FrameDecoder(MAX_CONTROL_FRAME)
             while True:
                 data = s.recv(1 << 20)

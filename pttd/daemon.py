@@ -88,6 +88,24 @@ class DataDirLock:
             self._fd = None
 
 
+def _make_data_dir(path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise DataDirError(f"{path} exists and is not a directory")
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise DataDirError(f"cannot create data directory {path}: {exc.strerror}") from None
+
+
+def _warn_if_open(path: str) -> None:
+    """The store holds secrets (sealed keys, password hashes, the users' data): say so
+    when others on this machine can read the directory (a restore into a directory
+    made by hand, say); its mode is the operator's to change."""
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o077:
+        log.warning("data directory %s can be read by other users of this machine (mode %o): chmod 700 it", path, mode)
+
+
 def _read_pid(path: str) -> int | None:
     try:
         with open(path) as f:
@@ -113,7 +131,10 @@ class Daemon:
         self.cfg = cfg
         self.data_dir = os.path.abspath(os.path.expanduser(cfg.data_dir or default_data_dir()))
         self.mode = cfg.mode
-        self.control_path = cfg.control or os.path.join(self.data_dir, "control.sock")
+        # absolute: run.json tells pttctl where it is, from whatever directory it runs in
+        self.control_path = os.path.abspath(
+            os.path.expanduser(cfg.control or os.path.join(self.data_dir, "control.sock"))
+        )
         self.ready = trio.Event()
         self.run_file = os.path.join(self.data_dir, "run.json")
         self.node: Node | None = None
@@ -132,14 +153,19 @@ class Daemon:
                 f"mode {self.mode!r} is not available in this version of pttd (only: node, gateway, hub)"
             )
         page_size = self.cfg.page_size or (GATEWAY_PAGE_SIZE if self.mode == "gateway" else 0)
-        dd, created = await trio.to_thread.run_sync(
-            DataDir.open_or_init, self.data_dir, self.cfg.synchronous, page_size
-        )
-        if created:
-            log.info("created data directory %s", dd.path)
-        lock = DataDirLock(dd.path)
+        # The lock before the store: two daemons started at once on a new directory both
+        # created it, each removing the other's half-made store.
+        await trio.to_thread.run_sync(_make_data_dir, self.data_dir)
+        lock = DataDirLock(self.data_dir)
+        await trio.to_thread.run_sync(lock.acquire)
+        dd = None
         try:
-            await trio.to_thread.run_sync(lock.acquire)
+            dd, created = await trio.to_thread.run_sync(
+                DataDir.open_or_init, self.data_dir, self.cfg.synchronous, page_size
+            )
+            if created:
+                log.info("created data directory %s", dd.path)
+            _warn_if_open(dd.path)
             node_id = await trio.to_thread.run_sync(dd.default_repo_id)
             identity = await trio.to_thread.run_sync(dd.keys.load, node_id)
             node = self.node = Node(dd, self.cfg, identity, self.mode)
@@ -204,8 +230,9 @@ class Daemon:
                     os.remove(self.run_file)
                 except FileNotFoundError:
                     pass
-            with trio.CancelScope(shield=True):  # closing checkpoints the WAL: off the event loop
-                await trio.to_thread.run_sync(dd.close)
+            if dd is not None:
+                with trio.CancelScope(shield=True):  # closing checkpoints the WAL: off the event loop
+                    await trio.to_thread.run_sync(dd.close)
             lock.release()
             log.info("stopped")
 

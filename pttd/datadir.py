@@ -24,7 +24,7 @@ def default_data_dir() -> str:
     """``$PTT_HOME``, else the platform's per-user data directory for pttd."""
     env = os.environ.get(ENV_HOME)
     if env:
-        return env
+        return os.path.expanduser(env)  # a literal ~ (a systemd Environment= line) means the same to pttd and pttctl
     return platformdirs.user_data_dir("pttd", appauthor=False)
 
 
@@ -59,6 +59,7 @@ class DataDir:
             raise DataDirError(f"{path} exists and is not a directory")
         try:
             os.makedirs(path, mode=0o700, exist_ok=True)
+            os.chmod(path, 0o700)  # made before by hand, perhaps readable by all: the store holds secrets
         except OSError as exc:
             raise DataDirError(f"cannot create data directory {path}: {exc.strerror}") from None
         # Built under another name and renamed when complete: a failure or a kill halfway

@@ -147,6 +147,17 @@ def test_port_in_use_and_bad_settings_are_one_line_errors(tmp_path):
     proc = start(tmp_path / "d", "--config", str(cfg), "--mode", "replicator")
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 2 and "[replicator] pins: " + "ab" * 32 + " is not a valid Ed25519 public key" in err
+    # NaN passed every check and then stopped the daemon at the first connection; infinity
+    # was a traceback at start; an address's error did not say whose it was
+    for text, said in (
+        ("[wire]\nhandshake_timeout = nan\n", "[wire] handshake_timeout must be a finite number, not nan"),
+        ("[gateway]\ntoken_ttl = inf\nrefresh_ttl = inf\n", "[gateway] token_ttl must be a finite number, not inf"),
+        ('[gateway]\nhttp = "localhost"\n', "[gateway] http: address 'localhost' is not HOST:PORT"),
+    ):
+        cfg.write_text(text)
+        proc = start(tmp_path / "d", "--config", str(cfg), "--mode", "gateway")
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 2 and said in err and "Traceback" not in err, err
 
 
 def test_pttctl_follow_sync_and_read_between_two_daemons(tmp_path):
@@ -220,3 +231,114 @@ def test_config_example_lists_every_setting_with_its_default():
         assert re.search(rf"^#\s*{f.name}\s*=", text, re.M), f"config.example.toml lacks [[oidc]] {f.name}"
     for name in ("synchronous", "page_size", "mode", "log_level", "control", "data_dir", "static", "hubs"):
         assert re.search(rf"^#?\s*{name}\s*=", text, re.M), name
+
+
+def test_the_control_socket_path_is_absolute_checked_and_never_a_file(tmp_path):
+    """A relative --control went into run.json as given: pttctl elsewhere found no
+    daemon and wrote the store beside it. --control naming a file removed the file; a
+    path too long for a socket ended in "None"."""
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.pttd_main", "start", "--data-dir", "../d", "--control", "rel.sock"]
+        + ["--listen", "127.0.0.1:0"],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=sub,
+    )
+    try:
+        wait_ready(proc)
+        assert json.loads((tmp_path / "d" / "run.json").read_text())["control"] == str(sub / "rel.sock")
+        res = pttctl(tmp_path / "d", "--json", "put", "/x", input=b"through the daemon")
+        assert res.returncode == 0, res.stderr
+        assert pttctl(tmp_path / "d", "status").returncode == 0  # a daemon-only command: it was found
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    precious = tmp_path / "notes.txt"
+    precious.write_text("keep me")
+    proc = start(tmp_path / "d", "--control", str(precious))
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and "something else is there" in err and "Traceback" not in err, err
+    assert precious.read_text() == "keep me"
+    deep = tmp_path / ("x" * 100) / ("y" * 40)
+    proc = start(deep)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and "at most 107 bytes" in err and "None" not in err and "Traceback" not in err, err
+
+
+def test_two_daemons_started_at_once_on_a_new_directory(tmp_path):
+    """Both created the store before taking the lock, each removing the other's
+    half-made one: tracebacks, or a second key left in keys/."""
+    for i in range(3):
+        d = tmp_path / f"d{i}"
+        procs = [start(d), start(d)]
+        outs = []
+        try:
+            for p in procs:
+                try:
+                    _, err = p.communicate(timeout=3)
+                    outs.append((p.returncode, err))
+                except subprocess.TimeoutExpired:
+                    outs.append((None, ""))  # still running: the one that won
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+                    p.communicate(timeout=30)
+        assert sorted(rc is None for rc, _ in outs) == [False, True], outs
+        (rc, err) = next(o for o in outs if o[0] is not None)
+        assert rc == 1 and "already running" in err and "Traceback" not in err, err
+        assert len(os.listdir(d / "keys")) == 1
+
+
+def test_pttctl_output_to_a_closed_pipe_home_with_a_tilde_and_a_directory_made_before(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, HOME=str(home), PTT_HOME="~/ptt")
+    res = subprocess.run(
+        [sys.executable, "-m", "cli.pttctl", "init"], capture_output=True, env=env, timeout=30, cwd=tmp_path
+    )
+    assert res.returncode == 0 and (home / "ptt" / "pttd.sqlite3").exists(), res.stderr  # not ./~/ptt
+    made = tmp_path / "made"
+    made.mkdir(mode=0o755)
+    os.chmod(made, 0o755)
+    assert pttctl(made, "init").returncode == 0
+    assert os.stat(made).st_mode & 0o777 == 0o700  # the store holds secrets
+    for i in range(3):
+        assert pttctl(made, "put", f"/many/{i}", input=b"x").returncode == 0
+    listing = subprocess.Popen(
+        [sys.executable, "-m", "cli.pttctl", "--data-dir", str(made), "ls", "/"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    listing.stdout.close()  # the reader is gone before anything is written
+    _, err = listing.communicate(timeout=30)
+    assert b"Traceback" not in err and b"Broken pipe" not in err, err
+
+
+def test_a_name_that_is_not_utf8_through_the_daemon(tmp_path):
+    d = tmp_path / "d"
+    proc = start(d)
+    try:
+        wait_ready(proc)
+        odd = os.fsdecode(bytes(tmp_path) + b"/rep\xfft.txt")
+        with open(os.fsencode(odd), "wb") as f:
+            f.write(b"the file's bytes")
+        res = subprocess.run(
+            [sys.executable, "-m", "cli.pttctl", "--data-dir", str(d), "put", "/files/r", odd],
+            capture_output=True,
+            timeout=30,
+        )
+        assert res.returncode == 0, res.stderr
+        assert pttctl(d, "get", "/files/r").stdout == b"the file's bytes"
+        res = subprocess.run(
+            [sys.executable, "-m", "cli.pttctl", "--data-dir", str(d), "--json", "put", os.fsdecode(b"/bad\xff")],
+            capture_output=True,
+            timeout=30,
+        )
+        assert res.returncode == 1 and b"Traceback" not in res.stderr
+        assert "not valid UTF-8" in json.loads(res.stdout)["error"]
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
