@@ -420,7 +420,7 @@ class Node:
         try:
             if t == "want":
                 # each hash read once, however often it is named
-                blocks, missing = await self.db(self.store.get_blocks, list(dict.fromkeys(msg["hashes"])))
+                blocks, missing = await self.db(self.store.get_blocks, list(dict.fromkeys(msg["hashes"])), ANSWER_BYTES)
                 return {"t": "blocks", "id": msg["id"], "blocks": _fit(blocks, missing), "missing": missing}
             if t == "get":
                 blocks, missing = await self.db_quick(self._path_blocks, msg["root"], msg["path"])
@@ -787,12 +787,16 @@ class Node:
                 f.notify()
 
     def _best_offer(self, f: Follow) -> tuple[Peer, Offer] | None:
-        best = None
+        # The newest; of equals, one that is not the commit held (at the held seq, that
+        # is a fork's evidence: picked before the offers of the held one clear them all).
+        best, best_rank = None, None
         for p, o in f.offers.items():
             if p.reason or p.conn.closed:
                 continue
-            if best is None or o.commit.seq > best[1].commit.seq:
-                best = (p, o)
+            sc = o.commit
+            rank = (sc.seq, not (sc.seq == f.local_seq and sc.address == f.local_hash))
+            if best is None or rank > best_rank:
+                best, best_rank = (p, o), rank
         if best is None:
             return None
         sc = best[1].commit

@@ -89,10 +89,16 @@ class Connection:
 
     # --- frames ---------------------------------------------------------------------
 
-    async def _send_raw(self, payload: bytes) -> None:
-        data = encode_frame(payload, MAX_FRAME + TAGLEN)
+    async def _send_raw(self, payload: bytes, seal=None) -> None:
+        """One frame of ``payload`` (``seal``: encrypting it first). A sender cancelled
+        while waiting for its turn sends nothing and uses nothing; once its turn comes,
+        the frame is sealed (its nonce taken) and goes out whole, however the sender is
+        cancelled meanwhile (within ``send_timeout``): a frame skipped or cut off would
+        leave the peer unable to read any frame after it, and the session would end for
+        every repository on it."""
         async with self._send_lock:
-            with trio.move_on_after(self.cfg.send_timeout) as scope:
+            data = encode_frame(seal(b"", payload) if seal is not None else payload, MAX_FRAME + TAGLEN)
+            with trio.CancelScope(shield=True), trio.move_on_after(self.cfg.send_timeout) as scope:
                 try:
                     await self.stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -141,7 +147,7 @@ class Connection:
         payload = messages.encode(msg)
         if len(payload) > MAX_FRAME:
             raise WireError(f"refusing to send a {msg.get('t')} message of {len(payload)} bytes (over the frame limit)")
-        await self._send_raw(self._send.encrypt(b"", payload))
+        await self._send_raw(payload, self._send.encrypt)
 
     async def receive(self) -> dict:
         frame = await self._read_frame()

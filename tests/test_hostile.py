@@ -380,3 +380,62 @@ async def test_a_peers_words_are_quoted_in_the_log(trio_and_three, caplog):
     assert not any("\n" in r.getMessage() for r in caplog.records if r.name.startswith("pttd"))
     assert _logged(caplog, "'bye\\n2026-11-26")
     await conn.aclose()
+
+
+async def test_a_cancelled_send_leaves_the_session_readable():
+    """A send sealed its frame (taking a nonce) before waiting for its turn: cancelled
+    while waiting (an unfollow in the middle of a sync, a client gone), it sent nothing,
+    the peer failed to decrypt every later frame, and the session ended for every
+    repository on it. A send cancelled in the middle of writing a large frame must not
+    cut it off either."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    accepted: list[Connection] = []
+    ready = trio.Event()
+
+    async def handler(stream):
+        c = Connection(stream, WireConfig(), "server")
+        await c.establish(SigningKey.generate(), initiator=False, mode="node")
+        accepted.append(c)
+        ready.set()
+        await trio.sleep_forever()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, handler, listeners)
+            client = Connection(await trio.open_tcp_stream("127.0.0.1", port), WireConfig(), "client")
+            await client.establish(SigningKey.generate(), initiator=True, mode="node")
+            await ready.wait()
+            server = accepted[0]
+            # 1. cancelled while another send holds the connection
+            release = trio.Event()
+
+            async def busy_sender():
+                async with client._send_lock:
+                    await release.wait()
+
+            nursery.start_soon(busy_sender)
+            await wait_for(client._send_lock.locked)
+            with trio.move_on_after(0.1) as waited:
+                await client.send({"t": "ping", "id": 1})
+            assert waited.cancelled_caught
+            release.set()
+            await client.send({"t": "ping", "id": 2})
+            assert (await server.receive())["id"] == 2
+            # 2. cancelled while a large frame is being written to a peer not reading yet
+            big = {"t": "blocks", "id": 3, "blocks": [os.urandom(1 << 20) for _ in range(3)], "missing": []}
+            received = []
+
+            async def late_reader():
+                await trio.sleep(0.5)
+                for _ in range(2):
+                    received.append(await server.receive())
+
+            nursery.start_soon(late_reader)
+            with trio.move_on_after(0.1):
+                await client.send(big)
+            await client.send({"t": "ping", "id": 4})
+            await wait_for(lambda: len(received) == 2)
+            assert received[0]["id"] == 3 and received[0]["blocks"] == big["blocks"]
+            assert received[1]["id"] == 4
+            nursery.cancel_scope.cancel()

@@ -682,3 +682,25 @@ def test_a_gc_whose_vacuum_fails_says_its_blocks_are_deleted(tmp_path, capsysbin
     out = capsysbinary.readouterr().out
     assert b"pruned 2 versions, removed 3 blocks" in out
     assert b"rebuilding it failed (database or disk is full)" in out
+
+
+def test_blocks_asked_for_are_read_only_as_far_as_one_answer_carries(tmp_path):
+    """A peer's want of 4,096 large blocks made the store thread read and hash all of
+    them (120 MB in 0.2 s, every other read waiting) for one answer of 4 MiB."""
+    from blake3 import blake3
+
+    store = Store(str(tmp_path / "s.sqlite3"), create=True)
+    blocks = [os.urandom(1 << 20) for _ in range(6)]
+    rows = [(blake3(b).digest(), b) for b in blocks]
+    store.put_fetched(rows, [])
+    unknown = [os.urandom(32), os.urandom(32)]
+    asked = [rows[0][0], unknown[0]] + [h for h, _ in rows[1:]] + [unknown[1]]
+    before = store.blocks_read
+    got, missing = store.get_blocks(asked, budget=(3 << 20) + (1 << 19))
+    assert got == blocks[:3] and missing == unknown  # the rest: asked again, neither sent nor missing
+    assert store.blocks_read - before == 3
+    got, missing = store.get_blocks([h for h, _ in rows[3:]], budget=1000)
+    assert got == blocks[3:4] and missing == []  # one at least, however large
+    got, missing = store.get_blocks(asked)  # no budget: all
+    assert got == blocks and missing == unknown
+    store.close()

@@ -372,3 +372,25 @@ async def test_gc_waits_for_a_value_being_read_through_the_daemon(tmp_path):
                 assert not gc_done.is_set()  # waiting for the read
                 release.set()
         assert gc_done.is_set() and b"".join(got) == old
+
+
+def test_a_different_commit_at_the_held_seq_is_not_dropped_with_the_held_ones():
+    """Offers of the held head cleared every offer, a different commit at the same seq
+    (a fork's evidence) too, when one of the held head came first."""
+    from types import SimpleNamespace
+
+    from pttd.node import Follow, Node, Offer
+
+    class FakePeer:
+        reason = None
+        conn = SimpleNamespace(closed=False)
+
+    f = Follow(key=b"k" * 32, prefixes=["/"], peers=[])
+    f.local_seq, f.local_hash = 10, b"A" * 32
+    same, other = FakePeer(), FakePeer()
+    f.offers[same] = Offer(SimpleNamespace(seq=10, address=b"A" * 32), {})
+    f.offers[other] = Offer(SimpleNamespace(seq=10, address=b"B" * 32), {})
+    best = Node._best_offer(None, f)
+    assert best is not None and best[0] is other  # synced next: the fork is recorded
+    del f.offers[other]
+    assert Node._best_offer(None, f) is None and f.offers == {}  # only the held one: nothing to do
