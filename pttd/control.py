@@ -241,7 +241,7 @@ class ControlServer:
 
                 nursery.start_soon(pump)
                 try:  # its error is raised outside the nursery: a user's error, not a group
-                    outcome.append(await node.sync_once(key, args.get("peers") or [], timeout, progress))
+                    outcome.append(await node.sync_once(key, args.get("peers") or [], timeout, progress, rewalk=True))
                 except USER_ERRORS as exc:
                     outcome.append(exc)
                 nursery.cancel_scope.cancel()

@@ -53,6 +53,11 @@ CLEAN_ENDS = ("peer closed the connection",)  # not worth a warning
 ANSWER_BYTES = MAX_FRAME - (64 << 10)  # room for the message's own fields
 
 
+def _widens(old: list[str], new: list[str]) -> bool:
+    """Whether prefixes ``new`` cover a path that ``old`` do not."""
+    return any(not any(p.startswith(o) for o in old) for p in new)
+
+
 def _fit(blocks: list[bytes], missing: list[bytes]) -> list[bytes]:
     """The first blocks that fit in one answer; the asker asks again for the rest."""
     total = len(missing) * 34
@@ -93,6 +98,9 @@ class Follow:
     scope: trio.CancelScope | None = None
     row: object = None  # the store's RepoRow, once looked up
     found: set[str] = field(default_factory=set)  # addresses the hubs gave for it (dialed, at most MAX_FOUND)
+    # The held commit is to be walked again (its prefixes widened, or an explicit sync):
+    # a head equal to it is synced, not skipped, and what the prefixes cover is fetched.
+    rewalk: bool = False
 
     def notify(self) -> None:
         self.changed.set()
@@ -564,7 +572,10 @@ class Node:
         f = self.follows.get(key)
         if f is not None and f.persistent and persistent:
             dropped = set(f.peers) - set(peers) if replace_peers else set()
+            widened = _widens(f.prefixes, prefixes or ["/"])
             f.prefixes = prefixes or ["/"]
+            if widened and f.local_seq is not None:
+                f.rewalk = True  # the head held lacks what the new prefixes cover
             f.peers = sorted(set(peers)) if replace_peers else sorted(set(f.peers) | set(peers))
             self._stop_unneeded(dropped)
             await self.db(self.store.set_follow, key, f.prefixes, f.peers)
@@ -757,7 +768,7 @@ class Node:
             f.no_head.add(peer)
             f.notify()
             return
-        if f.local_seq == sc.seq and f.local_hash == sc.address:
+        if f.local_seq == sc.seq and f.local_hash == sc.address and not f.rewalk:
             f.no_head.add(peer)  # nothing newer there
             f.notify()
             return
@@ -800,7 +811,8 @@ class Node:
         if best is None:
             return None
         sc = best[1].commit
-        if f.local_seq is not None and (sc.seq < f.local_seq or (sc.seq == f.local_seq and sc.address == f.local_hash)):
+        held = sc.seq == f.local_seq and sc.address == f.local_hash and not f.rewalk
+        if f.local_seq is not None and (sc.seq < f.local_seq or held):
             f.no_head.update(f.offers)  # they answered: nothing newer there (sync_once waits for that)
             f.offers.clear()
             return None
@@ -820,7 +832,9 @@ class Node:
                 if f.row is None:
                     f.row = await self.db(self._repo_row, key)
                 row = f.row
-                if f.local_seq != sc.seq:  # same seq, other commit: fork evidence, nothing to fetch
+                # same seq, other commit: fork evidence, nothing to fetch (the same commit:
+                # walked again for what widened prefixes cover)
+                if f.local_seq != sc.seq or sc.address == f.local_hash:
                     w = self.cfg.wire
                     fetcher = Fetcher(
                         self.store,
@@ -875,6 +889,7 @@ class Node:
         old_root = f.local_root
         f.local_seq, f.local_hash, f.local_root = sc.seq, sc.address, sc.commit.root
         f.state = "synced"
+        f.rewalk = False  # walked with the prefixes as they are now
         f.last_sync = time.time()
         for hook in self.synced_hooks:
             try:
@@ -1065,14 +1080,20 @@ class Node:
 
     # --- one-shot sync --------------------------------------------------------------
 
-    async def sync_once(self, key: bytes, peers: list[str], timeout: float, progress=None) -> Follow:
-        """Bring ``key`` up to the newest head the connected (and given) peers offer."""
+    async def sync_once(
+        self, key: bytes, peers: list[str], timeout: float, progress=None, rewalk: bool = False
+    ) -> Follow:
+        """Bring ``key`` up to the newest head the connected (and given) peers offer.
+        ``rewalk``: and fetch what the held version lacks under the prefixes (a sync
+        asked for by hand: a widening before a restart is completed so)."""
         f = self.follows.get(key)
         if f is None:
             f = await self.follow(key, [], peers, persistent=False)
         else:
             for a in peers:
                 self.ensure_dial(a)
+            if rewalk and f.local_seq is not None:
+                f.rewalk = True
         # ask every session afresh, so that the answer reflects what they hold now
         f.no_head.clear()
         await self._resubscribe(f)

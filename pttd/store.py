@@ -904,7 +904,9 @@ class Store:
             head = self.head_seq(repo)
             if head is not None:
                 held = self._commit_row(repo, sc.seq)
-                if held == sc.address:
+                if held == sc.address:  # walked again (prefixes widened): what it completed
+                    if complete:
+                        self._clear_partial(complete)
                     return sc
                 if held is not None:
                     fork = f"repository {repo.key.hex()} signed two different commits at seq {sc.seq}"

@@ -394,3 +394,51 @@ def test_a_different_commit_at_the_held_seq_is_not_dropped_with_the_held_ones():
     assert best is not None and best[0] is other  # synced next: the fork is recorded
     del f.offers[other]
     assert Node._best_offer(None, f) is None and f.offers == {}  # only the held one: nothing to do
+
+
+async def test_widening_a_follow_fetches_what_the_new_prefixes_cover_without_a_new_commit(tmp_path):
+    """A follow's prefixes widened (a replicator pinning a repository followed sparsely,
+    a gateway adding the envelopes' prefix) fetched nothing until the owner committed
+    again: peers answered with the head already held. Nor did pttctl sync."""
+
+    def friends_held(d, key: str) -> int:
+        def count():
+            repo = d.node.dd.repository(key)
+            n = 0
+            for path in [f"/friends/{i:04d}" for i in range(300)]:
+                try:
+                    repo.get(path)
+                    n += 1
+                except PttError:
+                    pass
+            return n
+
+        return count
+
+    async with trio.open_nursery() as nursery:
+        a = await start_daemon(nursery, os.path.join(tmp_path, "a"))
+        b = await start_daemon(nursery, os.path.join(tmp_path, "b"))
+        c = await start_daemon(nursery, os.path.join(tmp_path, "c"))
+        await _put_mixed(a)
+        for d in (b, c):
+            await d.call("follow", repo=a.id, peers=[a.address], prefixes=["/topics/"])
+            await wait_for(lambda d=d: d.node.follows[a.node.id].local_seq == 1)
+            assert await d.node.db(friends_held(d, a.id)) == 0
+        # widened while the owner serves: fetched at once, at the same version
+        await b.call("follow", repo=a.id, peers=[a.address], prefixes=["/"])
+        f = b.node.follows[a.node.id]
+        with trio.fail_after(15):
+            while await b.node.db(friends_held(b, a.id)) < 300:
+                await f.changed.wait()
+        assert f.local_seq == 1 and not f.rewalk
+        # widened while the owner is away, then a restart: pttctl sync completes it
+        await a.stop()
+        await c.call("follow", repo=a.id, peers=[a.address], prefixes=["/"])
+        await c.stop()
+        a = await start_daemon(nursery, os.path.join(tmp_path, "a"))
+        c = await start_daemon(nursery, os.path.join(tmp_path, "c"), peers=[a.address])
+        await c.call("sync", repo=a.id, peers=[a.address], timeout=15)
+        assert await c.node.db(friends_held(c, a.id)) == 300
+        assert (await c.call("log", repo=a.id, limit=1))["versions"][0]["version"] == 1
+        for d in (a, b, c):
+            d.daemon.stop()
