@@ -46,8 +46,12 @@ SYNC_MODES = ("FULL", "NORMAL", "EXTRA")
 FLUSH_BLOCKS = 16_000
 FLUSH_BYTES = 16 << 20
 NODE_CACHE = 8192
+# The caches hold at most so many bytes of blocks too: a repository's owner may make
+# nodes of megabytes (a modified client), and a hub syncs whoever joins.
+NODE_CACHE_BYTES = 32 << 20  # decoded nodes, by their blocks' size (honest ones: ~0.5 KB each)
 COMMIT_CACHE = 16384  # checked commits (~0.4 KB each)
 SERVED_CACHE = 2048  # node blocks kept as bytes, for answering peers (~1 MB)
+SERVED_CACHE_BYTES = 8 << 20
 COMPLETE_CACHE = 200_000
 WAL_CHECKPOINT_BYTES = 256 << 20
 
@@ -355,7 +359,10 @@ class Store:
         self.checkpoints = checkpoints
         self._overlay: dict[bytes, bytes] | None = None
         self._nodes: dict[tuple[int, bytes], object] = {}
+        self._node_sizes: dict[tuple[int, bytes], int] = {}
+        self._nodes_bytes = 0
         self._served: dict[bytes, bytes] = {}
+        self._served_bytes = 0
         self._unstored: dict[bytes, bytes] = {}  # hold_unstored
         self._commits: dict[bytes, SignedCommit] = {}
         # Addresses known to be stored with their whole subtree (so a sync skips them
@@ -672,10 +679,14 @@ class Store:
         data = self._served.get(address)
         if data is None:
             data = self.get_block(address)
-            if len(self._served) >= SERVED_CACHE:
-                for k in list(self._served)[: SERVED_CACHE // 4]:
-                    self._served.pop(k, None)
-            self._served[address] = data
+            if len(self._served) >= SERVED_CACHE or self._served_bytes + len(data) > SERVED_CACHE_BYTES:
+                for k in list(self._served)[: max(1, len(self._served) // 4)]:
+                    old = self._served.pop(k, None)
+                    if old is not None:
+                        self._served_bytes -= len(old)
+            if len(data) <= SERVED_CACHE_BYTES // 8:
+                self._served[address] = data
+                self._served_bytes += len(data)
         return self._decoded(address, KIND_NODE, decode_node, data), data
 
     def _decoded(self, address: bytes, kind: int, decode, data: bytes | None = None):
@@ -690,21 +701,29 @@ class Store:
             node = decode(data[1:])
         except FormatError as exc:
             raise CorruptBlock(address, str(exc)) from None
-        self._cache_node((kind, address), node)
+        self._cache_node((kind, address), node, len(data))
         return node
 
-    def _cache_node(self, key: tuple[int, bytes], node) -> None:
-        if len(self._nodes) >= NODE_CACHE:
+    def _cache_node(self, key: tuple[int, bytes], node, size: int) -> None:
+        if size > NODE_CACHE_BYTES // 16:
+            return  # not one that crowds out hundreds of others
+        if len(self._nodes) >= NODE_CACHE or self._nodes_bytes + size > NODE_CACHE_BYTES:
             # Drop the oldest quarter: nodes are immutable, so a miss only costs a read.
             # (pop: the event loop may remember a node while the store thread evicts)
-            for k in list(self._nodes)[: NODE_CACHE // 4]:
-                self._nodes.pop(k, None)
+            for k in list(self._nodes)[: max(1, len(self._nodes) // 4)]:
+                if self._nodes.pop(k, None) is not None:
+                    self._nodes_bytes -= self._node_sizes.pop(k, 0)
+        if key not in self._nodes:
+            self._nodes_bytes += size
+        else:
+            self._nodes_bytes += size - self._node_sizes.get(key, 0)
         self._nodes[key] = node
+        self._node_sizes[key] = size
 
     def remember_node(self, address: bytes, node: Node) -> None:
         """A node this process just made or fetched and checked (and is storing): kept
-        decoded for the next read."""
-        self._cache_node((KIND_NODE, address), node)
+        decoded for the next read (weighed by an estimate of its block's size)."""
+        self._cache_node((KIND_NODE, address), node, 40 * len(node.keys) + sum(map(len, node.keys)))
 
     def load_node(self, address: bytes) -> Node:
         return self._decoded(address, KIND_NODE, decode_node)
@@ -714,7 +733,10 @@ class Store:
 
     def drop_cache(self) -> None:
         self._nodes.clear()
+        self._node_sizes.clear()
+        self._nodes_bytes = 0
         self._served.clear()
+        self._served_bytes = 0
 
     def block_stats(self) -> tuple[int, int]:
         """(number of blocks, total bytes)."""
@@ -995,8 +1017,7 @@ class Store:
             part = dead[i : i + 5000]
             self._db.execute(f"DELETE FROM blocks WHERE id IN ({','.join('?' * len(part))})", part)
         self._db.execute("DELETE FROM partial WHERE hash NOT IN (SELECT hash FROM blocks)")
-        self._nodes.clear()
-        self._served.clear()
+        self.drop_cache()
         self.known_complete = set()
         return len(dead), freed
 

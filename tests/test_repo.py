@@ -704,3 +704,33 @@ def test_blocks_asked_for_are_read_only_as_far_as_one_answer_carries(tmp_path):
     got, missing = store.get_blocks(asked)  # no budget: all
     assert got == blocks and missing == unknown
     store.close()
+
+
+def test_the_caches_of_nodes_hold_a_bounded_number_of_bytes(tmp_path, monkeypatch):
+    """The caches counted nodes, not bytes: 8,192 decoded nodes and 2,048 served blocks
+    of a repository whose owner made nodes of megabytes (a hub syncs whoever joins)
+    could hold gigabytes."""
+    import pttd.store as store_mod
+    from protocol import tree
+
+    monkeypatch.setattr(store_mod, "NODE_CACHE_BYTES", 1 << 20)
+    monkeypatch.setattr(store_mod, "SERVED_CACHE_BYTES", 1 << 20)
+    dd = DataDir.init(str(tmp_path / "d"))
+    repo = dd.repository()
+    roots = []
+    for n in range(12):  # one large leaf per version: 400 keys without a cut, ~40 KB
+        with repo.batch() as b:
+            for i in range(400):
+                key = f"/big{n}/{'x' * 60}{i:04d}"
+                if tree.key_level(key.encode()) == 0:
+                    b.put(key, b"v")
+        roots.append(repo.head().commit.root)
+    store = dd.store
+    store.drop_cache()
+    for root in roots:
+        for address in tree.path_nodes(root, b"/big", store.load_node):
+            store.node_block(address)
+    assert store._nodes_bytes <= 1 << 20 and store._served_bytes <= 1 << 20
+    assert sum(len(b) for b in store._served.values()) == store._served_bytes
+    assert len(store._nodes) >= 1  # still caching
+    dd.close()
