@@ -51,6 +51,11 @@ QUICK_BYTES = 256 << 10  # ... and of at most this many bytes
 STORE_LATER_DELAY = 0.05  # s: blocks of on-demand reads wait this long to be stored together
 CLEAN_ENDS = ("peer closed the connection",)  # not worth a warning
 ANSWER_BYTES = MAX_FRAME - (64 << 10)  # room for the message's own fields
+# A sync slower than this over a check's interval gives way to another peer offering
+# as new a head (what it fetched is kept: the next sync resumes). A peer answering each
+# request just inside request_timeout held a repository's only sync for good.
+SLOW_SYNC_CHECK = 10.0  # seconds
+SLOW_SYNC_BYTES = 16 << 10  # per second
 
 
 def _widens(old: list[str], new: list[str]) -> bool:
@@ -818,6 +823,39 @@ class Node:
             return None
         return best
 
+    async def _fetch_unless_slow(self, f: Follow, peer: Peer, sc, fetcher: Fetcher) -> None:
+        """The fetch of ``sc``'s tree from ``peer``, given up (FetchError) when it is slower
+        than SLOW_SYNC_BYTES a second over SLOW_SYNC_CHECK seconds while another peer
+        offers a head as new."""
+        slow = False
+        fetch, watching = trio.CancelScope(), trio.CancelScope()
+
+        async def watch() -> None:  # beside the fetch, whose errors so reach the caller as they are
+            nonlocal slow
+            with watching:
+                done = fetcher.stats.bytes
+                while True:
+                    await trio.sleep(SLOW_SYNC_CHECK)
+                    rate = (fetcher.stats.bytes - done) / SLOW_SYNC_CHECK
+                    done = fetcher.stats.bytes
+                    other = any(o.commit.seq >= sc.seq and p is not peer and not p.reason for p, o in f.offers.items())
+                    if rate < SLOW_SYNC_BYTES and other:
+                        slow = True
+                        fetch.cancel()
+                        return
+
+        self._nursery.start_soon(watch)
+        try:
+            with fetch:
+                await fetcher.run([Need(sc.commit.root, KIND_NODE)], store_last=False)
+        finally:
+            watching.cancel()
+        if slow:
+            raise FetchError(
+                f"slower than {SLOW_SYNC_BYTES // 1024} KiB/s for {SLOW_SYNC_CHECK:g} s while another peer offers "
+                "as new a version: left for that one"
+            )
+
     async def _sync_offer(self, f: Follow, peer: Peer, offer: Offer) -> None:
         sc = offer.commit
         key = f.key
@@ -850,7 +888,7 @@ class Node:
                     )
                     f.progress = fetcher.stats
                     try:
-                        await fetcher.run([Need(sc.commit.root, KIND_NODE)], store_last=False)
+                        await self._fetch_unless_slow(f, peer, sc, fetcher)
                     finally:
                         f.fetched_blocks += fetcher.stats.blocks
                         f.fetched_bytes += fetcher.stats.bytes

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
 import trio
 
 import pttd.fetch
+import pttd.node
 import pttd.peer
 import pttd.store
 from pttd.errors import PttError
@@ -442,3 +444,51 @@ async def test_widening_a_follow_fetches_what_the_new_prefixes_cover_without_a_n
         assert (await c.call("log", repo=a.id, limit=1))["versions"][0]["version"] == 1
         for d in (a, b, c):
             d.daemon.stop()
+
+
+async def test_a_peer_that_answers_slowly_gives_way_to_one_offering_the_same_version(tmp_path, monkeypatch, caplog):
+    """A relay holding the newest head, answering each want with one block just inside
+    request_timeout, held the repository's only sync for good (about a block a
+    minute), an honest peer's offer of the same head waiting behind it."""
+    from nacl.signing import SigningKey
+
+    from pttd.config import WireConfig
+    from pttd.wire import Connection
+
+    monkeypatch.setattr(pttd.node, "SLOW_SYNC_CHECK", 1.0)
+    caplog.set_level(logging.INFO, "pttd")
+    async with daemons(tmp_path, 2, request_timeout=3.0) as (a, b):
+        await _put_many(a, 3000, size=200)
+        node = a.node
+
+        async def trickle(stream):
+            conn = Connection(stream, WireConfig(), "trickler")
+            await conn.establish(SigningKey.generate(), initiator=False, mode="node")
+            async with trio.open_nursery() as n:
+                while True:
+                    msg = await conn.receive()
+                    if msg["t"] == "sub":
+                        await conn.send(await node.db(node._head_message, msg["repo"], False))
+                    elif msg["t"] == "ping":
+                        await conn.send({"t": "pong", "id": msg["id"]})
+                    elif msg["t"] == "want":
+
+                        async def slow(m=msg):
+                            await trio.sleep(2.5)  # just inside request_timeout, one block
+                            blocks, _ = await node.db(node.store.get_blocks, m["hashes"][:1])
+                            await conn.send({"t": "blocks", "id": m["id"], "blocks": blocks, "missing": []})
+
+                        n.start_soon(slow)
+
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        async with trio.open_nursery() as n:
+            n.start_soon(trio.serve_listeners, trickle, listeners)
+            fake = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+            await b.call("follow", repo=a.id, peers=[fake])
+            f = b.node.follows[a.node.id]
+            await wait_for(lambda: f.state == "syncing")
+            await b.call("follow", repo=a.id, peers=[a.address])  # an honest peer with the same head
+            await wait_for(lambda: f.local_seq == 1, timeout=20)
+            assert await _tree_of(b, a.id) == await _tree_of(a, a.id)
+            assert any("left for that one" in r.getMessage() for r in caplog.records)
+            n.cancel_scope.cancel()
