@@ -303,6 +303,14 @@ def _print_follow(f: dict, out) -> None:
     print(f"{f['repository']}  {f['state']:<8} version {v}  lag {lag}  {prefixes}{extra}", file=out)
 
 
+def _write_fully(fd: int, data: bytes) -> None:
+    """All of ``data`` to ``fd``, then to the disk."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
+
+
 def run(args: argparse.Namespace) -> commands.Result:
     data_dir = args.data_dir or default_data_dir()
     if args.command == "init":
@@ -441,19 +449,29 @@ def _chat_call(client: ControlClient, args: argparse.Namespace) -> dict:
             return client.call("user_passwd", {"name": args.name, "password": password})
         if args.user_command == "export":
             passphrase = _passphrase(args.passphrase_env, confirm=True)
-            try:  # made first: a user is never marked moved without their file written
+            try:  # made first: no user is marked moved for a file that cannot even be created
                 fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except OSError as exc:
                 raise PttError(f"cannot create {args.output}: {exc.strerror}") from None
-            with os.fdopen(fd, "w") as f:
-                try:
-                    res = client.call("user_export", {"name": args.name, "passphrase": passphrase, "keep": args.keep})
-                except BaseException:
-                    os.unlink(args.output)
-                    raise
-                f.write(json.dumps(res["account"], indent=1) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                res = client.call("user_export", {"name": args.name, "passphrase": passphrase, "keep": args.keep})
+            except BaseException:
+                os.close(fd)
+                os.unlink(args.output)
+                raise
+            try:
+                _write_fully(fd, (json.dumps(res["account"], indent=1) + "\n").encode())
+            except OSError as exc:  # a full disk, say
+                os.close(fd)
+                os.unlink(args.output)
+                moved = (
+                    ". The user is marked moved already (their writes here are refused): run the export "
+                    "again where it can be written (it writes the same account)"
+                    if res["moved"]
+                    else ""
+                )
+                raise PttError(f"cannot write {args.output}: {exc.strerror or exc}{moved}") from None
+            os.close(fd)
             return {"name": res["name"], "key": res["key"], "file": args.output, "moved": res["moved"]}
         if args.user_command == "import":
             try:

@@ -71,6 +71,22 @@ async def test_export_on_one_gateway_import_on_another(tmp_path, monkeypatch):
             assert stat.S_IMODE(os.stat(file).st_mode) == 0o600
             doc = json.load(open(file))
             assert doc["key"] == alice and "seed" not in json.dumps(doc)  # the secret is sealed
+            # a write that fails (a full disk) leaves no half file, and says what to do
+            import errno
+
+            import cli.pttctl
+
+            def full_disk(fd, data):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            again = str(tmp_path / "again.account")
+            with monkeypatch.context() as m:
+                m.setattr(cli.pttctl, "_write_fully", full_disk)
+                code, _, err = await run_pttctl(
+                    g1, "user", "export", "test:alice", "-o", again, "--passphrase-env", "PTT_TEST_PASSPHRASE"
+                )
+            assert code == 1 and "No space left" in err and "run the export again" in err, err
+            assert not os.path.exists(again)
             # the file is never overwritten
             code, _, err = await run_pttctl(
                 g1, "user", "export", "test:alice", "-o", file, "--passphrase-env", "PTT_TEST_PASSPHRASE"
