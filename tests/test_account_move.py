@@ -230,3 +230,27 @@ async def test_direct_messages_reach_the_old_homes_users_after_a_move(tmp_path):
                 await trio.sleep(0.05)
             while texts(result(await g2.web.get("/dm", headers=ha2))) != want:
                 await trio.sleep(0.05)
+
+
+async def test_a_name_taken_while_the_repository_is_brought_is_a_conflict(tmp_path, monkeypatch):
+    """The name was checked before the repository was brought (up to a minute); a
+    registration of it meanwhile made the import fail on the store's constraint, after
+    the gateway had stopped following the repository."""
+    async with gateway(tmp_path, "g1") as g1, gateway(tmp_path, "g2", peers=[g1.address]) as g2:
+        await login(g1.web, "dave")
+        res = await g1.call("user_export", name="test:dave", passphrase=PASSPHRASE, keep=True)
+        key = bytes.fromhex(res["key"])
+        await g2.gateway.node.follow(key, ["/topics/__gossiping/"], [g1.address])  # a friend's envelopes
+        real = g2.gateway.node.sync_once
+
+        async def meanwhile(*args, **kwargs):
+            f = await real(*args, **kwargs)
+            await g2.gateway.add_user("dave", "someone else's password", None)
+            return f
+
+        monkeypatch.setattr(g2.gateway.node, "sync_once", meanwhile)
+        with pytest.raises(Exception, match="already exists here"):
+            await g2.call("user_import", account=res["account"], passphrase=PASSPHRASE, name="dave")
+        f = g2.gateway.node.follows.get(key)
+        assert f is not None and f.persistent and f.prefixes == ["/topics/__gossiping/"]  # followed as before
+        assert [u["name"] for u in await g2.gateway.list_users()] == ["dave"]

@@ -640,10 +640,15 @@ class Gateway:
                     f"the peers serve repository {key.hex()} up to version {f.local_seq}, the file says "
                     f"{head} was signed: taking it in now would fork it (give --peer of its old gateway)"
                 ) from None
+        before = self.node.follows.get(key)
+        kept = (list(before.prefixes), list(before.peers)) if before is not None and before.persistent else None
         await self.node.unfollow(key)  # hosted from now on: this daemon signs its versions
 
         def take_in() -> None:
             with self.store.write():
+                # the name may have been taken while the repository was brought
+                if self.store.query("SELECT 1 FROM gw_users WHERE name=? AND repo!=?", (name, key)):
+                    raise Conflict(f"user {name!r} already exists here (made while the repository was brought)")
                 self.store.execute("UPDATE repos SET owned=1 WHERE key=?", (key,))
                 self.store.execute("DELETE FROM gw_users WHERE repo=?", (key,))
                 self.store.execute(
@@ -652,7 +657,12 @@ class Gateway:
                 )
                 self.store.execute("DELETE FROM gw_moved WHERE repo=?", (key,))
 
-        await self.node.db(take_in)
+        try:
+            await self.node.db(take_in)
+        except Conflict:
+            if kept is not None:  # followed as before (a friend's envelopes, say)
+                await self.node.follow(key, *kept)
+            raise
         self._moved.discard(key)
         self._users.pop(key, None)
         u = await self.user(key)
