@@ -58,6 +58,7 @@ class GatewayConfig:
     http_max_per_address: int = 256  # of them from one client address (0: no limit; behind a proxy, raise it)
     max_body: int = 1 << 20  # bytes of one request body
     max_file: int = 16 << 20  # bytes of one file attached to a message (POST /files)
+    bodies_in_memory: int = 256 << 20  # bytes of request bodies held at once, all requests together (503 past it)
     hub_url: str = ""  # the hub's HTTP address the web client shows topics from, e.g. http://hub.example:9989
     group_max: int = 256  # writes of many users sharing one store transaction
     writer: str = "process"  # where writes are built: "process" (a second core) or "thread"
@@ -306,6 +307,8 @@ def validate(cfg: Config, where: str = "settings") -> None:
         raise ConfigError(f"{where}: [gateway] login_window must be positive")
     if g.writer not in ("process", "thread"):
         raise ConfigError(f"{where}: [gateway] writer {g.writer!r} is not one of process, thread")
+    if g.bodies_in_memory < max(g.max_body, g.max_file):
+        raise ConfigError(f"{where}: [gateway] bodies_in_memory must be at least max_body and max_file")
     if g.http_max_per_address < 0:
         raise ConfigError(f"{where}: [gateway] http_max_per_address must not be negative (0: no limit)")
     for name in (

@@ -69,6 +69,18 @@ class TooMany(PttError):
         return (TooMany, (str(self), self.retry_after))
 
 
+class Busy(PttError):
+    """The daemon cannot take this request now (HTTP 503, with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.headers = {"Retry-After": str(retry_after)}
+
+    def __reduce__(self):
+        return (Busy, (str(self), self.retry_after))
+
+
 class ServerError(PttError):
     """A failure of the daemon, not of the request (HTTP 500)."""
 

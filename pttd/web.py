@@ -4,7 +4,8 @@ answer 405 themselves, and the Starlette app around them (404 as JSON, CORS)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -17,7 +18,7 @@ from starlette.routing import Route
 from protocol.errors import FormatError, PathError
 
 from . import jsonvalue
-from .errors import USER_ERRORS, Conflict, Forbidden, NotFound, ServerError, TooLarge, TooMany, Unauthorized
+from .errors import USER_ERRORS, Busy, Conflict, Forbidden, NotFound, ServerError, TooLarge, TooMany, Unauthorized
 from .jsonvalue import parse_json
 
 log = logging.getLogger("pttd.http")
@@ -30,6 +31,7 @@ _STATUS = (
     (Conflict, 409),
     (TooLarge, 413),
     (TooMany, 429),
+    (Busy, 503),
     (ServerError, 500),
 )
 
@@ -44,17 +46,55 @@ def status_of(exc: BaseException) -> int:
     return 400
 
 
-async def read_bytes(request, limit: int, what: str = "the request body") -> bytes:
+class BodyBudget:
+    """The bytes of request bodies held in memory at once, over all requests: each
+    connection may send up to its limit, but not all at once (1,024 connections of
+    16 MiB files would be 16 GiB)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+    @contextmanager
+    def reservation(self) -> Iterator[_Reservation]:
+        """What one request takes, given back when it is done with its body."""
+        r = _Reservation(self)
+        try:
+            yield r
+        finally:
+            self.used -= r.taken
+
+
+class _Reservation:
+    def __init__(self, budget: BodyBudget):
+        self.budget = budget
+        self.taken = 0
+
+    def take(self, n: int) -> None:
+        b = self.budget
+        if b.used + n > b.limit:
+            raise Busy("the server holds as many request bodies as it takes at once: try again shortly")
+        b.used += n
+        self.taken += n
+
+
+async def read_bytes(request, limit: int, what: str = "the request body", held: _Reservation | None = None) -> bytes:
     """A request's body, refused (413) past ``limit`` bytes: by its Content-Length before
-    reading any of it, else counted as it arrives."""
+    reading any of it, else counted as it arrives. With ``held``: taken from a budget
+    of bytes in memory (503 when it is spent), by the Content-Length or as it arrives."""
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
+    known = length is not None and length.isdigit()
+    if known and int(length) > limit:
         raise TooLarge(f"{what} is larger than {limit} bytes")
+    if known and held is not None:
+        held.take(int(length))
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)
         if total > limit:
             raise TooLarge(f"{what} is larger than {limit} bytes")
+        if held is not None and not known:
+            held.take(len(chunk))
         chunks.append(chunk)
     return b"".join(chunks)
 

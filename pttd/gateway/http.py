@@ -773,8 +773,8 @@ async def health(gw: Gateway, request: Request, data, user):
 # --- plumbing ----------------------------------------------------------------------------
 
 
-async def _read_body(request: Request, limit: int):
-    raw = await read_bytes(request, limit)
+async def _read_body(request: Request, limit: int, held=None):
+    raw = await read_bytes(request, limit, held=held)
     if not raw.strip():
         raise BadInput("body", 'is empty: send {"data": ...}')
     try:
@@ -816,16 +816,17 @@ def _endpoint(gw: Gateway, ops: dict[str, Op]):
 
         async def call():
             user = await gw.authenticate(_token(request)) if op.auth else None
-            if op.raw:
-                data = await read_bytes(request, gw.cfg.max_file, "the file")
-            else:
-                data = await _read_body(request, gw.cfg.max_body) if op.body is not None else None
-            params = dict(request.path_params)
-            if "topic" in params:
-                params["topic"] = chat.check_id(params["topic"], "topic", topic=True)
-            if "post" in params:
-                params["post"] = chat.check_id(params["post"], "post")
-            return await op.handler(gw, request, data, user, **params)
+            with gw.bodies.reservation() as held:  # the body's bytes, until its call is done
+                if op.raw:
+                    data = await read_bytes(request, gw.cfg.max_file, "the file", held)
+                else:
+                    data = await _read_body(request, gw.cfg.max_body, held) if op.body is not None else None
+                params = dict(request.path_params)
+                if "topic" in params:
+                    params["topic"] = chat.check_id(params["topic"], "topic", topic=True)
+                if "post" in params:
+                    params["post"] = chat.check_id(params["post"], "post")
+                return await op.handler(gw, request, data, user, **params)
 
         return await answer(request, call)
 
@@ -868,7 +869,7 @@ def openapi() -> dict:
         if op.auth:
             codes.append("401")
         if op.body is not None:
-            codes += ["403", "409", "413"]
+            codes += ["403", "409", "413", "503"]
         elif op.method != "GET":
             codes += ["409"]
         for c in sorted(set(codes) | set(op.errors)):

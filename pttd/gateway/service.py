@@ -54,6 +54,7 @@ from ..errors import (
 )
 from ..repo import Repository
 from ..store import Checkpointer
+from ..web import BodyBudget
 from . import account, chat, writes
 from .chat import GOSSIP, BadInput, ChatUser
 from .keys import GatewayKey
@@ -313,6 +314,7 @@ class Gateway:
         self.node = node
         self.store = node.store
         self.cfg = node.cfg.gateway
+        self.bodies = BodyBudget(self.cfg.bodies_in_memory)
         self.key = key
         self._send, self._recv = trio.open_memory_channel[WriteRequest](self.cfg.group_max * 4)
         self._users: OrderedDict[bytes, ChatUser] = OrderedDict()
