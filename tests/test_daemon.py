@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -273,22 +274,21 @@ def test_two_daemons_started_at_once_on_a_new_directory(tmp_path):
     for i in range(3):
         d = tmp_path / f"d{i}"
         procs = [start(d), start(d)]
-        outs = []
         try:
-            for p in procs:
-                try:
-                    _, err = p.communicate(timeout=3)
-                    outs.append((p.returncode, err))
-                except subprocess.TimeoutExpired:
-                    outs.append((None, ""))  # still running: the one that won
+            deadline = time.monotonic() + 30
+            while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+                time.sleep(0.05)  # a process, not an event: polled
+            lost = [p for p in procs if p.poll() is not None]
+            assert len(lost) == 1, [p.returncode for p in procs]
+            won = next(p for p in procs if p is not lost[0])
+            wait_ready(won)
+            _, err = lost[0].communicate(timeout=30)
+            assert lost[0].returncode == 1 and "already running" in err and "Traceback" not in err, err
         finally:
             for p in procs:
                 if p.poll() is None:
                     p.terminate()
                     p.communicate(timeout=30)
-        assert sorted(rc is None for rc, _ in outs) == [False, True], outs
-        (rc, err) = next(o for o in outs if o[0] is not None)
-        assert rc == 1 and "already running" in err and "Traceback" not in err, err
         assert len(os.listdir(d / "keys")) == 1
 
 
