@@ -579,44 +579,38 @@ class Store:
 
     def get_blocks(self, addresses: list[bytes], budget: int | None = None) -> tuple[list[bytes], list[bytes]]:
         """(blocks found, addresses not held), each found block checked against its hash.
-        With ``budget`` (bytes), only the first blocks held that fit in it (one at least)
-        are read: the rest are neither returned nor missing (asked for again). A peer's
-        request for 4,096 blocks of 1 MiB reads what one answer carries, not 4 GiB."""
+        With ``budget`` (bytes), reading stops once the blocks read pass it (one at
+        least): the addresses not read are neither returned nor missing (asked for
+        again). A peer's request for 4,096 blocks of 1 MiB reads about what one answer
+        carries, not 4 GiB. They are read in parts sized by the blocks read so far."""
         found: dict[bytes, bytes] = {}
-        held: dict[bytes, int] = {}
+        asked = addresses
         with self._lock:
-            if budget is None:
-                take = addresses
-            else:  # the sizes first (from each row's header: no value is read)
-                for i in range(0, len(addresses), 900):
-                    part = addresses[i : i + 900]
-                    held.update(
-                        self._db.execute(
-                            f"SELECT hash, length(data) FROM blocks WHERE hash IN ({','.join('?' * len(part))})", part
-                        )
-                    )
-                take, total = [], 0
-                for a in addresses:
-                    size = held.get(a)
-                    if size is not None:
-                        total += size + 5  # and its msgpack header
-                        if take and total > budget:
-                            break
-                        take.append(a)
-            for i in range(0, len(take), 900):
-                part = take[i : i + 900]
+            i, total = 0, 0
+            while i < len(addresses):
+                if budget is None:
+                    n = 900
+                elif not found:
+                    n = 8
+                else:  # as many as the budget left holds, at the average size so far
+                    n = max(1, min(900, int((budget - total) * len(found) / total) + 1))
+                part = addresses[i : i + n]
+                i += len(part)
                 rows = self._db.execute(
                     f"SELECT hash, data FROM blocks WHERE hash IN ({','.join('?' * len(part))})", part
-                )
+                ).fetchall()
                 found.update(rows)
+                total += sum(len(d) + 5 for _, d in rows)  # and each one's msgpack header
+                if budget is not None and total > budget:
+                    asked = addresses[:i]
+                    break
             self.blocks_read += len(found)
         out: list[bytes] = []
         missing: list[bytes] = []
-        for a in addresses:
+        for a in asked:
             data = found.get(a)
             if data is None:
-                if budget is None or a not in held:
-                    missing.append(a)
+                missing.append(a)
             elif blake3(data).digest() != a:
                 log.error("corrupt block %s not served", a.hex())
                 missing.append(a)
