@@ -828,7 +828,13 @@ class Store:
     def _checked_commit(self, repo: RepoRow, row) -> SignedCommit:
         address, block, sig, seq = row
         cached = self._commits.get(address)
-        if cached is not None and cached.signature == sig and cached.block == block and cached.commit.repo == repo.key:
+        if (
+            cached is not None
+            and cached.signature == sig
+            and cached.block == block
+            and cached.commit.repo == repo.key
+            and cached.seq == seq
+        ):
             return cached  # checked when first read (an Ed25519 check costs ~0.1 ms)
         if blake3(block).digest() != address:
             raise CorruptBlock(address, f"commit seq {seq} does not match its hash")

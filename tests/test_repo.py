@@ -205,6 +205,21 @@ def test_flipped_byte_in_a_commit_is_detected(tmp_path, column, problem):
     dd.close()
 
 
+def test_a_commit_moved_to_another_seq_is_detected_though_it_was_read_before(tmp_path):
+    """A commit read once is kept as checked; that copy was taken for any row with its
+    hash, block and signature, whatever seq the row says."""
+    dd = DataDir.init(str(tmp_path / "d"))
+    repo = dd.repository()
+    repo.put("/x", b"1")
+    repo.put("/x", b"2")
+    assert repo.get("/x", version=1) == b"1"  # commit 1 read, checked, kept
+    dd.store.execute("DELETE FROM commits WHERE seq=2")
+    dd.store.execute("UPDATE commits SET seq=2 WHERE seq=1")  # an older version passed off as newer
+    with pytest.raises(CorruptBlock, match="stored as seq 2 says seq 1"):
+        repo.get("/x")
+    dd.close()
+
+
 def test_secret_key_file_is_private(tmp_path):
     dd = DataDir.init(str(tmp_path / "d"))
     key_file = tmp_path / "d" / "keys" / f"{dd.default_repo_id()}.key"
