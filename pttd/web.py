@@ -132,7 +132,11 @@ class JsonAnswer:
         self.headers = headers
 
     async def __call__(self, scope, receive, send) -> None:
-        head = [(b"content-type", b"application/json"), (b"content-length", str(len(self.body)).encode())]
+        head = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(self.body)).encode()),
+            (b"x-content-type-options", b"nosniff"),  # a browser never reads an answer as a page or a script
+        ]
         if self.headers:
             head += [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in self.headers.items()]
         await send({"type": "http.response.start", "status": self.status, "headers": head})

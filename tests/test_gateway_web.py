@@ -27,7 +27,9 @@ async def test_the_page_is_served_with_a_strict_policy(tmp_path):
         again = await g.web.get("/", headers={"If-None-Match": r.headers["etag"]})
         assert again.status_code == 304
         assert result(await g.web.get("/app/no-such-file.js"), 404)
-        info = result(await g.web.get("/gateway.json"))
+        answer = await g.web.get("/gateway.json")
+        assert answer.headers["x-content-type-options"] == "nosniff"  # JSON is never sniffed as a page
+        info = result(answer)
         assert info["hub"] == "http://127.0.0.1:9989"
         assert info["login"] == {"password": True, "register": True, "key": True, "test_login": True, "oidc": []}
 
