@@ -206,3 +206,37 @@ async def test_bodies_held_at_once_are_bounded_over_all_connections(tmp_path):
         await stalled.aclose()  # the client gave up: its share is free again
         await wait_for(lambda: g.gateway.bodies.used == 0)
         assert result(await g.web.post("/files", content=os.urandom(mib + 1), headers=ha))["size"] == mib + 1
+
+
+async def test_one_user_holds_at_most_two_of_the_remote_file_fetches(tmp_path, monkeypatch):
+    """Files of repositories not held are fetched 8 at a time, and one client could hold
+    all 8 (each up to 20 s): now at most 2 per user; the others' go on meanwhile."""
+    async with gateway(tmp_path) as g:
+        _, ha = await login(g.web, "alice")
+        _, hb = await login(g.web, "bob")
+        inside: list[str] = []
+        release = trio.Event()
+
+        async def slow_fetch(key, fid, path, limit):  # a peer that takes its time
+            inside.append(fid)
+            await release.wait()
+            return b"the file " + fid.encode()
+
+        monkeypatch.setattr(g.gateway, "_fetch_file", slow_fetch)
+        elsewhere = bytes(SigningKey.generate().verify_key).hex()  # a repository not held here
+        answers = {}
+
+        async def get(fid: str, h: dict) -> None:
+            answers[fid] = await g.web.get(f"/files/{elsewhere}/{fid}", headers=h)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(5):
+                nursery.start_soon(get, f"{i:032x}", ha)
+            await wait_for(lambda: len(inside) == 2)
+            nursery.start_soon(get, "b" * 32, hb)
+            await wait_for(lambda: "b" * 32 in inside)  # bob's goes in beside alice's two
+            assert len(inside) == 3
+            release.set()
+        assert sorted(inside) == sorted([f"{i:032x}" for i in range(5)] + ["b" * 32])
+        assert all(r.status_code == 200 for r in answers.values())
+        assert g.gateway._remote_reads_of == {}  # nothing kept once done

@@ -732,7 +732,7 @@ async def download_file(gw: Gateway, request: Request, data, user: ChatUser, key
     secret = request.headers.get("x-file-secret")
     if secret is not None and not SECRET.fullmatch(secret):
         raise BadInput("X-File-Secret", "must be 64 hex digits (the secret of a sealed file)")
-    content = await gw.read_file(repo, file)
+    content = await gw.read_file(repo, file, user.key)
     if secret is not None:
         try:
             content = SecretBox(bytes.fromhex(secret)).decrypt(content)

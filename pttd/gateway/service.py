@@ -15,6 +15,7 @@ exactly what was committed. After the commit they are handed to the open streams
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import os
@@ -75,6 +76,7 @@ MAX_FRIENDS = 1000  # each friend hosted elsewhere is a repository this daemon f
 BACKLOG_PAGE = 1000
 FILE_FETCH_TIMEOUT = 20.0  # seconds to find a repository's head before fetching a file of it
 REMOTE_FILE_READS = 8  # files of repositories not held fetched at once (more wait their turn)
+REMOTE_FILE_READS_PER_USER = 2  # of them for one user: one client cannot hold them all
 ON_DEMAND_FOLLOWS = 64  # repositories followed only to read their files: the least recently used go
 FILE_REFRESH_TIMEOUT = 5.0  # seconds to ask peers for a newer head when a file is not in the one held
 CHECKPOINT_EVERY = 2.0  # seconds between looks at the WAL's size, with a writer process
@@ -340,6 +342,7 @@ class Gateway:
         self.oidc = Verifier(node.cfg.oidc)
         self._joined: set[bytes] = set()
         self._remote_reads = trio.CapacityLimiter(REMOTE_FILE_READS)
+        self._remote_reads_of: dict[bytes, trio.CapacityLimiter] = {}  # per user, while in use
         self._on_demand: OrderedDict[bytes, None] = OrderedDict()  # followed only to read files
         self._moved: set[bytes] = (
             set()
@@ -1329,12 +1332,12 @@ class Gateway:
             info["secret"] = secret.hex()
         return info
 
-    async def read_file(self, key: bytes, fid: str) -> bytes:
+    async def read_file(self, key: bytes, fid: str, who: bytes | None = None) -> bytes:
         """A file of any repository: read here if stored, else fetched from a peer that
         serves it (found through the hubs). At most ``max_file`` bytes; at most
-        REMOTE_FILE_READS fetched at once; the repositories followed only to fetch files
-        are the ON_DEMAND_FOLLOWS used last (a client cannot make the gateway follow and
-        dial keys without end)."""
+        REMOTE_FILE_READS fetched at once, REMOTE_FILE_READS_PER_USER of them for user
+        ``who``; the repositories followed only to fetch files are the ON_DEMAND_FOLLOWS
+        used last (a client cannot make the gateway follow and dial keys without end)."""
         path = f"/files/{fid}"
         limit = self.cfg.max_file
         try:
@@ -1345,8 +1348,15 @@ class Gateway:
             return found  # the id is the content's hash: any version that has it will do
         if found is None and await self.node.db(self.is_hosted, key):
             raise NotFound(f"no file {fid} in repository {key.hex()}")
-        async with self._remote_reads:
-            return await self._fetch_file(key, fid, path, limit)
+        mine = self._remote_reads_of.get(who) if who is not None else None
+        if who is not None and mine is None:
+            mine = self._remote_reads_of[who] = trio.CapacityLimiter(REMOTE_FILE_READS_PER_USER)
+        try:
+            async with mine or contextlib.nullcontext(), self._remote_reads:
+                return await self._fetch_file(key, fid, path, limit)
+        finally:
+            if mine is not None and mine.borrowed_tokens == 0 and mine.statistics().tasks_waiting == 0:
+                self._remote_reads_of.pop(who, None)
 
     async def _fetch_file(self, key: bytes, fid: str, path: str, limit: int) -> bytes:
         # Not hosted here: the copy held (if any) may be older than the link, or sparse.
