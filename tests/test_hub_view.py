@@ -138,3 +138,12 @@ def test_curator_records_count_toward_the_limit_and_are_read_once_per_answer(mon
         monkeypatch.setattr(View, name, counted)
     assert [m["id"] for m in v.messages("t", reader=B, limit=2)] == ["2", "4"]
     assert calls == {"trusted": 1, "render": 2}
+
+
+def test_a_long_profile_name_is_cut_where_it_is_copied_into_each_message():
+    """A profile name of 16 KB was copied whole into each of the author's messages in
+    every answer (10,000 messages: 160 MB)."""
+    v = View()
+    v.apply(A, "/profile.json", json.dumps({"name": "n" * 15000}).encode())
+    v.apply(A, "/topics/t/m", post("m", 1))
+    assert v.messages("t")[0]["name"] == "n" * 128

@@ -24,6 +24,7 @@ log = logging.getLogger("pttd.hub")
 
 GOSSIP = "__gossiping"
 MAX_REACTIONS_SHOWN = 200  # per message; the total is given beside when there are more
+MAX_NAME = 128  # characters of a profile name shown with each message
 FOLDERS = ("reactions", "moderation", "curators")
 
 
@@ -274,9 +275,11 @@ class View:
     # --- reading --------------------------------------------------------------------
 
     def name(self, author: str) -> str | None:
+        """The author's profile name, as a gateway takes one (at most 128 characters): a
+        longer one would be copied into every message of theirs in every answer."""
         repo = self.repos.get(author)
         name = repo.profile.get("name") if repo else None
-        return name if isinstance(name, str) else None
+        return name[:MAX_NAME] if isinstance(name, str) else None
 
     def trusted(self, topic: str, reader: str | None) -> set[str]:
         """Whose moderation ``reader`` sees in ``topic``: the hub's moderators, the reader,
