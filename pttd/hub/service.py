@@ -342,6 +342,8 @@ class Hub:
 
     async def _load(self, author: str) -> Changes:
         entries, complete = await self.node.db(self._read_repo, author)
+        if author not in self.joined:  # left while it was read: not back into the view
+            return Changes()
         return self._feed(author, entries, complete, whole=author in self.view.repos)
 
     async def _on_synced(self, key: bytes, old_root: bytes | None, new_root: bytes) -> None:
@@ -354,6 +356,8 @@ class Hub:
             self._publish(await self._load(author))
             return
         entries, complete, whole = await self.node.db(self._diff_entries, author, old_root, new_root)
+        if author not in self.joined:  # left while it was read (store calls run in order: not yet seen)
+            return
         self._publish(self._feed(author, entries, complete, whole=whole))
 
     # --- deltas and streams ---------------------------------------------------------
