@@ -56,6 +56,7 @@ ANSWER_BYTES = MAX_FRAME - (64 << 10)  # room for the message's own fields
 # request just inside request_timeout held a repository's only sync for good.
 SLOW_SYNC_CHECK = 10.0  # seconds
 SLOW_SYNC_BYTES = 16 << 10  # per second
+ANNOUNCE_EVERY = 1.0  # seconds at least between two announcements to the hubs (changes wait, gathered)
 
 
 def _widens(old: list[str], new: list[str]) -> bool:
@@ -218,6 +219,7 @@ class Node:
         self._storing: set[trio.Event] = set()  # writes of held blocks under way
         self._dialers: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
+        self._announce_wanted = trio.Event()  # what we serve changed: tell the hubs (_announcer)
         self._per_address: dict[str, int] = {}
         self._incoming = 0  # connections accepted and open, in their handshake or session
         # called after a followed repository's new version is stored: (key, old root or None, new root)
@@ -284,6 +286,7 @@ class Node:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(functools.partial(trio.serve_listeners, self._accept, listeners))
+            nursery.start_soon(self._announcer)
             for key, prefixes, peers in await self.db(self.store.list_follows):
                 await self._start_follow(key, prefixes, peers, persistent=True, live=True)
             for addr in self.cfg.peers + self.cfg.hubs:
@@ -713,12 +716,32 @@ class Node:
     async def announce_to_hubs(self) -> None:
         """Tell the connected hubs at once all we serve (an announcement replaces the last)."""
         served = await self.db(self._served)
-        for p in list(self.peers):
-            if p.dialed in self.cfg.hubs and not p.reason:
-                try:
-                    await p.send({"t": "announce", "repos": served, "ports": self.listen_ports()})
-                except PeerGone:
-                    pass
+
+        async def tell(p: Peer) -> None:
+            try:
+                await p.send({"t": "announce", "repos": served, "ports": self.listen_ports()})
+            except PeerGone:
+                pass
+
+        async with trio.open_nursery() as nursery:  # a slow hub holds up no other
+            for p in list(self.peers):
+                if p.dialed in self.cfg.hubs and not p.reason:
+                    nursery.start_soon(tell, p)
+
+    def announce_soon(self) -> None:
+        """What we serve changed: the hubs are told in the background, several changes
+        in one announcement (a whole list each: not one per pin of a thousand)."""
+        self._announce_wanted.set()
+
+    async def _announcer(self) -> None:
+        while True:
+            await self._announce_wanted.wait()
+            self._announce_wanted = trio.Event()
+            try:
+                await self.announce_to_hubs()
+            except Exception:  # a bug of ours: the next change tries again
+                log.exception("announcing to the hubs failed")
+            await trio.sleep(ANNOUNCE_EVERY)
 
     async def ask_to_pin(self, replicator: str, key: bytes, timeout: float = 30.0) -> str:
         """Ask the replicator at ``replicator`` (a wire address) to keep ``key``."""

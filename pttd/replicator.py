@@ -79,7 +79,7 @@ class Replicator:
         )
         self.pinned.add(key)
         log.info("replicator: pinned %s", key.hex()[:16])
-        await self.node.announce_to_hubs()
+        self.node.announce_soon()  # not under the lock: a slow hub holds up no pin
 
     async def unpin(self, key: bytes) -> dict:
         if key not in self.pinned:

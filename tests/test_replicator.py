@@ -148,3 +148,44 @@ async def test_pins_only_from_the_listed_pinners_and_with_the_load_token(tmp_pat
             assert result(await web.post("/load", json={"key": other, "token": "sesame"}))["pinned"] is True
         assert len(rep.daemon.replicator.pinned) == 2
         nursery.cancel_scope.cancel()
+
+
+async def test_pins_do_not_wait_for_a_hub_that_reads_nothing(tmp_path):
+    """Each pin told the hubs all the replicator serves (up to 4,096 keys), under the
+    lock every pin takes, one hub after another: a hub that read nothing could hold
+    every pin up to send_timeout once its socket was full, and a thousand pins sent a
+    thousand lists. The hubs are now told in the background, changes gathered, each
+    hub apart."""
+    from pttd.config import WireConfig
+    from pttd.wire import Connection
+
+    stalled_streams = []
+
+    async def stalled_hub(stream):  # completes its handshake, then reads nothing
+        conn = Connection(stream, WireConfig(), "stalled")
+        await conn.establish(SigningKey.generate(), initiator=False, mode="hub")
+        stalled_streams.append(conn)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        nursery.start_soon(trio.serve_listeners, stalled_hub, listeners)
+        stalled = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        hub = await start_daemon(nursery, os.path.join(tmp_path, "hub"), mode="hub")
+        rep = await start_daemon(
+            nursery, os.path.join(tmp_path, "rep"), mode="replicator", hubs=[stalled, hub.address], send_timeout=30.0
+        )
+        await wait_for(lambda: stalled_streams and len(rep.node.peers) == 2, 10)
+        told = []
+        real = hub.daemon.hub.announce
+        hub.daemon.hub.announce = lambda peer, repos, ports: (told.append(len(repos)), real(peer, repos, ports))
+        keys = [bytes(SigningKey.generate().verify_key) for _ in range(40)]
+        with trio.fail_after(10):
+            for k in keys:
+                await rep.call("replicate", repo=k.hex())
+        # the hub that reads learns them all, in a few announcements, not forty
+        await wait_for(lambda: all(hub.daemon.hub.lookup(k) for k in keys), 10)
+        assert 1 <= len(told) <= 10 and told[-1] >= 40, told
+        for r in (hub, rep):
+            r.daemon.stop()
+        nursery.cancel_scope.cancel()

@@ -673,7 +673,7 @@ class Gateway:
         u = await self.user(key)
         await self._index_account(u)
         log.info("user %r imported: repository %s at version %d", name, key.hex()[:16], f.local_seq)
-        self._nursery.start_soon(self.node.announce_to_hubs)
+        self.node.announce_soon()
         return u
 
     async def _index_account(self, u: ChatUser) -> None:
