@@ -235,9 +235,11 @@ def decode(payload: bytes) -> dict[str, Any]:
     if not isinstance(msg, dict):
         raise ProtocolError("message is not a map")
     t = msg.get("t")
-    spec = FIELDS.get(t) if isinstance(t, str) else None
+    if not isinstance(t, str):
+        raise ProtocolError("message has no type: 't' must be a str key with a str value")
+    spec = FIELDS.get(t)
     if spec is None:
-        raise ProtocolError(f"unknown message type {str(t)[:40]!r}")
+        raise ProtocolError(f"unknown message type {t[:40]!r}")
     fields, check = spec
     missing = fields - msg.keys()
     if missing:

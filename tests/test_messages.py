@@ -87,8 +87,11 @@ def test_random_structures_decode_or_fail_cleanly(obj, t):
 
 
 def test_specific_bad_messages_are_named():
-    with pytest.raises(messages.ProtocolError, match="unknown message type"):
+    with pytest.raises(messages.ProtocolError, match="unknown message type 'launch'"):
         messages.decode(messages.encode({"t": "launch"}))
+    # a type under a bin key is no type (it read "unknown message type 'None'")
+    with pytest.raises(messages.ProtocolError, match="message has no type"):
+        messages.decode(msgpack.packb({b"t": "ping", b"id": 1}, use_bin_type=True))
     with pytest.raises(messages.ProtocolError, match="missing field 'hashes'"):
         messages.decode(messages.encode({"t": "want", "id": 1}))
     with pytest.raises(messages.ProtocolError, match="'hashes' must be 32 bytes"):
