@@ -162,3 +162,44 @@ def test_interoperates_with_a_reference_noise_implementation():
         assert ours.session.handshake_hash == ref.get_handshake_hash()
         assert ref.decrypt(ours.session.send.encrypt(b"", b"ping")) == b"ping"
         assert ours.session.recv.decrypt(b"", ref.encrypt(b"pong")) == b"pong"
+
+
+def test_the_worked_examples_in_protocol_md_are_what_the_code_prints():
+    """docs/protocol.md section 12 (messages, frames, and the handshake with fixed keys)
+    shows bytes printed by docs/examples/protocol_example.py: each block it prints must
+    be in the page, so a change of the formats or of the handshake changes the page."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, os.path.join(root, "docs", "examples", "protocol_example.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    page = re.sub(r"\s+", "", open(os.path.join(root, "docs", "protocol.md")).read())
+    dumps = re.findall(r"^--- (.*)\n((?:    [0-9a-f ]+\n)+)", out, re.M)
+    shown_whole = [  # the others the page gives in part, or in words
+        "hello",
+        "sub",
+        "head (answer to sub)",
+        "want id 1 ",
+        "blocks id 1",
+        "want id 2 ",
+        "blocks id 2",
+        "get id 3",
+        "ping id 5",
+        "want id 1 as an encrypted frame ",
+        "handshake message 1",
+        "handshake message 2",
+        "handshake message 3",
+        "handshake hash h after message 3 ",
+        "the initiator's first transport frame, ping id 1",
+    ]
+    for title in shown_whole:
+        dump = next(d for t, d in dumps if t.startswith(title))
+        assert re.sub(r"\s+", "", dump) in page, title

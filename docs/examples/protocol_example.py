@@ -133,6 +133,48 @@ def main() -> None:
     print(f"--- want id 1 as an encrypted frame (key 00..00, nonce counter 0): 4 + {len(ct)} bytes")
     print(hexdump(encode_frame(ct, len(ct))))
 
+    handshake()
+
+
+def handshake() -> None:
+    """The handshake with fixed keys, for an implementation to check its own against.
+    The Noise keys are fresh random X25519 keys in the daemon; here the generator is
+    replaced so that they are, in the order the two sides make them: initiator static
+    01..01, responder static 02..02, initiator ephemeral 03..03, responder ephemeral
+    04..04 (32 bytes each, as X25519 private keys). The identities: Ed25519 seeds 11..11
+    (initiator) and 22..22 (responder)."""
+    from unittest import mock
+
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from protocol import noise
+
+    keys = iter(bytes([i]) * 32 for i in (1, 2, 3, 4))
+
+    def fixed() -> X25519PrivateKey:
+        return X25519PrivateKey.from_private_bytes(next(keys))
+
+    with mock.patch.object(noise.X25519PrivateKey, "generate", staticmethod(fixed)):
+        initiator = noise.Handshake(SigningKey(bytes([0x11]) * 32), initiator=True)
+        responder = noise.Handshake(SigningKey(bytes([0x22]) * 32), initiator=False)
+        m1 = initiator.write_message()
+        responder.read_message(m1)
+        m2 = responder.write_message()
+        initiator.read_message(m2)
+        m3 = initiator.write_message()
+        responder.read_message(m3)
+    print()
+    for n, m in ((1, m1), (2, m2), (3, m3)):
+        print(f"--- handshake message {n}: {len(m)} bytes")
+        print(hexdump(m))
+    print("--- handshake hash h after message 3 (64 bytes)")
+    print(hexdump(initiator.session.handshake_hash))
+    ping = messages.encode({"t": "ping", "id": 1})
+    ct = initiator.session.send.encrypt(b"", ping)
+    print(f"--- the initiator's first transport frame, ping id 1: 4 + {len(ct)} bytes")
+    print(hexdump(encode_frame(ct, len(ct))))
+    assert responder.session.recv.decrypt(b"", ct) == ping
+
 
 if __name__ == "__main__":
     main()
