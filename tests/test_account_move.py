@@ -214,17 +214,24 @@ async def test_direct_messages_reach_the_old_homes_users_after_a_move(tmp_path):
         result(await g1.web.post("/friends", json={"data": {"key": alice, "name": "A"}}, headers=hc))
         result(await g1.web.post("/friends", json={"data": {"key": carol, "name": "C"}}, headers=ha))
         result(await g1.web.post("/dm", json={"data": {"key": carol, "message": "before the move"}}, headers=ha))
+        dave, _ = await login(g1.web, "dave")
+        result(await g1.web.post("/friends", json={"data": {"key": dave, "name": "D"}}, headers=ha))
+        group = {"members": [carol, dave], "message": "to both", "name": "pair"}
+        result(await g1.web.post("/dms", json={"data": group}, headers=ha))
         exported = await g1.call("user_export", name="test:alice", passphrase=PASSPHRASE)
         await g2.call(
             "user_import", account=exported["account"], passphrase=PASSPHRASE, peers=[g1.address], keep_name=True
         )
         again, ha2 = await login(g2.web, "alice")
         assert again == alice
+        # her own index at the new home has the message to the channel once, as at the old
+        # (it was once per member: one envelope each)
+        assert texts(result(await g2.web.get("/dm", headers=ha2))).count("to both") == 1
         result(await g1.web.post("/dm", json={"data": {"key": alice, "message": "carol to alice"}}, headers=hc))
         result(
             await g2.web.post("/dm", json={"data": {"key": carol, "message": "alice, moved, to carol"}}, headers=ha2)
         )
-        want = ["alice, moved, to carol", "before the move", "carol to alice"]
+        want = ["alice, moved, to carol", "before the move", "carol to alice", "to both"]
         with trio.fail_after(20):
             while texts(result(await g1.web.get("/dm", headers=hc))) != want:
                 await trio.sleep(0.05)

@@ -690,16 +690,24 @@ class Gateway:
                     self.store.execute("INSERT OR IGNORE INTO gw_friends(friend, user) VALUES (?, ?)", (f, u.key))
                 root = self.store.load_commit(u.repo.row, self.store.head_seq(u.repo.row)).commit.root
                 prefix = f"/topics/{GOSSIP}/".encode()
+                # A message to a channel is one envelope per member: indexed once, as
+                # when it was sent (by its date, channel and content).
+                seen: set[tuple] = set()
                 for k, ref in tree.iterate(root, prefix, self.store.load_node):
                     raw = ref if isinstance(ref, bytes) else b"".join(u.repo._read_ref(ref))
                     for f in friends:
                         plain = chat.open_envelope(u.repo._key, f, raw, u.key, f)
                         if plain is not None:
-                            self.store.execute(
-                                "INSERT OR IGNORE INTO gw_dms(user, sender, path, peer, date, members) "
-                                "VALUES (?, ?, ?, ?, ?, ?)",
-                                (u.key, u.key, k.decode(), f, plain["date"], chat.members_blob(plain)),
-                            )
+                            members = chat.members_blob(plain)
+                            channel = plain.get("channel")
+                            same = (plain["date"], chat.dumps(channel) if channel else f, chat.dumps(plain["message"]))
+                            if same not in seen:
+                                seen.add(same)
+                                self.store.execute(
+                                    "INSERT OR IGNORE INTO gw_dms(user, sender, path, peer, date, members) "
+                                    "VALUES (?, ?, ?, ?, ?, ?)",
+                                    (u.key, u.key, k.decode(), f, plain["date"], members),
+                                )
                             break
 
         await self.node.db(index)
