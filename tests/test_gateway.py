@@ -969,3 +969,50 @@ def test_a_direct_message_dated_beyond_what_a_browser_holds_is_not_shown():
     dm = {"from": s, "to": r, "id": "x1", "message": "hi"}
     assert chat._well_formed_dm({**dm, "date": 8_640_000_000_000_000}, s, r)
     assert not chat._well_formed_dm({**dm, "date": 9_000_000_000_000_000}, s, r)
+
+
+async def test_a_first_post_in_a_topic_while_the_users_stream_opens_joins_it_to_that_topic(tmp_path):
+    """A stream read its user's topics before it was registered: the user's first post in
+    a topic, dispatched in between, never added that topic, and the stream missed every
+    later post there (a second tab opening while the first posts)."""
+    import threading
+
+    async with gateway(tmp_path) as g:
+        alice, ha = await login(g.web, "alice")
+        _, hb = await login(g.web, "bob")
+        result(await g.web.post("/topics/T", json={"data": "bob first"}, headers=hb))
+        result(await g.web.post("/topics/U", json={"data": "alice elsewhere"}, headers=ha))
+        store, gw = g.gateway.store, g.gateway
+        last = gw.last_event_id()  # resumed from here: nothing is left out as "before now"
+        querying, dispatched = threading.Event(), threading.Event()
+        real_query, real_dispatch = store.query, gw._dispatch
+
+        def query(sql, params=()):
+            rows = real_query(sql, params)
+            if sql.startswith("SELECT topic FROM gw_topics"):
+                querying.set()
+                assert dispatched.wait(10)  # alice's first post in T goes out meanwhile
+            return rows
+
+        def dispatch(events):
+            real_dispatch(events)
+            if any(e.kind == "post" and e.topic == "T" and e.body["author"] == alice for e in events):
+                dispatched.set()
+
+        store.query, gw._dispatch = query, dispatch
+        got = []
+
+        async def listen() -> None:
+            async with g.web.stream("GET", "/events", headers={**ha, "Last-Event-ID": str(last)}) as stream:
+                events = SSE(stream)
+                while len(got) < 2:
+                    got.append(await events.next())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(listen)
+            await wait_for(querying.is_set)
+            result(await g.web.post("/topics/T", json={"data": "alice joins"}, headers=ha))
+            store.query = real_query
+            await wait_for(lambda: got)
+            result(await g.web.post("/topics/T", json={"data": "bob again"}, headers=hb))
+        assert [e["data"]["post"]["message"]["value"] for e in got] == ["alice joins", "bob again"]

@@ -1493,11 +1493,19 @@ class Gateway:
     # --- live streams -----------------------------------------------------------------
 
     async def open_stream(self, u: ChatUser) -> Stream:
-        rows = await self.node.db(self.store.query, "SELECT topic FROM gw_topics WHERE repo=?", (u.key,))
-        s = Stream(u, {r[0] for r in rows})
+        # Registered before its topics are read: a first post of the user in a topic,
+        # dispatched while they are read, adds that topic to it (it was lost for good).
+        s = Stream(u, set())
         self._streams.setdefault(u.key, set()).add(s)
-        for t in s.topics:
-            self._by_topic.setdefault(t, set()).add(s)
+        try:
+            rows = await self.node.db(self.store.query, "SELECT topic FROM gw_topics WHERE repo=?", (u.key,))
+        except BaseException:
+            self.close_stream(s)
+            raise
+        for (t,) in rows:
+            if t not in s.topics:
+                s.topics.add(t)
+                self._by_topic.setdefault(t, set()).add(s)
         return s
 
     def close_stream(self, s: Stream) -> None:
