@@ -1016,3 +1016,16 @@ async def test_a_first_post_in_a_topic_while_the_users_stream_opens_joins_it_to_
             await wait_for(lambda: got)
             result(await g.web.post("/topics/T", json={"data": "bob again"}, headers=hb))
         assert [e["data"]["post"]["message"]["value"] for e in got] == ["alice joins", "bob again"]
+
+
+async def test_a_login_with_a_bad_friend_makes_no_user_and_names_the_field(tmp_path):
+    """The friend of a login was checked after the login, which makes the user at the
+    first one: refused with 400, the user was made all the same (and for a key login
+    counted toward the address's limit); one's own key was named data.key."""
+    async with gateway(tmp_path) as g:
+        bad = {"data": {"id": "dave", "friend": "not a key"}}
+        assert "data.friend: must be a repository key" in result(await g.web.post("/test-login", json=bad), 400)
+        assert await g.gateway.list_users() == []
+        dave, _ = await login(g.web, "dave")
+        own = {"data": {"id": "dave", "friend": dave}}
+        assert result(await g.web.post("/test-login", json=own), 400) == "data.friend: is your own key"

@@ -213,6 +213,7 @@ def _int_param(request: Request, name: str, low: int = 0, high: int = MAX_INT) -
 )
 async def login(gw: Gateway, request: Request, data, user):
     data = chat.data_object(data)
+    _check_friend(data)
     client = request.client.host if request.client else None
     if "id_token" in data:
         token = data["id_token"]
@@ -227,9 +228,16 @@ async def login(gw: Gateway, request: Request, data, user):
     return await _logged_in(gw, u, data)
 
 
-async def _logged_in(gw: Gateway, u: ChatUser, data: dict) -> dict:
+def _check_friend(data: dict) -> None:
+    """A login's ``friend``, checked before the login (a first login makes the user)."""
     if "friend" in data:
         chat.check_key(data["friend"], "data.friend")
+
+
+async def _logged_in(gw: Gateway, u: ChatUser, data: dict) -> dict:
+    if "friend" in data:
+        if bytes.fromhex(data["friend"]) == u.key:
+            raise BadInput("data.friend", "is your own key")
         await gw.add_friend(u, {"key": data["friend"]})
     return {"key": u.hex, **await gw.start_session(u)}
 
@@ -279,6 +287,7 @@ async def test_login(gw: Gateway, request: Request, data, user):
     if not gw.cfg.test_login:
         raise NotFound("POST /test-login is not enabled on this gateway")
     data = chat.data_object(data)
+    _check_friend(data)
     u = await gw.test_login(data.get("id"))
     return await _logged_in(gw, u, data)
 
