@@ -92,6 +92,10 @@ async def test_topics_and_posts(tmp_path):
         assert "limit" in result(await http.get("/topics/general?limit=0", headers=h), 400)
         assert "since" in result(await http.get("/topics/general?since=abc", headers=h), 400)
         assert "since" in result(await http.get("/topics/general?since=", headers=h), 400)
+        for odd in ("1_000", " 5", "\u0661\u0662"):  # what int() takes, and no client means
+            assert "must be an integer" in result(
+                await http.get("/topics/general", params={"since": odd}, headers=h), 400
+            )
 
         pid = posts[1]["id"]
         assert result(await http.get(f"/topics/general/{pid}", headers=h))["id"] == pid

@@ -189,14 +189,22 @@ def route(method: str, path: str, summary: str, result: dict | None, **kw):
     return deco
 
 
+_INT = re.compile(r"-?[0-9]{1,19}")
+
+
+def _int_of(raw: str) -> int | None:
+    """An integer written plainly (ASCII digits, an optional minus), else None: Python's
+    int() also takes "1_000", spaces around and other scripts' digits."""
+    return int(raw) if _INT.fullmatch(raw) else None
+
+
 def _int_param(request: Request, name: str, low: int = 0, high: int = MAX_INT) -> int | None:
     raw = request.query_params.get(name)
     if raw is None:
         return None
-    try:
-        n = int(raw)
-    except ValueError:
-        raise BadInput(name, f"must be an integer, not {raw!r:.40}") from None
+    n = _int_of(raw)
+    if n is None:
+        raise BadInput(name, f"must be an integer, not {raw!r:.40}")
     if not low <= n <= high:
         raise BadInput(name, f"must be between {low} and {high}")
     return n
@@ -598,11 +606,8 @@ async def events(gw: Gateway, request: Request, data, user: ChatUser):
     raw = request.headers.get("last-event-id") or request.query_params.get("lastEventId")
     after = None
     if raw is not None and (raw or "lastEventId" in request.query_params):
-        try:
-            after = int(raw)
-        except ValueError:
-            after = -1
-        if not 0 <= after <= MAX_INT:
+        after = _int_of(raw)
+        if after is None or not 0 <= after <= MAX_INT:
             raise BadInput("Last-Event-ID", f"must be an integer between 0 and {MAX_INT}")
     stream = await gw.open_stream(user)
     ahead = False
