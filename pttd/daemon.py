@@ -19,7 +19,7 @@ import trio
 
 from .config import Config, parse_address
 from .control import ControlServer
-from .datadir import DataDir, default_data_dir
+from .datadir import DataDir, default_data_dir, make_dir
 from .errors import DataDirError, PttError
 from .gateway import server as http_server
 from .gateway.http import build_app
@@ -88,15 +88,6 @@ class DataDirLock:
             self._fd = None
 
 
-def _make_data_dir(path: str) -> None:
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise DataDirError(f"{path} exists and is not a directory")
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    except OSError as exc:
-        raise DataDirError(f"cannot create data directory {path}: {exc.strerror}") from None
-
-
 def _warn_if_open(path: str) -> None:
     """The store holds secrets (sealed keys, password hashes, the users' data): say so
     when others on this machine can read the directory (a restore into a directory
@@ -155,7 +146,7 @@ class Daemon:
         page_size = self.cfg.page_size or (GATEWAY_PAGE_SIZE if self.mode == "gateway" else 0)
         # The lock before the store: two daemons started at once on a new directory both
         # created it, each removing the other's half-made store.
-        await trio.to_thread.run_sync(_make_data_dir, self.data_dir)
+        await trio.to_thread.run_sync(make_dir, self.data_dir)
         lock = DataDirLock(self.data_dir)
         await trio.to_thread.run_sync(lock.acquire)
         dd = None

@@ -28,6 +28,16 @@ def default_data_dir() -> str:
     return platformdirs.user_data_dir("pttd", appauthor=False)
 
 
+def make_dir(path: str) -> None:
+    """The directory of a data directory (0700), made if it does not exist."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise DataDirError(f"{path} exists and is not a directory")
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise DataDirError(f"cannot create data directory {path}: {exc.strerror}") from None
+
+
 def _sync_dir(path: str) -> None:
     """Make a rename in ``path`` durable (where directories can be synced)."""
     try:
@@ -55,13 +65,11 @@ class DataDir:
         db = os.path.join(path, DB_NAME)
         if os.path.exists(db):
             raise DataDirError(f"{path} is already a pttd data directory")
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise DataDirError(f"{path} exists and is not a directory")
+        make_dir(path)
         try:
-            os.makedirs(path, mode=0o700, exist_ok=True)
             os.chmod(path, 0o700)  # made before by hand, perhaps readable by all: the store holds secrets
         except OSError as exc:
-            raise DataDirError(f"cannot create data directory {path}: {exc.strerror}") from None
+            raise DataDirError(f"cannot make data directory {path} private: {exc.strerror}") from None
         # Built under another name and renamed when complete: a failure or a kill halfway
         # (a full disk, say) leaves no store that init refuses and nothing can use.
         tmp = db + ".init"
