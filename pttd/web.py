@@ -80,20 +80,18 @@ class _Reservation:
 
 async def read_bytes(request, limit: int, what: str = "the request body", held: _Reservation | None = None) -> bytes:
     """A request's body, refused (413) past ``limit`` bytes: by its Content-Length before
-    reading any of it, else counted as it arrives. With ``held``: taken from a budget
-    of bytes in memory (503 when it is spent), by the Content-Length or as it arrives."""
+    reading any of it, else counted as it arrives. With ``held``: its bytes taken from
+    a budget of bytes in memory as they arrive (503 when it is spent); a body announced
+    and not sent holds nothing."""
     length = request.headers.get("content-length")
-    known = length is not None and length.isdigit()
-    if known and int(length) > limit:
+    if length is not None and length.isdigit() and int(length) > limit:
         raise TooLarge(f"{what} is larger than {limit} bytes")
-    if known and held is not None:
-        held.take(int(length))
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)
         if total > limit:
             raise TooLarge(f"{what} is larger than {limit} bytes")
-        if held is not None and not known:
+        if held is not None:
             held.take(len(chunk))
         chunks.append(chunk)
     return b"".join(chunks)
@@ -149,7 +147,7 @@ async def answer(request: Request, call: Callable[[], Awaitable]):
         result = await call()
     except USER_ERRORS as exc:
         status = status_of(exc)
-        if status >= 500:
+        if status >= 500 and not isinstance(exc, Busy):  # busy is the clients' to wait out, not a failure
             log.error("%s %s: %s", request.method, request.url.path, exc)
         return JsonAnswer(status, {"error": str(exc)}, getattr(exc, "headers", None))
     except ClientDisconnect:
