@@ -90,6 +90,12 @@ class CipherState:
         self.n += 1
         return nonce
 
+    def rewind(self) -> None:
+        """The last nonce was not used after all: its ciphertext was never sent (reusing a
+        nonce is safe only then)."""
+        if self.n:
+            self.n -= 1
+
     def encrypt(self, ad: bytes, plaintext: bytes) -> bytes:
         if self._aead is None:
             return plaintext

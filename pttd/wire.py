@@ -91,21 +91,57 @@ class Connection:
 
     async def _send_raw(self, payload: bytes, seal=None) -> None:
         """One frame of ``payload`` (``seal``: encrypting it first). A sender cancelled
-        while waiting for its turn sends nothing and uses nothing; once its turn comes,
-        the frame is sealed (its nonce taken) and goes out whole, however the sender is
-        cancelled meanwhile (within ``send_timeout``): a frame skipped or cut off would
-        leave the peer unable to read any frame after it, and the session would end for
-        every repository on it."""
+        while waiting for its turn sends nothing and uses nothing. Once its turn comes
+        the frame is sealed (its nonce taken) and written: cancelled before any of it
+        went out, the nonce is given back, and the session goes on; cancelled with part
+        of it out (a peer reading slowly), the connection is closed, as nothing after a
+        cut frame could be read. (A frame skipped with its nonce taken left the peer
+        unable to read any later frame: the session ended for every repository on it.)"""
         async with self._send_lock:
             data = encode_frame(seal(b"", payload) if seal is not None else payload, MAX_FRAME + TAGLEN)
-            with trio.CancelScope(shield=True), trio.move_on_after(self.cfg.send_timeout) as scope:
+            sent = 0
+            with trio.move_on_after(self.cfg.send_timeout) as scope:
                 try:
-                    await self.stream.send_all(data)
+                    sent = await self._write(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     raise WireError(f"connection lost while sending ({exc.__class__.__name__})") from None
+                except BaseException as exc:  # cancelled
+                    sent = getattr(exc, "pttd_sent", 0)
+                    if sent:
+                        self._break()
+                    elif seal is not None:
+                        self._send.rewind()
+                    raise
             if scope.cancelled_caught:
+                self._break()
                 raise WireError(f"peer read nothing for {self.cfg.send_timeout:g} s (slow reader)")
         self.bytes_out += len(data)
+
+    async def _write(self, data: bytes) -> int:
+        """``data`` to the socket; the bytes written. An exception leaving it carries
+        how many had gone out (``pttd_sent``)."""
+        sock = getattr(self.stream, "socket", None)
+        if sock is None:  # not a socket stream: all or nothing is not known, so all
+            with trio.CancelScope(shield=True):
+                await self.stream.send_all(data)
+            return len(data)
+        view = memoryview(data)
+        sent = 0
+        try:
+            while sent < len(data):
+                sent += await sock.send(view[sent:])  # a cancellation comes before a send, never inside one
+        except BaseException as exc:
+            exc.pttd_sent = sent
+            raise
+        return sent
+
+    def _break(self) -> None:
+        """Part of a frame went out: nothing more can be read after it. The connection
+        is closed (its reader sees it closed)."""
+        self.closed = True
+        sock = getattr(self.stream, "socket", None)
+        if sock is not None:
+            sock.close()
 
     async def _read_frame(self, idle: float | None = None) -> bytes:
         if self._frames:

@@ -14,7 +14,7 @@ from protocol.commit import Commit, sign_commit
 from protocol.framing import FrameDecoder, encode_frame
 from protocol.noise import Handshake
 from pttd.config import WireConfig
-from pttd.wire import Connection
+from pttd.wire import Connection, WireError
 from tests.netutil import daemons, wait_for
 
 
@@ -386,8 +386,8 @@ async def test_a_cancelled_send_leaves_the_session_readable():
     """A send sealed its frame (taking a nonce) before waiting for its turn: cancelled
     while waiting (an unfollow in the middle of a sync, a client gone), it sent nothing,
     the peer failed to decrypt every later frame, and the session ended for every
-    repository on it. A send cancelled in the middle of writing a large frame must not
-    cut it off either."""
+    repository on it. A send cancelled with part of its frame out closes the connection
+    at once (it cannot go on, and waiting send_timeout held up a daemon's stop)."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     accepted: list[Connection] = []
@@ -422,20 +422,48 @@ async def test_a_cancelled_send_leaves_the_session_readable():
             release.set()
             await client.send({"t": "ping", "id": 2})
             assert (await server.receive())["id"] == 2
-            # 2. cancelled while a large frame is being written to a peer not reading yet
+            # 2. cancelled with part of a large frame out (a peer reading nothing): the
+            # connection is closed at once, not after send_timeout (nothing after a cut
+            # frame could be read)
             big = {"t": "blocks", "id": 3, "blocks": [os.urandom(1 << 20) for _ in range(3)], "missing": []}
-            received = []
-
-            async def late_reader():
-                await trio.sleep(0.5)
-                for _ in range(2):
-                    received.append(await server.receive())
-
-            nursery.start_soon(late_reader)
-            with trio.move_on_after(0.1):
-                await client.send(big)
-            await client.send({"t": "ping", "id": 4})
-            await wait_for(lambda: len(received) == 2)
-            assert received[0]["id"] == 3 and received[0]["blocks"] == big["blocks"]
-            assert received[1]["id"] == 4
+            with trio.fail_after(5):  # send_timeout is 30 s
+                with trio.move_on_after(0.2) as cut:
+                    await client.send(big)
+            assert cut.cancelled_caught and client.closed
+            with pytest.raises(WireError):
+                with trio.fail_after(10):
+                    while True:
+                        await server.receive()
             nursery.cancel_scope.cancel()
+
+
+async def test_a_send_cancelled_before_any_byte_went_out_gives_its_nonce_back():
+    """Cancelled while the socket took nothing (its buffer full), the sealed frame never
+    left: its nonce is used by the next frame, which the peer reads."""
+    from protocol.noise import CipherState
+
+    class Socket:
+        def __init__(self):
+            self.out, self.blocked = b"", True
+
+        async def send(self, data) -> int:
+            if self.blocked:
+                await trio.sleep_forever()  # the peer reads nothing for now
+            self.out += bytes(data)
+            return len(data)
+
+    class Stream:
+        socket = Socket()
+
+    conn = Connection(Stream(), WireConfig(), "fake")
+    key = os.urandom(32)
+    conn._send, reader = CipherState(key), CipherState(key)
+    with trio.move_on_after(0.1) as scope:
+        await conn.send({"t": "ping", "id": 1})
+    assert scope.cancelled_caught and not conn.closed and Stream.socket.out == b""
+    Stream.socket.blocked = False
+    await conn.send({"t": "ping", "id": 2})
+    frames = FrameDecoder(1 << 20).feed(Stream.socket.out)
+    from protocol import messages
+
+    assert messages.decode(reader.decrypt(b"", frames[0]))["id"] == 2
