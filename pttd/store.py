@@ -52,6 +52,8 @@ NODE_CACHE_BYTES = 32 << 20  # decoded nodes, by their blocks' size (honest ones
 COMMIT_CACHE = 16384  # checked commits (~0.4 KB each)
 SERVED_CACHE = 2048  # node blocks kept as bytes, for answering peers (~1 MB)
 SERVED_CACHE_BYTES = 8 << 20
+GET_PART = 900  # addresses of a want looked up at once
+GET_SMALL = 64 << 10  # bytes: a block this small is read with its size; a larger one only if it fits
 COMPLETE_CACHE = 200_000
 WAL_CHECKPOINT_BYTES = 256 << 20
 
@@ -579,31 +581,52 @@ class Store:
 
     def get_blocks(self, addresses: list[bytes], budget: int | None = None) -> tuple[list[bytes], list[bytes]]:
         """(blocks found, addresses not held), each found block checked against its hash.
-        With ``budget`` (bytes), reading stops once the blocks read pass it (one at
-        least): the addresses not read are neither returned nor missing (asked for
-        again). A peer's request for 4,096 blocks of 1 MiB reads about what one answer
-        carries, not 4 GiB. They are read in parts sized by the blocks read so far."""
+        With ``budget`` (bytes), only the blocks held that fit in it are read (one at
+        least), in the order asked: the addresses after the last one read are neither
+        returned nor missing (asked for again). A part's sizes are read first (from the
+        rows' headers, no value read), so a peer's want of 4,096 blocks of megabytes
+        reads about one answer, however their sizes are mixed."""
         found: dict[bytes, bytes] = {}
         asked = addresses
         with self._lock:
-            i, total = 0, 0
-            while i < len(addresses):
-                if budget is None:
-                    n = 900
-                elif not found:
-                    n = 8
-                else:  # as many as the budget left holds, at the average size so far
-                    n = max(1, min(900, int((budget - total) * len(found) / total) + 1))
-                part = addresses[i : i + n]
-                i += len(part)
-                rows = self._db.execute(
-                    f"SELECT hash, data FROM blocks WHERE hash IN ({','.join('?' * len(part))})", part
-                ).fetchall()
-                found.update(rows)
-                total += sum(len(d) + 5 for _, d in rows)  # and each one's msgpack header
-                if budget is not None and total > budget:
-                    asked = addresses[:i]
-                    break
+            if budget is None:
+                for i in range(0, len(addresses), 900):
+                    part = addresses[i : i + 900]
+                    marks = ",".join("?" * len(part))
+                    found.update(self._db.execute(f"SELECT hash, data FROM blocks WHERE hash IN ({marks})", part))
+            else:
+                total = 0
+                for i in range(0, len(addresses), GET_PART):
+                    part = addresses[i : i + GET_PART]
+                    marks = ",".join("?" * len(part))
+                    # each row's size, and its bytes when small: a large one is read only
+                    # if it fits (SQLite takes a value's size from the row's header)
+                    rows = {
+                        h: (n, d)
+                        for h, n, d in self._db.execute(
+                            f"SELECT hash, length(data), CASE WHEN length(data) <= {GET_SMALL} THEN data END "
+                            f"FROM blocks WHERE hash IN ({marks})",
+                            part,
+                        )
+                    }
+                    full = False
+                    for j, a in enumerate(part):
+                        row = rows.get(a)
+                        if row is None:
+                            continue
+                        size, data = row
+                        if total + size + 5 > budget and found:  # and its msgpack header
+                            asked, full = addresses[: i + j], True
+                            break
+                        if data is None:
+                            one = self._db.execute("SELECT data FROM blocks WHERE hash=?", (a,)).fetchone()
+                            if one is None:
+                                continue
+                            data = one[0]
+                        found[a] = data
+                        total += size + 5
+                    if full:
+                        break
             self.blocks_read += len(found)
         out: list[bytes] = []
         missing: list[bytes] = []
