@@ -261,10 +261,13 @@ class Hub:
         repo = Repository(self.store, row, None)
         root = repo.head().commit.root
         complete = True
-        # Only what the view takes is read: paths it reads, and no more messages and
-        # records than it keeps of one repository (the rest could be any number of
-        # entries, each value stored once however many paths share it).
-        left = {"profile": 1, "message": self.cfg.max_messages_per_repo, "record": self.cfg.max_messages_per_repo}
+        # Only what the view may take is read: paths it reads, and of messages and
+        # records twice what it keeps of one repository (the rest could be any number of
+        # entries, each value stored once however many paths share it). Twice: entries
+        # the view skips (not JSON, a topic past its limit) do not hide the good ones
+        # after them, unless a repository writes that many.
+        most = 2 * self.cfg.max_messages_per_repo
+        left = {"profile": 1, "message": most, "record": most}
         unread = oversized = 0
         for prefix in _BPREFIXES:
             try:
@@ -292,7 +295,7 @@ class Hub:
                 oversized,
                 self.cfg.max_message_bytes,
                 unread,
-                self.cfg.max_messages_per_repo,
+                most,
             )
         return entries, complete
 
@@ -313,7 +316,7 @@ class Hub:
         than the view keeps of a repository is read as a first read is, within limits)."""
         entries: list[tuple[str, bytes | None]] = []
         repo = Repository(self.store, self.store.find_repo(bytes.fromhex(author)), None)
-        most = 2 * self.cfg.max_messages_per_repo + 1
+        most = 4 * self.cfg.max_messages_per_repo + 1  # what a whole read takes
         try:
             for key, _old, new in tree.diff(old_root, new_root, self.store.load_node, _BPREFIXES):
                 path = key_to_path(key)
