@@ -452,7 +452,12 @@ class ControlClient:
             raise PttError(f"an argument is not valid UTF-8 (near {bad!r})") from None
         s = self._connect()
         try:
-            s.sendall(request)
+            try:
+                s.sendall(request)
+            except OSError as exc:  # not the output's pipe: pttctl's own errors stay its own
+                raise PttError(
+                    f"the daemon closed the control connection while the request was sent ({exc.strerror or exc})"
+                ) from None
             decoder = FrameDecoder(MAX_CONTROL_FRAME)
             while True:
                 data = s.recv(1 << 20)

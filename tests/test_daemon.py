@@ -342,3 +342,31 @@ def test_a_name_that_is_not_utf8_through_the_daemon(tmp_path):
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+def test_a_daemon_closing_the_control_connection_mid_request_is_an_error_not_silence(tmp_path):
+    """pttctl's quiet exit for a closed output pipe also swallowed a closed control
+    connection (a daemon stopping, or refusing a large request): exit 1, nothing said."""
+    import socket
+
+    path = str(tmp_path / "c.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(8)
+
+    def refuse() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.close()
+
+    threading.Thread(target=refuse, daemon=True).start()
+    (tmp_path / "run.json").write_text(json.dumps({"control": path}))
+    try:
+        res = pttctl(tmp_path, "--json", "put", "/x", "-", input=os.urandom(8 << 20))
+    finally:
+        server.close()
+    assert res.returncode == 1 and b"closed the control connection" in res.stderr, res.stderr
+    assert "closed the control connection" in json.loads(res.stdout)["error"]
