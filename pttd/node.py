@@ -59,6 +59,10 @@ SLOW_SYNC_BYTES = 16 << 10  # per second
 ANNOUNCE_EVERY = 1.0  # seconds at least between two announcements to the hubs (changes wait, gathered)
 
 
+class SlowSync(FetchError):
+    """A sync given up for being slow while another peer offers as new a version."""
+
+
 def _widens(old: list[str], new: list[str]) -> bool:
     """Whether prefixes ``new`` cover a path that ``old`` do not."""
     return any(not any(p.startswith(o) for o in old) for p in new)
@@ -853,14 +857,18 @@ class Node:
         slow = False
         fetch, watching = trio.CancelScope(), trio.CancelScope()
 
+        def progress() -> int:  # bytes fetched, and blocks walked in the store (as 1 KiB each)
+            st = fetcher.stats
+            return st.bytes + ((st.local + st.skipped) << 10)
+
         async def watch() -> None:  # beside the fetch, whose errors so reach the caller as they are
             nonlocal slow
             with watching:
-                done = fetcher.stats.bytes
+                done = progress()
                 while True:
                     await trio.sleep(SLOW_SYNC_CHECK)
-                    rate = (fetcher.stats.bytes - done) / SLOW_SYNC_CHECK
-                    done = fetcher.stats.bytes
+                    rate = (progress() - done) / SLOW_SYNC_CHECK
+                    done = progress()
                     other = any(o.commit.seq >= sc.seq and p is not peer and not p.reason for p, o in f.offers.items())
                     if rate < SLOW_SYNC_BYTES and other:
                         slow = True
@@ -873,8 +881,8 @@ class Node:
                 await fetcher.run([Need(sc.commit.root, KIND_NODE)], store_last=False)
         finally:
             watching.cancel()
-        if slow:
-            raise FetchError(
+        if slow and fetch.cancelled_caught:
+            raise SlowSync(
                 f"slower than {SLOW_SYNC_BYTES // 1024} KiB/s for {SLOW_SYNC_CHECK:g} s while another peer offers "
                 "as new a version: left for that one"
             )
@@ -932,6 +940,10 @@ class Node:
         except FetchError as exc:
             f.state = "waiting"
             f.error = f"{peer.name}: {exc}"
+            if isinstance(exc, SlowSync) and not peer.reason:
+                # offered again, after the others: should they be slow too, it is taken
+                # back (each attempt resumes where the last stopped)
+                f.offers.setdefault(peer, offer)
             if exc.hostile:
                 log.warning("peer %s: sync of %s refused: %s", peer.name, short, exc)
                 peer.close(f"sent a bad block for {short}: {exc}")

@@ -728,8 +728,11 @@ class Store:
             # Drop the oldest quarter: nodes are immutable, so a miss only costs a read.
             # (pop: the event loop may remember a node while the store thread evicts)
             for k in list(self._nodes)[: max(1, len(self._nodes) // 4)]:
-                if self._nodes.pop(k, None) is not None:
-                    self._nodes_bytes -= self._node_sizes.pop(k, 0)
+                self._nodes.pop(k, None)
+                self._node_sizes.pop(k, None)
+            # counted again: the event loop (remember_node) and the store thread both add,
+            # and their sums could drift
+            self._nodes_bytes = sum(self._node_sizes.values())
         if key not in self._nodes:
             self._nodes_bytes += size
         else:

@@ -664,7 +664,7 @@ class Gateway:
 
         try:
             await self.node.db(take_in)
-        except Conflict:
+        except Exception:
             if kept is not None:  # followed as before (a friend's envelopes, say)
                 await self.node.follow(key, *kept)
             raise
