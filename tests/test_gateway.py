@@ -1033,3 +1033,21 @@ async def test_a_login_with_a_bad_friend_makes_no_user_and_names_the_field(tmp_p
         dave, _ = await login(g.web, "dave")
         own = {"data": {"id": "dave", "friend": dave}}
         assert result(await g.web.post("/test-login", json=own), 400) == "data.friend: is your own key"
+
+
+async def test_the_sender_of_a_direct_message_gets_it_on_their_own_streams_live_and_resumed(tmp_path):
+    """dm events went to the recipient only: the sender's other tabs and devices never
+    showed what they sent until a reload. The event is opened again on a resumed stream
+    from the envelope between sender and recipient."""
+    async with gateway(tmp_path) as g:
+        alice, ha = await login(g.web, "alice")
+        bob, hb = await login(g.web, "bob")
+        last = g.gateway.last_event_id()
+        async with g.web.stream("GET", "/events", headers=ha) as stream:
+            events = SSE(stream)
+            sent = result(await g.web.post("/dm", json={"data": {"key": bob, "message": "from my phone"}}, headers=ha))
+            ev = await events.next()
+            assert ev["event"] == "dm" and ev["data"]["id"] == sent["id"] and ev["data"]["to"] == bob
+        async with g.web.stream("GET", "/events", headers={**ha, "Last-Event-ID": str(last)}) as stream:
+            ev = await SSE(stream).next()
+            assert ev["event"] == "dm" and ev["data"]["message"]["value"] == "from my phone"

@@ -689,3 +689,56 @@ async def test_openid_connect_and_password_logins(tmp_path):
         assert errors == []
     finally:
         provider.close()
+
+
+def own_messages_and_channel_links(base: str, bob: str, channel: dict, bob_says) -> list[str]:
+    with sync_api.sync_playwright() as pw:
+        b = Browser(pw)
+        try:
+            # one user in two tabs (two logins): what one sends, the other shows at once
+            tab1 = b.page(base + "/", viewport={"width": 1100, "height": 720})
+            dev_login(tab1, "alice")
+            tab2 = b.page(base + "/", viewport={"width": 1100, "height": 720})
+            dev_login(tab2, "alice")
+            for tab in (tab1, tab2):
+                tab.evaluate("(k) => { location.hash = '#/dm/key:' + k; }", bob)
+                expect(tab.locator("textarea.input")).to_be_visible()
+            bob_says("are you there?")  # seen live in both: their streams are up
+            for tab in (tab1, tab2):
+                expect(msg(tab, "are you there?")).to_have_count(1)
+            tab1.locator("textarea.input").fill("hi bob, from my laptop")
+            tab1.locator("textarea.input").press("Enter")
+            expect(msg(tab1, "hi bob, from my laptop")).to_have_count(1)
+            expect(msg(tab2, "hi bob, from my laptop")).to_have_count(1)  # it was missing until a reload
+            # a private channel's address opened directly (a reload on it): shown once the
+            # channels are loaded, not "Loading…" for good
+            key = "channel:" + channel["id"] + ":" + ",".join(sorted(channel["members"]))
+            tab3 = b.page(base + "/#/dm/" + key.replace(":", "%3A"), viewport={"width": 1100, "height": 720})
+            dev_login(tab3, "alice")
+            expect(tab3.locator("h1#chat-title")).to_have_text("≡ " + channel["name"])
+            return b.errors
+        finally:
+            b.close()
+
+
+async def test_own_messages_in_other_tabs_and_a_private_channel_opened_by_its_address(tmp_path):
+    """Two bugs of the web client found by a review: a direct message sent from one tab
+    (or device) never showed in the user's others until a reload (the gateway sent dm
+    events to the recipient only), and a private channel opened by its address stayed
+    on "Loading…" (nothing routed again once the channels were loaded)."""
+    async with gateway(tmp_path, "g1") as g:
+        alice, ha = await login(g.web, "alice")
+        bob, hb = await login(g.web, "bob")
+        result(await g.web.post("/friends", json={"data": {"key": bob, "name": "Bob"}}, headers=ha))
+        channel = result(await g.web.post("/pchannels", json={"data": {"members": [bob], "name": "plans"}}, headers=ha))
+        token = trio.lowlevel.current_trio_token()
+
+        def bob_says(text: str) -> None:  # from the browser's thread, into trio
+            async def send() -> None:
+                result(await g.web.post("/dm", json={"data": {"key": alice, "message": text}}, headers=hb))
+
+            trio.from_thread.run(send, trio_token=token)
+
+        with trio.fail_after(60):
+            errors = await trio.to_thread.run_sync(own_messages_and_channel_links, g.http, bob, channel, bob_says)
+        assert errors == []

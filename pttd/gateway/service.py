@@ -1549,7 +1549,8 @@ class Gateway:
         if ev.plain is not None:
             return ev.plain
         sender = bytes.fromhex(ev.body["sender"])
-        return self._open(u, sender, ev.body["path"], sender)
+        other = bytes.fromhex(ev.body["peer"]) if "peer" in ev.body else sender  # one the user sent: its recipient
+        return self._open(u, sender, ev.body["path"], other)
 
 
 def create_users(store, key: GatewayKey, users: list[tuple[str, str | None, str]]) -> list[ChatUser]:

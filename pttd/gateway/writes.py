@@ -192,6 +192,9 @@ def op_send_dm(w: GroupWriter, u: Author, b: Batch, tx: Tx, recipients: list[byt
                 "INSERT OR IGNORE INTO gw_dms(user, sender, path, peer, date, members) VALUES (?, ?, ?, ?, ?, ?)",
                 (u.key, u.key, path, r, plain["date"], members),
             )
+            # and to the sender's own streams (their other tabs and devices); ``peer``:
+            # whom the envelope is between, to open it again on a resumed stream
+            tx.event("dm", None, u.key, {"sender": u.hex, "path": path, "peer": r.hex()}, plain)
         if w.is_hosted(r) or r == w.node_id:
             tx.sql(
                 "INSERT OR IGNORE INTO gw_dms(user, sender, path, peer, date, members) VALUES (?, ?, ?, ?, ?, ?)",

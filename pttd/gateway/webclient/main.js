@@ -128,7 +128,12 @@ function start() {
   buildShell();
   unsubs.push(
     on('topics', drawTopics),
-    on('convs', drawConvs),
+    on('convs', () => {
+      drawConvs();
+      // a conversation opened by its address before it was known (a reload on a private
+      // channel, say): shown once it is
+      if (current && current.kind === 'conv' && !view) route();
+    }),
     on('profiles', () => {
       drawTopics();
       drawConvs();
