@@ -742,3 +742,51 @@ async def test_own_messages_in_other_tabs_and_a_private_channel_opened_by_its_ad
         with trio.fail_after(60):
             errors = await trio.to_thread.run_sync(own_messages_and_channel_links, g.http, bob, channel, bob_says)
         assert errors == []
+
+
+def edit_of_an_old_message(base: str, edit_old_then_post) -> list[str]:
+    with sync_api.sync_playwright() as pw:
+        b = Browser(pw)
+        try:
+            page = b.page(base + "/#/topic/long", viewport={"width": 1000, "height": 700})
+            dev_login(page, "alice")
+            expect(msg(page, f"m{LONG - 1:03d}")).to_have_count(1)
+            edit_old_then_post()
+            expect(msg(page, "after the edit")).to_have_count(1)  # the edit's event came before it
+            page.wait_for_function(SCROLL_TO_TOP_UNTIL_FIRST, polling=100, timeout=WAIT)
+            bodies = page.locator("li.msg .body").all_inner_texts()
+            numbered = [t for t in bodies if re.fullmatch(r"m\d{3}", t)]
+            assert numbered == [f"m{i:03d}" for i in range(LONG) if i != 5], "no gap above the edited one"
+            assert bodies.count("m005, edited") == 1
+            return b.errors
+        finally:
+            b.close()
+
+
+async def test_an_edit_of_a_message_older_than_the_pages_held_opens_no_gap(tmp_path):
+    """An edit event for a message older than the pages held put it in, and the next
+    page started from its date: the messages between were never shown (a review of the
+    web client). The same rule keeps out an edit of a message the hub hides."""
+    async with chat_system(tmp_path) as (hub, g1, _g2):
+        _, ha = await login(g1.web, "alice")
+        _, hc = await login(g1.web, "carol")
+        result(await g1.web.post("/topics/long", json={"data": "alice was here"}, headers=ha))  # in its audience
+        posted = [
+            result(await g1.web.post("/topics/long", json={"data": f"m{i:03d}"}, headers=hc)) for i in range(LONG)
+        ]
+        async with httpx.AsyncClient(base_url=hub.http, timeout=10.0) as hubweb:
+            with trio.fail_after(20):
+                while len(result(await hubweb.get("/topics/long"))) < LONG + 1:
+                    await trio.sleep(0.05)
+        token = trio.lowlevel.current_trio_token()
+
+        async def edit_and_post() -> None:
+            edited = {"data": "m005, edited"}
+            result(await g1.web.put(f"/topics/long/{posted[5]['id']}", json=edited, headers=hc))
+            result(await g1.web.post("/topics/long", json={"data": "after the edit"}, headers=hc))
+
+        with trio.fail_after(90):
+            errors = await trio.to_thread.run_sync(
+                edit_of_an_old_message, g1.http, lambda: trio.from_thread.run(edit_and_post, trio_token=token)
+            )
+        assert errors == []

@@ -183,6 +183,10 @@ export function applyPost(ev) {
   } else {
     if (state.hidden.has(key)) return;
     const old = t.msgs.get(key);
+    // An edit of a message not held is not taken in: it is hidden (by a moderator, or by
+    // this reader before a reload), or older than the pages held (it would open a gap in
+    // the history above it). The hub's view, or the next page, brings it as it is.
+    if (ev.action === 'edit' && !old) return;
     const m = { ...post, author, name: old ? old.name : null, reactions: old ? old.reactions : [] };
     if (!validMessage(m)) return;
     t.put(m);
