@@ -744,7 +744,14 @@ async def test_own_messages_in_other_tabs_and_a_private_channel_opened_by_its_ad
         assert errors == []
 
 
-def edit_of_an_old_message(base: str, edit_old_then_post) -> list[str]:
+SCROLL_TO_TOP_ONCE = """() => {
+    const s = document.querySelector('.scroller');
+    s.scrollTop = 0;
+    s.dispatchEvent(new Event('scroll'));
+}"""
+
+
+def edit_of_an_old_message(base: str, edit_old_then_post, carol_reacts) -> list[str]:
     with sync_api.sync_playwright() as pw:
         b = Browser(pw)
         try:
@@ -753,6 +760,28 @@ def edit_of_an_old_message(base: str, edit_old_then_post) -> list[str]:
             expect(msg(page, f"m{LONG - 1:03d}")).to_have_count(1)
             edit_old_then_post()
             expect(msg(page, "after the edit")).to_have_count(1)  # the edit's event came before it
+
+            # the picker open on a message that someone else reacts to meanwhile (it is
+            # redrawn): the picker stays, and works; then hovering shows the toolbar again
+            last = msg(page, "after the edit")
+            last.hover()
+            last.get_by_role("button", name="Add a reaction").click()
+            expect(page.get_by_role("button", name="React with 👍")).to_be_visible()
+            carol_reacts()
+            expect(last.locator(".reaction")).to_have_text("🎉1")
+            page.get_by_role("button", name="React with 👍").click()
+            expect(last.locator(".reaction")).to_have_count(2)
+            other = msg(page, f"m{LONG - 1:03d}")
+            other.hover()
+            expect(other.get_by_role("button", name="Add a reaction")).to_be_visible()
+
+            # reaching the top once draws older messages above and keeps the view where it
+            # was (it jumped to the oldest drawn and loaded no more without another scroll)
+            drawn = page.locator("li.msg").count()
+            page.evaluate(SCROLL_TO_TOP_ONCE)
+            page.wait_for_function(f"() => document.querySelectorAll('li.msg').length > {drawn}", timeout=WAIT)
+            page.wait_for_function("() => document.querySelector('.scroller').scrollTop > 0", timeout=WAIT)
+
             page.wait_for_function(SCROLL_TO_TOP_UNTIL_FIRST, polling=100, timeout=WAIT)
             bodies = page.locator("li.msg .body").all_inner_texts()
             numbered = [t for t in bodies if re.fullmatch(r"m\d{3}", t)]
@@ -763,10 +792,13 @@ def edit_of_an_old_message(base: str, edit_old_then_post) -> list[str]:
             b.close()
 
 
-async def test_an_edit_of_a_message_older_than_the_pages_held_opens_no_gap(tmp_path):
-    """An edit event for a message older than the pages held put it in, and the next
-    page started from its date: the messages between were never shown (a review of the
-    web client). The same rule keeps out an edit of a message the hub hides."""
+async def test_an_edit_of_an_old_message_a_picker_redrawn_and_the_top_of_a_long_topic(tmp_path):
+    """Three bugs a review of the web client found. An edit event for a message older
+    than the pages held put it in, and the next page started from its date: the
+    messages between were never shown (the same rule keeps out an edit of a message the
+    hub hides). A reaction picker open on a message redrawn meanwhile vanished, and no
+    message offered its toolbar on hover after. Reaching the top of the drawn messages
+    jumped to the oldest of them and loaded no more."""
     async with chat_system(tmp_path) as (hub, g1, _g2):
         _, ha = await login(g1.web, "alice")
         _, hc = await login(g1.web, "carol")
@@ -780,13 +812,22 @@ async def test_an_edit_of_a_message_older_than_the_pages_held_opens_no_gap(tmp_p
                     await trio.sleep(0.05)
         token = trio.lowlevel.current_trio_token()
 
+        last: list[str] = []
+
         async def edit_and_post() -> None:
             edited = {"data": "m005, edited"}
             result(await g1.web.put(f"/topics/long/{posted[5]['id']}", json=edited, headers=hc))
-            result(await g1.web.post("/topics/long", json={"data": "after the edit"}, headers=hc))
+            last.append(result(await g1.web.post("/topics/long", json={"data": "after the edit"}, headers=hc))["id"])
+
+        async def react() -> None:
+            reaction = {"data": {"msgID": last[0], "emoji": "🎉"}}
+            result(await g1.web.post("/topics/long/reactions", json=reaction, headers=hc))
 
         with trio.fail_after(90):
             errors = await trio.to_thread.run_sync(
-                edit_of_an_old_message, g1.http, lambda: trio.from_thread.run(edit_and_post, trio_token=token)
+                edit_of_an_old_message,
+                g1.http,
+                lambda: trio.from_thread.run(edit_and_post, trio_token=token),
+                lambda: trio.from_thread.run(react, trio_token=token),
             )
         assert errors == []

@@ -166,7 +166,19 @@ export class ChatView {
     this.reconcile(items);
     if (!this.els.has(this.active)) this.active = null;
     this.fixTabStop();
-    if (this.toolbarFor && this.els.has(this.toolbarFor) && !this.picker) this.attachToolbar(this.els.get(this.toolbarFor));
+    if (this.toolbarFor) {
+      const li = this.els.get(this.toolbarFor);
+      if (!li) {
+        this.toolbar.remove();
+        this.toolbarFor = null;
+        this.picker = false;
+        this.confirming = null;
+      } else if (this.picker || this.confirming) {
+        // redrawn while its reaction picker or delete prompt was open (someone reacted,
+        // say): put back as it was, not lost with the old element
+        if (!li.contains(this.toolbar)) li.append(this.toolbar);
+      } else this.attachToolbar(li);
+    }
     if (hadFocus && !hadFocus.isConnected) {
       const li = this.els.get(this.active);
       if (li) li.focus({ preventScroll: true });
@@ -226,15 +238,23 @@ export class ChatView {
   }
 
   anchor() {
+    // a message, never a day separator: its key names a day, and the one drawn at the
+    // top moves to the new top when older messages of that day come in (the view then
+    // jumped to the oldest drawn message and loaded no more)
     const top = this.scroller.scrollTop;
     for (const el of this.list.children) {
-      if (el.offsetTop + el.offsetHeight > top) return { el, delta: el.offsetTop - top };
+      if (el.classList.contains('msg') && el.offsetTop + el.offsetHeight > top) {
+        return { el, key: el.dataset.key, delta: el.offsetTop - top };
+      }
     }
     return null;
   }
 
   restore(a) {
-    if (a.el.isConnected) this.scroller.scrollTop = a.el.offsetTop - a.delta;
+    // by its key: the message may be drawn anew (compact once its author's older
+    // message comes in above it)
+    const el = this.els.get(a.key) || (a.el.isConnected ? a.el : null);
+    if (el) this.scroller.scrollTop = el.offsetTop - a.delta;
   }
 
   toBottom(smooth) {
