@@ -77,9 +77,6 @@ class Busy(PttError):
         self.retry_after = retry_after
         self.headers = {"Retry-After": str(retry_after)}
 
-    def __reduce__(self):
-        return (Busy, (str(self), self.retry_after))
-
 
 class ServerError(PttError):
     """A failure of the daemon, not of the request (HTTP 500)."""
