@@ -30,7 +30,7 @@ class WireError(Exception):
 
 
 class Connection:
-    def __init__(self, stream: trio.SocketStream, cfg: WireConfig, remote: str):
+    def __init__(self, stream: trio.abc.Stream, cfg: WireConfig, remote: str):
         self.stream = stream
         self.cfg = cfg
         self.remote = remote  # "host:port" of the other end, for log lines
@@ -120,7 +120,11 @@ class Connection:
     async def _write(self, data: bytes) -> int:
         """``data`` to the socket; the bytes written. An exception leaving it carries
         how many had gone out (``pttd_sent``)."""
-        sock = self.stream.socket
+        sock = getattr(self.stream, "socket", None)
+        if sock is None:  # not a socket stream: all or nothing is not known, so all
+            with trio.CancelScope(shield=True):
+                await self.stream.send_all(data)
+            return len(data)
         view = memoryview(data)
         sent = 0
         try:
@@ -135,7 +139,9 @@ class Connection:
         """Part of a frame went out: nothing more can be read after it. The connection
         is closed (its reader sees it closed)."""
         self.closed = True
-        self.stream.socket.close()
+        sock = getattr(self.stream, "socket", None)
+        if sock is not None:
+            sock.close()
 
     async def _read_frame(self, idle: float | None = None) -> bytes:
         if self._frames:
